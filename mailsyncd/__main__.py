@@ -1,0 +1,3 @@
+from mailsyncd.cli import main
+
+raise SystemExit(main())

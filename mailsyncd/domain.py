@@ -1,0 +1,209 @@
+"""Plain values that cross the seams between sources, stores, state and the planner.
+
+Nothing here does I/O or imports anything of ours, so the planner can be tested with
+plain data, and every adapter converts its library's types into these at its edge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+Flags = frozenset[str]
+NO_FLAGS: Flags = frozenset()
+
+
+class Mode(StrEnum):
+    ARCHIVE = "archive"  # what vanished from the server stays here (the default)
+    MIRROR = "mirror"  # what vanished from the server is removed here too
+
+
+class MessageState(StrEnum):
+    PENDING = "pending"  # intent recorded, bytes maybe not yet durable
+    STORED = "stored"  # durable in the store, on the server as far as we know
+    GONE = "gone"  # expunged on the server, local copy kept (archive)
+    REMOVED = "removed"  # expunged on the server, local copy removed (mirror)
+    SKIPPED = "skipped"  # over max_message_size, not downloaded
+    RETIRED = "retired"  # its UIDVALIDITY is over; the local copy stays and may be re-adopted
+
+
+@dataclass(frozen=True)
+class FolderInfo:
+    """A folder as LIST shows it, name already decoded from modified UTF-7."""
+
+    name: str
+    delimiter: str | None
+    attributes: frozenset[str] = frozenset()
+
+    @property
+    def selectable(self) -> bool:
+        lowered = {attribute.lower() for attribute in self.attributes}
+        return "\\noselect" not in lowered and "\\nonexistent" not in lowered
+
+
+@dataclass(frozen=True)
+class RemoteMessage:
+    """What the server told us about one message, before its body is fetched."""
+
+    uid: int
+    size: int
+    flags: Flags = NO_FLAGS
+    internaldate: datetime | None = None
+    message_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotBase:
+    """What we recorded at the end of the last good sync of a folder; the source asks
+    the server only for what changed since then."""
+
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int | None
+    present_count: int  # recorded messages with uid < uidnext still on the server
+
+
+@dataclass(frozen=True)
+class FolderSnapshot:
+    """The server's view of one folder, as much of it as the source had to ask for.
+
+    ``full`` means every message on the server is listed in ``new`` (first sync, or
+    UIDVALIDITY changed). Otherwise ``new`` lists UIDs >= base.uidnext, ``changed_flags``
+    the flags of older UIDs that may have changed, and expunges are told by ``present``
+    (the complete set of older UIDs still on the server) or ``vanished``; when both are
+    empty the source proved that no older UID vanished.
+    """
+
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int | None
+    exists: int
+    new: tuple[RemoteMessage, ...] = ()
+    changed_flags: Mapping[int, Flags] = field(default_factory=dict)
+    present: frozenset[int] | None = None
+    vanished: frozenset[int] = frozenset()
+    full: bool = False
+
+
+@dataclass(frozen=True)
+class RecordedMessage:
+    """One message as the state database remembers it."""
+
+    uid: int
+    uidvalidity: int
+    state: MessageState
+    flags: Flags = NO_FLAGS
+    location: str | None = None
+    size: int | None = None  # the server's RFC822.SIZE
+    sha256: str | None = None  # of the stored bytes
+    message_id: str | None = None
+    row_id: int | None = None
+
+
+@dataclass(frozen=True)
+class RecordedFolder:
+    """What the state database holds for one folder.
+
+    ``messages`` holds at least the UIDs the snapshot mentions; it is every recorded
+    message of the current UIDVALIDITY when ``complete`` is true. ``retired`` lists the
+    local copies left from earlier UIDVALIDITY values that no UID claims yet.
+    """
+
+    uidvalidity: int | None
+    uidnext: int | None
+    highestmodseq: int | None
+    messages: Mapping[int, RecordedMessage] = field(default_factory=dict)
+    complete: bool = True
+    retired: tuple[RecordedMessage, ...] = ()
+
+    def base(self, present_count: int) -> SnapshotBase | None:
+        if self.uidvalidity is None or self.uidnext is None:
+            return None
+        return SnapshotBase(self.uidvalidity, self.uidnext, self.highestmodseq, present_count)
+
+
+@dataclass(frozen=True)
+class Policy:
+    mode: Mode = Mode.ARCHIVE
+    max_message_size: int | None = None
+
+
+@dataclass(frozen=True)
+class FlagUpdate:
+    uid: int
+    location: str
+    flags: Flags
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """A server message that is already stored locally under a retired UID."""
+
+    uid: int
+    remote: RemoteMessage
+    copy: RecordedMessage
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do to one folder, in order: retire, adopt, fetch/skip, flags, vanish.
+
+    ``adopt_pool`` is the retired local copies that no Message-ID match claimed: after
+    fetching, a message whose bytes hash to one of them is adopted, not stored again.
+    """
+
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int | None
+    retire: int | None = None  # the old UIDVALIDITY whose UIDs are retired
+    adopt: tuple[Adoption, ...] = ()
+    adopt_pool: tuple[RecordedMessage, ...] = ()
+    fetch: tuple[RemoteMessage, ...] = ()
+    skip: tuple[RemoteMessage, ...] = ()
+    flag_updates: tuple[FlagUpdate, ...] = ()
+    gone: tuple[RecordedMessage, ...] = ()  # archive: keep the copy, mark it gone
+    remove: tuple[RecordedMessage, ...] = ()  # mirror: remove the copy
+
+    @property
+    def empty(self) -> bool:
+        return not (self.retire or self.adopt or self.fetch or self.skip or self.flag_updates
+                    or self.gone or self.remove)
+
+
+# --- POP3 -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PopListing:
+    """One POP3 session's view: message number -> (identity, size).
+
+    The identity is the UIDL, or a digest of the header block when the server has no
+    UIDL. It is only valid for the session it was taken in (invariant 4).
+    """
+
+    entries: Mapping[int, tuple[str, int]]
+    has_uidl: bool = True
+
+
+@dataclass(frozen=True)
+class RecordedPop:
+    uidl: str
+    state: MessageState
+    first_seen: datetime
+    location: str | None = None
+
+
+@dataclass(frozen=True)
+class PopPolicy:
+    leave_on_server: bool = True
+    delete_after_days: int | None = None
+    max_message_size: int | None = None
+
+
+@dataclass(frozen=True)
+class PopPlan:
+    fetch: tuple[tuple[int, str, int], ...] = ()  # (message number, uidl, size)
+    skip: tuple[tuple[int, str, int], ...] = ()
+    delete: tuple[tuple[int, str], ...] = ()  # (message number, uidl); only durable copies

@@ -1,0 +1,69 @@
+"""The error tree.
+
+Errors are typed by the scope they spoil, and each scope's owner catches its own:
+a MessageError skips one message, a FolderError one folder, an AccountError one
+account, and a FatalError (config, state database, a second instance) stops the run.
+Only ``cli.py`` turns them into exit codes. Every message is one line a user can act
+on; it never carries a password.
+"""
+
+from __future__ import annotations
+
+
+class MailsyncError(Exception):
+    """Base of every error mailsyncd raises on purpose."""
+
+    exit_code = 1
+
+
+class MessageError(MailsyncError):
+    """One message could not be handled; the rest of the folder goes on."""
+
+
+class FolderError(MailsyncError):
+    """One folder could not be synced; the other folders go on."""
+
+
+class AccountError(MailsyncError):
+    """One account could not be synced (connection, login, TLS); other accounts go on."""
+
+
+class AuthError(AccountError):
+    """The server refused the credentials; retrying soon will not help."""
+
+
+class FatalError(MailsyncError):
+    """Nothing can go on: the whole run stops."""
+
+    exit_code = 2
+
+
+class ConfigError(FatalError):
+    """The config is wrong. The message names the file, the key and what is allowed."""
+
+    def __init__(self, path: object, key: str, problem: str) -> None:
+        self.path = str(path)
+        self.key = key
+        self.problem = problem
+        where = f"{self.path}: {key}" if key else self.path
+        super().__init__(f"{where}: {problem}")
+
+
+class SecretError(AccountError):
+    """A password source failed (command exit status, missing variable, unreadable file)."""
+
+
+class StateError(FatalError):
+    """The state database cannot be opened, migrated or written."""
+
+
+class AlreadyRunning(FatalError):
+    """Another mailsyncd holds the state database (design invariant 7)."""
+
+
+class StoreError(FolderError):
+    """The local store refused a write (disk full, permissions, a path outside the root)."""
+
+
+class UnsafePath(StoreError):
+    """A computed path would leave the store root; refused before anything is created."""

@@ -1,0 +1,132 @@
+"""Opening the state database: private files, WAL, one writer, migrations to head.
+
+SQLite is the default; an SQLAlchemy URL names any other database. For SQLite, pysqlite's
+own transaction handling is switched off and every transaction starts with
+``BEGIN IMMEDIATE`` (the recipe from the SQLAlchemy docs), so a writer takes its lock up
+front instead of failing half-way with "database is locked".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.resources
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+from mailsyncd.errors import AlreadyRunning, StateError
+from mailsyncd.stores.fsio import PRIVATE_FILE, make_private_dirs
+
+
+def database_url(state: str) -> str:
+    """A bare path means SQLite at that path; anything with ``://`` is already a URL."""
+    if "://" in state:
+        return state
+    return f"sqlite:///{Path(state).expanduser().absolute()}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
+def _prepare_sqlite_file(path: Path) -> None:
+    make_private_dirs(path.parent)
+    # Create it 0600 ourselves; SQLite gives the -wal and -shm files the same mode.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
+    os.close(fd)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create(state: str) -> Engine:
+    url = database_url(state)
+    path = sqlite_path(url)
+    try:
+        if path is not None:
+            _prepare_sqlite_file(path)
+        engine = create_engine(url)
+    except Exception as error:
+        raise StateError(f"cannot open the state database {_safe(url)}: {error}") from error
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages and logs (invariant 8)."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def migrations_dir() -> Path:
+    """Where the Alembic scripts are: inside the installed package, or the source tree."""
+    with contextlib.suppress(ModuleNotFoundError):
+        return Path(str(importlib.resources.files("mailsyncd._migrations")))
+    return Path(__file__).resolve().parents[2] / "migrations"
+
+
+def alembic_config(engine: Engine) -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.attributes["engine"] = engine
+    return config
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    try:
+        command.upgrade(alembic_config(engine), revision)
+    except Exception as error:
+        raise StateError(f"cannot migrate the state database: {error}") from error
+
+
+@contextlib.contextmanager
+def instance_lock(state: str) -> Iterator[None]:
+    """Hold an exclusive, non-waiting lock beside the database (invariant 7).
+
+    F_SETLK-style (LOCK_NB): a second instance fails at once with a clear message
+    instead of queueing behind the first. The kernel drops the lock when the process
+    dies, so a kill -9 never leaves a stale lock behind.
+    """
+    path = sqlite_path(database_url(state))
+    if path is None:
+        yield  # a server database does its own locking
+        return
+    make_private_dirs(path.parent)
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise AlreadyRunning(
+                f"another mailsyncd ({holder}) is using the state database {path}; "
+                "stop it first or point --config at another state"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

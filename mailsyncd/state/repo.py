@@ -1,0 +1,383 @@
+"""StateRepo: the only code that reads or writes the state database.
+
+It speaks in domain values, never ORM rows, and every method is one short transaction
+(one fsync with synchronous=FULL), so the executor can batch its writes and the order
+"durable, then recorded" is visible at the call sites in sync/run.py.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import Engine, Table, delete, func, insert, select, update
+from sqlalchemy.engine import Connection
+
+from mailsyncd.domain import (
+    Flags,
+    FolderInfo,
+    MessageState,
+    RecordedFolder,
+    RecordedMessage,
+    RecordedPop,
+    RemoteMessage,
+)
+from mailsyncd.state.models import Account, Folder, Message, PopMessage, SyncRun
+from mailsyncd.stores.base import Stored
+
+ACCOUNTS = cast(Table, Account.__table__)
+FOLDERS = cast(Table, Folder.__table__)
+MESSAGES = cast(Table, Message.__table__)
+POP = cast(Table, PopMessage.__table__)
+RUNS = cast(Table, SyncRun.__table__)
+
+_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(.*(?:\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+
+
+def message_id_of(data: bytes) -> str | None:
+    """The Message-ID from a message's header block, or None; never raises on junk."""
+    header = data.split(b"\n\n", 1)[0]
+    match = _MESSAGE_ID.search(header)
+    if not match:
+        return None
+    value = b" ".join(match.group(1).split()).decode("utf-8", "replace").strip()
+    return value or None
+
+
+def _flags_text(flags: Flags) -> str:
+    return " ".join(sorted(flags))
+
+
+def _flags(text: str | None) -> Flags:
+    return frozenset(text.split()) if text else frozenset()
+
+
+def _new_id(result: Any) -> int:
+    return int(result.inserted_primary_key[0])
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class KnownFolder:
+    id: int
+    name: str
+    delimiter: str | None
+    path: str
+    uidvalidity: int | None
+    uidnext: int | None
+    highestmodseq: int | None
+    last_sync: datetime | None
+    last_error: str | None
+    on_server: bool
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An intent that never became ``stored``: where the bytes may be."""
+
+    row_id: int
+    location: str
+    table: str  # "messages" or "pop_messages"
+
+
+def _message(row: Any) -> RecordedMessage:
+    return RecordedMessage(
+        uid=row.uid, uidvalidity=row.uidvalidity, state=MessageState(row.state), flags=_flags(row.flags),
+        location=row.location, size=row.size, sha256=row.sha256, message_id=row.message_id, row_id=row.id,
+    )
+
+
+class StateRepo:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # --- accounts and folders ---------------------------------------------------------
+
+    def account_id(self, name: str, protocol: str) -> int:
+        with self.engine.begin() as connection:
+            found = connection.execute(select(ACCOUNTS.c.id).where(ACCOUNTS.c.name == name)).scalar()
+            if found is not None:
+                return int(found)
+            return _new_id(connection.execute(insert(ACCOUNTS).values(name=name, protocol=protocol)))
+
+    def folders(self, account_id: int) -> list[KnownFolder]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(FOLDERS).where(FOLDERS.c.account_id == account_id)
+                                      .order_by(FOLDERS.c.name))
+            return [KnownFolder(row.id, row.name, row.delimiter, row.path, row.uidvalidity, row.uidnext,
+                                row.highestmodseq, row.last_sync, row.last_error, row.on_server)
+                    for row in rows]
+
+    def upsert_folder(self, account_id: int, info: FolderInfo, path: str) -> int:
+        """Known folders keep their recorded path: a folder never moves in the store."""
+        with self.engine.begin() as connection:
+            found = connection.execute(select(FOLDERS.c.id).where(
+                FOLDERS.c.account_id == account_id, FOLDERS.c.name == info.name)).scalar()
+            if found is not None:
+                connection.execute(update(FOLDERS).where(FOLDERS.c.id == found).values(on_server=True))
+                return int(found)
+            return _new_id(connection.execute(insert(FOLDERS).values(
+                account_id=account_id, name=info.name, delimiter=info.delimiter, path=path, on_server=True,
+            )))
+
+    def mark_folders_absent(self, account_id: int, present: Iterable[str]) -> None:
+        """Folders gone from the server stay in the store; only the flag changes."""
+        with self.engine.begin() as connection:
+            connection.execute(update(FOLDERS).where(
+                FOLDERS.c.account_id == account_id, FOLDERS.c.name.not_in(list(present)),
+            ).values(on_server=False))
+
+    def finish_folder(self, folder_id: int, uidvalidity: int, uidnext: int, highestmodseq: int | None) -> None:
+        """Advance the folder's sync point. Called only after every planned action is
+        done, so an interrupted sync starts again from the old point."""
+        with self.engine.begin() as connection:
+            connection.execute(update(FOLDERS).where(FOLDERS.c.id == folder_id).values(
+                uidvalidity=uidvalidity, uidnext=uidnext, highestmodseq=highestmodseq,
+                last_sync=_now(), last_error=None))
+
+    def folder_error(self, folder_id: int, error: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(update(FOLDERS).where(FOLDERS.c.id == folder_id).values(last_error=error))
+
+    # --- IMAP messages ----------------------------------------------------------------
+
+    def present_count(self, folder_id: int, uidvalidity: int, below_uid: int) -> int:
+        with self.engine.connect() as connection:
+            return int(connection.execute(select(func.count()).select_from(MESSAGES).where(
+                MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
+                MESSAGES.c.uid < below_uid,
+                MESSAGES.c.state.in_([MessageState.STORED, MessageState.SKIPPED]))).scalar_one())
+
+    def recorded_folder(self, folder: KnownFolder, uids: Iterable[int] | None,
+                        with_retired: bool = False) -> RecordedFolder:
+        """The recorded messages of the current UIDVALIDITY: those in ``uids``, or all
+        of them when ``uids`` is None (a full scan needs every one)."""
+        with self.engine.connect() as connection:
+            query = select(MESSAGES).where(MESSAGES.c.folder_id == folder.id,
+                                           MESSAGES.c.uidvalidity == (folder.uidvalidity or 0))
+            messages: dict[int, RecordedMessage] = {}
+            if uids is None:
+                messages = {row.uid: _message(row) for row in connection.execute(query)}
+            else:
+                wanted = sorted(set(uids))
+                for start in range(0, len(wanted), 500):
+                    chunk = wanted[start:start + 500]
+                    rows = connection.execute(query.where(MESSAGES.c.uid.in_(chunk)))
+                    messages.update((row.uid, _message(row)) for row in rows)
+            retired: tuple[RecordedMessage, ...] = ()
+            if with_retired:
+                retired = tuple(_message(row) for row in connection.execute(select(MESSAGES).where(
+                    MESSAGES.c.folder_id == folder.id, MESSAGES.c.state == MessageState.RETIRED)))
+        return RecordedFolder(folder.uidvalidity, folder.uidnext, folder.highestmodseq, messages,
+                              complete=uids is None, retired=retired)
+
+    def record_pending(self, folder_id: int, uidvalidity: int,
+                       intents: Sequence[tuple[RemoteMessage, str]]) -> None:
+        """The intent, committed before any byte of these messages is written."""
+        if not intents:
+            return
+        with self.engine.begin() as connection:
+            connection.execute(delete(MESSAGES).where(
+                MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
+                MESSAGES.c.uid.in_([remote.uid for remote, _ in intents]),
+                MESSAGES.c.state == MessageState.PENDING))
+            connection.execute(insert(MESSAGES), [
+                {"folder_id": folder_id, "uidvalidity": uidvalidity, "uid": remote.uid,
+                 "state": MessageState.PENDING, "location": location, "size": remote.size,
+                 "internaldate": remote.internaldate, "flags": _flags_text(remote.flags)}
+                for remote, location in intents])
+
+    def mark_stored(self, folder_id: int, uidvalidity: int,
+                    done: Sequence[tuple[RemoteMessage, Stored, str | None]]) -> None:
+        """Only for messages whose store commit has returned (invariant 1)."""
+        if not done:
+            return
+        with self.engine.begin() as connection:
+            for remote, stored, message_id in done:
+                connection.execute(update(MESSAGES).where(
+                    MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
+                    MESSAGES.c.uid == remote.uid,
+                ).values(state=MessageState.STORED, location=stored.location, sha256=stored.sha256,
+                         message_id=message_id))
+
+    def forget_pending(self, folder_id: int, uidvalidity: int, uids: Iterable[int]) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(delete(MESSAGES).where(
+                MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
+                MESSAGES.c.uid.in_(list(uids)), MESSAGES.c.state == MessageState.PENDING))
+
+    def record_skipped(self, folder_id: int, uidvalidity: int, remotes: Sequence[RemoteMessage]) -> None:
+        if not remotes:
+            return
+        with self.engine.begin() as connection:
+            connection.execute(insert(MESSAGES), [
+                {"folder_id": folder_id, "uidvalidity": uidvalidity, "uid": remote.uid,
+                 "state": MessageState.SKIPPED, "size": remote.size, "internaldate": remote.internaldate,
+                 "flags": _flags_text(remote.flags)} for remote in remotes])
+
+    def update_flags(self, folder_id: int, uidvalidity: int,
+                     changes: Sequence[tuple[int, Flags, str]]) -> None:
+        if not changes:
+            return
+        with self.engine.begin() as connection:
+            for uid, flags, location in changes:
+                connection.execute(update(MESSAGES).where(
+                    MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
+                    MESSAGES.c.uid == uid).values(flags=_flags_text(flags), location=location))
+
+    def mark_vanished(self, folder_id: int, uidvalidity: int, uids: Iterable[int], state: MessageState) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(update(MESSAGES).where(
+                MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
+                MESSAGES.c.uid.in_(list(uids))).values(state=state))
+
+    def retire(self, folder_id: int, old_uidvalidity: int) -> None:
+        """Old UIDs are over; their local copies stay, waiting to be re-adopted.
+        Pending and skipped rows of the old UIDVALIDITY are dropped: nothing is stored
+        for them (recovery already ran)."""
+        with self.engine.begin() as connection:
+            connection.execute(delete(MESSAGES).where(
+                MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == old_uidvalidity,
+                MESSAGES.c.state.in_([MessageState.PENDING, MessageState.SKIPPED])))
+            connection.execute(update(MESSAGES).where(
+                MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == old_uidvalidity,
+                MESSAGES.c.state.in_([MessageState.STORED, MessageState.GONE])).values(state=MessageState.RETIRED))
+
+    def adopt(self, folder_id: int, uidvalidity: int,
+              adoptions: Sequence[tuple[RemoteMessage, RecordedMessage, str]]) -> None:
+        """Give a retired local copy its new UID (and the server's flags, at ``location``)."""
+        if not adoptions:
+            return
+        with self.engine.begin() as connection:
+            for remote, copy, location in adoptions:
+                connection.execute(update(MESSAGES).where(MESSAGES.c.id == copy.row_id).values(
+                    uidvalidity=uidvalidity, uid=remote.uid, state=MessageState.STORED, location=location,
+                    flags=_flags_text(remote.flags), size=remote.size))
+
+    # --- recovery ----------------------------------------------------------------------
+
+    def pending(self, account_id: int) -> list[Pending]:
+        with self.engine.connect() as connection:
+            imap = connection.execute(select(MESSAGES.c.id, MESSAGES.c.location).join(
+                FOLDERS, FOLDERS.c.id == MESSAGES.c.folder_id).where(
+                FOLDERS.c.account_id == account_id, MESSAGES.c.state == MessageState.PENDING))
+            pop = connection.execute(select(POP.c.id, POP.c.location).where(
+                POP.c.account_id == account_id, POP.c.state == MessageState.PENDING))
+            return ([Pending(row.id, row.location, "messages") for row in imap]
+                    + [Pending(row.id, row.location, "pop_messages") for row in pop])
+
+    def resolve_pending(self, adopted: Sequence[tuple[Pending, Stored]], forgotten: Sequence[Pending]) -> None:
+        """Adopted intents become stored; the others are dropped so they are fetched again."""
+        tables = {"messages": MESSAGES, "pop_messages": POP}
+        with self.engine.begin() as connection:
+            for intent, stored in adopted:
+                table = tables[intent.table]
+                connection.execute(update(table).where(table.c.id == intent.row_id).values(
+                    state=MessageState.STORED, location=stored.location, sha256=stored.sha256))
+            for intent in forgotten:
+                table = tables[intent.table]
+                connection.execute(delete(table).where(table.c.id == intent.row_id))
+
+    # --- POP3 ---------------------------------------------------------------------------
+
+    def pop_messages(self, account_id: int) -> dict[str, RecordedPop]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(POP).where(POP.c.account_id == account_id))
+            return {row.uidl: RecordedPop(row.uidl, MessageState(row.state), row.first_seen, row.location)
+                    for row in rows}
+
+    def pop_record_pending(self, account_id: int, intents: Sequence[tuple[str, int, str]]) -> None:
+        """(uidl, size, location) intents, before the download."""
+        if not intents:
+            return
+        with self.engine.begin() as connection:
+            connection.execute(delete(POP).where(POP.c.account_id == account_id,
+                                                 POP.c.uidl.in_([uidl for uidl, _, _ in intents]),
+                                                 POP.c.state == MessageState.PENDING))
+            now = _now()
+            connection.execute(insert(POP), [
+                {"account_id": account_id, "uidl": uidl, "state": MessageState.PENDING, "location": location,
+                 "size": size, "first_seen": now} for uidl, size, location in intents])
+
+    def pop_mark_stored(self, account_id: int, done: Sequence[tuple[str, Stored, str | None]]) -> None:
+        if not done:
+            return
+        with self.engine.begin() as connection:
+            for uidl, stored, message_id in done:
+                connection.execute(update(POP).where(POP.c.account_id == account_id, POP.c.uidl == uidl).values(
+                    state=MessageState.STORED, location=stored.location, sha256=stored.sha256,
+                    message_id=message_id))
+
+    def pop_record_skipped(self, account_id: int, skipped: Sequence[tuple[str, int]]) -> None:
+        if not skipped:
+            return
+        with self.engine.begin() as connection:
+            now = _now()
+            connection.execute(insert(POP), [
+                {"account_id": account_id, "uidl": uidl, "state": MessageState.SKIPPED, "size": size,
+                 "first_seen": now} for uidl, size in skipped])
+
+    def pop_mark_deleted(self, account_id: int, uidls: Iterable[str]) -> None:
+        """Called only after QUIT returned +OK (invariant 4)."""
+        with self.engine.begin() as connection:
+            connection.execute(update(POP).where(
+                POP.c.account_id == account_id, POP.c.uidl.in_(list(uidls)),
+            ).values(state=MessageState.GONE, deleted_at=_now()))
+
+    # --- runs and status ----------------------------------------------------------------
+
+    def start_run(self, account_id: int) -> int:
+        with self.engine.begin() as connection:
+            return _new_id(connection.execute(insert(RUNS).values(
+                account_id=account_id, started=_now(), result="running", fetched=0, fetched_bytes=0,
+            )))
+
+    def finish_run(self, run_id: int, result: str, fetched: int, fetched_bytes: int, error: str | None) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(update(RUNS).where(RUNS.c.id == run_id).values(
+                finished=_now(), result=result, fetched=fetched, fetched_bytes=fetched_bytes, error=error))
+
+    def status(self) -> list[dict[str, Any]]:
+        """Per account: last run and per-folder counts, as plain data for `status`."""
+        with self.engine.connect() as connection:
+            return [self._account_status(connection, row) for row in
+                    connection.execute(select(ACCOUNTS).order_by(ACCOUNTS.c.name))]
+
+    def _account_status(self, connection: Connection, account: Any) -> dict[str, Any]:
+        run = connection.execute(select(RUNS).where(RUNS.c.account_id == account.id)
+                                 .order_by(RUNS.c.id.desc()).limit(1)).first()
+        last_ok = connection.execute(select(func.max(RUNS.c.finished)).where(
+            RUNS.c.account_id == account.id, RUNS.c.result == "ok")).scalar()
+        counts = connection.execute(select(MESSAGES.c.folder_id, MESSAGES.c.state, func.count())
+                                    .join(FOLDERS, FOLDERS.c.id == MESSAGES.c.folder_id)
+                                    .where(FOLDERS.c.account_id == account.id)
+                                    .group_by(MESSAGES.c.folder_id, MESSAGES.c.state)).all()
+        by_folder: dict[int, dict[str, int]] = {}
+        for folder_id, state, count in counts:
+            by_folder.setdefault(folder_id, {})[state] = count
+        folders = [
+            {"name": row.name, "path": row.path, "last_sync": _iso(row.last_sync), "last_error": row.last_error,
+             "on_server": row.on_server, "uidvalidity": row.uidvalidity, "messages": by_folder.get(row.id, {})}
+            for row in connection.execute(select(FOLDERS).where(FOLDERS.c.account_id == account.id)
+                                          .order_by(FOLDERS.c.name))
+        ]
+        pop_counts = connection.execute(select(POP.c.state, func.count()).where(
+            POP.c.account_id == account.id).group_by(POP.c.state)).all()
+        return {
+            "account": account.name, "protocol": account.protocol,
+            "last_run": None if run is None else {
+                "started": _iso(run.started), "finished": _iso(run.finished), "result": run.result,
+                "fetched": run.fetched, "bytes": run.fetched_bytes, "error": run.error},
+            "last_success": _iso(last_ok), "folders": folders,
+            "pop_messages": {str(state): int(count) for state, count in pop_counts},
+        }
+
+
+def _iso(when: datetime | None) -> str | None:
+    return None if when is None else when.isoformat(timespec="seconds")

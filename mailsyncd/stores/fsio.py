@@ -1,0 +1,130 @@
+"""The one place where bytes become durable on disk.
+
+Every store goes through these helpers so that the ordering rules of invariant 1 are
+written once: data is fsync'd before the rename that publishes it, and the directory is
+fsync'd after the rename so that the new name itself survives a power cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from mailsyncd.errors import UnsafePath
+
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+
+
+def safe_join(root: Path, relative: str) -> Path:
+    """Join a relative store path to its root, refusing anything that would leave it.
+
+    names.py already makes escaping impossible; this is the second lock on the door,
+    checked on every path a store creates.
+    """
+    if relative.startswith("/") or "\0" in relative:
+        raise UnsafePath(f"refusing path outside the store: {relative!r}")
+    parts = [part for part in relative.split("/") if part]
+    if any(part in {".", ".."} for part in parts):
+        raise UnsafePath(f"refusing path outside the store: {relative!r}")
+    path = root.joinpath(*parts)
+    resolved_root = root.resolve()
+    if not path.resolve().is_relative_to(resolved_root):
+        raise UnsafePath(f"refusing path outside the store (symlink?): {relative!r}")
+    return path
+
+
+def make_private_dirs(path: Path) -> None:
+    """mkdir -p with 0700 for every directory it creates (invariant 8)."""
+    missing = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=PRIVATE_DIR)
+            fsync_dir(directory.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries durable. EINVAL means the filesystem cannot, not that
+    anything went wrong, so only that one is swallowed."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_new_file(path: Path, data: bytes, mtime: float | None = None) -> None:
+    """Create ``path`` exclusively, write all of ``data`` (and its mtime) and fsync it.
+
+    On any failure the partial file is removed, so a temporary name never holds a torn
+    message that something could mistake for a whole one.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        if mtime is not None:
+            os.utime(fd, (mtime, mtime))
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        raise
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def locked_file(path: Path) -> Iterator[int]:
+    """Open (creating 0600) and lock ``path`` the way mutt and Dovecot expect for mbox:
+    a ``.lock`` dotlock file first, then an fcntl write lock. Yields the descriptor."""
+    with dotlock(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, PRIVATE_FILE)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            yield fd
+        finally:
+            os.close(fd)  # closing drops the fcntl lock
+
+
+@contextlib.contextmanager
+def dotlock(path: Path, timeout: float = 30.0, stale_after: float = 300.0) -> Iterator[None]:
+    """The classic ``<file>.lock`` taken with O_EXCL; a lock older than ``stale_after``
+    seconds is taken over, as procmail and Dovecot do."""
+    lock = path.with_name(path.name + ".lock")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - lock.stat().st_mtime > stale_after:
+                    lock.unlink()
+                    continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{lock} is held by another program") from None
+            time.sleep(0.05)
+            continue
+        os.write(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode())
+        os.close(fd)
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()

@@ -1,0 +1,181 @@
+"""Maildir: one file per message, published by rename, flags in the name.
+
+A message is written under ``tmp/``, fsync'd, renamed into ``new/`` (no flags yet, so
+a mail reader shows it as new) or ``cur/`` (with the ``:2,`` info suffix), and the
+directory is fsync'd at commit. The unique name is chosen before the write and
+recorded as intent, so that after a kill the file can be found again by name, even if a
+mail reader has since moved it to ``cur/`` or changed its flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+from mailsyncd import names
+from mailsyncd.domain import Flags
+from mailsyncd.errors import StoreError
+from mailsyncd.stores.base import Stored
+from mailsyncd.stores.fsio import fsync_dir, make_private_dirs, safe_join, write_new_file
+
+SUBDIRS = ("tmp", "new", "cur")
+INFO = ":2,"
+
+# IMAP system flags and the common $Forwarded keyword, as Maildir info letters.
+_LETTERS = {"\\draft": "D", "\\flagged": "F", "$forwarded": "P", "\\answered": "R", "\\seen": "S",
+            "\\deleted": "T"}
+_FLAGS = {letter: flag for flag, letter in _LETTERS.items()}
+
+
+def info_letters(flags: Flags) -> str:
+    return "".join(sorted({_LETTERS[flag.lower()] for flag in flags if flag.lower() in _LETTERS}))
+
+
+def flags_from_name(name: str) -> Flags:
+    _, _, info = name.partition(INFO)
+    return frozenset(_FLAGS[letter].title() if letter != "P" else "$Forwarded"
+                     for letter in info if letter in _FLAGS)
+
+
+def _escape_host(host: str) -> str:
+    # The Maildir spec escapes "/" and ":" in the host part as octal.
+    return host.replace("/", "\\057").replace(":", "\\072")
+
+
+class MaildirStore:
+    def __init__(self, root: Path, layout: names.Layout = "maildir++") -> None:
+        self.root = root
+        self.layout = layout
+        self._host = _escape_host(socket.gethostname())
+        self._sequence = itertools.count()
+
+    def folder_path(self, name: str, delimiter: str | None) -> str:
+        return names.folder_path(name, delimiter, self.layout)
+
+    def _folder_dir(self, folder: str) -> Path:
+        path = safe_join(self.root, folder) if folder else self.root
+        for sub in SUBDIRS:
+            if not (path / sub).is_dir():
+                make_private_dirs(path / sub)
+        return path
+
+    def _unique(self) -> str:
+        now = time.time()
+        seconds = int(now)
+        micro = int((now - seconds) * 1_000_000)
+        return f"{seconds}.M{micro}P{os.getpid()}Q{next(self._sequence)}.{self._host}"
+
+    @contextlib.contextmanager
+    def open_folder(self, folder: str) -> Iterator[MaildirWriter]:
+        yield MaildirWriter(self, folder, self._folder_dir(folder))
+
+    def _split(self, location: str) -> tuple[str, str, str]:
+        folder, _, rest = location.rpartition("/")
+        folder, _, sub = folder.rpartition("/") if "/" in folder else ("", "", folder)
+        if sub not in ("new", "cur"):
+            raise StoreError(f"not a Maildir location: {location!r}")
+        return folder, sub, rest
+
+    def find(self, location: str) -> str | None:
+        """The current location of a message, following a mail reader's moves."""
+        folder, sub, name = self._split(location)
+        base = name.split(INFO, 1)[0]
+        directory = safe_join(self.root, folder) if folder else self.root
+        if (directory / sub / name).exists():
+            return location
+        prefix = f"{folder}/" if folder else ""
+        if (directory / "new" / base).exists():
+            return f"{prefix}new/{base}"
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(directory / "cur"):
+                if entry.name == base or entry.name.startswith(base + INFO):
+                    return f"{prefix}cur/{entry.name}"
+        return None
+
+    def _path(self, location: str) -> Path:
+        return safe_join(self.root, location)
+
+    def read(self, location: str) -> bytes:
+        current = self.find(location)
+        if current is None:
+            raise StoreError(f"message missing from the store: {location}")
+        return self._path(current).read_bytes()
+
+    def recover(self, pending: Iterable[str]) -> dict[str, Stored]:
+        found: dict[str, Stored] = {}
+        for location in pending:
+            folder, _, name = self._split(location)
+            base = name.split(INFO, 1)[0]
+            directory = safe_join(self.root, folder) if folder else self.root
+            with contextlib.suppress(FileNotFoundError):
+                (directory / "tmp" / base).unlink()
+            current = self.find(location)
+            if current is not None:
+                data = self._path(current).read_bytes()
+                found[location] = Stored(current, hashlib.sha256(data).hexdigest())
+        return found
+
+    def set_flags(self, location: str, flags: Flags) -> str:
+        current = self.find(location)
+        if current is None:
+            return location
+        folder, sub, name = self._split(current)
+        base = name.split(INFO, 1)[0]
+        letters = info_letters(flags)
+        # Keep a flagless message in new/ so that readers still show it as new.
+        target_sub = "new" if sub == "new" and not letters else "cur"
+        target_name = base if target_sub == "new" else base + INFO + letters
+        prefix = f"{folder}/" if folder else ""
+        target = f"{prefix}{target_sub}/{target_name}"
+        if target != current:
+            os.rename(self._path(current), self._path(target))
+        return target
+
+    def remove(self, location: str) -> None:
+        current = self.find(location)
+        if current is not None:
+            path = self._path(current)
+            path.unlink()
+            fsync_dir(path.parent)
+
+    def count(self, folder: str) -> int:
+        directory = safe_join(self.root, folder) if folder else self.root
+        return sum(len(os.listdir(directory / sub)) for sub in ("new", "cur") if (directory / sub).is_dir())
+
+
+class MaildirWriter:
+    def __init__(self, store: MaildirStore, folder: str, directory: Path) -> None:
+        self._store = store
+        self._prefix = f"{folder}/" if folder else ""
+        self._directory = directory
+        self._dirty: set[str] = set()
+
+    def reserve(self, flags: Flags) -> str:
+        letters = info_letters(flags)
+        base = self._store._unique()
+        if letters or "\\seen" in {flag.lower() for flag in flags}:
+            return f"{self._prefix}cur/{base}{INFO}{letters}"
+        return f"{self._prefix}new/{base}"
+
+    def add(self, location: str, data: bytes, flags: Flags, internaldate: datetime | None) -> Stored:
+        _, sub, name = self._store._split(location)
+        tmp = self._directory / "tmp" / name.split(INFO, 1)[0]
+        mtime = internaldate.timestamp() if internaldate is not None else None
+        # Order matters: the bytes and mtime are fsync'd under tmp/ before the rename
+        # publishes the name, so no reader and no recovery ever sees a torn message.
+        write_new_file(tmp, data, mtime)
+        os.rename(tmp, self._directory / sub / name)
+        self._dirty.add(sub)
+        return Stored(location, hashlib.sha256(data).hexdigest())
+
+    def commit(self) -> None:
+        for sub in sorted(self._dirty):
+            fsync_dir(self._directory / sub)
+        self._dirty.clear()
