@@ -1,0 +1,217 @@
+"""Command line: arguments in, one clear line per problem out, exit codes 0/1/2.
+
+This is the only place where errors become exit codes: 0 when all requested work
+succeeded, 1 when some account or folder failed (the others still synced), 2 for usage,
+config and other fatal errors. Tracebacks only with --verbose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mailsyncd import __version__
+from mailsyncd import config as config_module
+from mailsyncd import log as log_setup
+from mailsyncd.app import App
+from mailsyncd.config import AccountConfig, Config, load_config
+from mailsyncd.errors import AccountError, FatalError, MailsyncError
+from mailsyncd.state import db
+from mailsyncd.sync.run import Progress
+
+log = logging.getLogger("mailsyncd")
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"mailsyncd: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="mailsyncd",
+        description="Pull mail over IMAP and POP3 into Maildir or mbox, durably and exactly once.",
+        epilog="Exit status: 0 all requested work succeeded, 1 some account or folder failed, "
+               "2 usage or config error. Config: --config, else $MAILSYNCD_CONFIG, else "
+               "$XDG_CONFIG_HOME/mailsyncd/config.toml.")
+    parser.add_argument("--config", type=Path, help="config file (TOML)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--version", action="version", version=f"mailsyncd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sync = commands.add_parser("sync", help="one pass over the accounts, then exit")
+    sync.add_argument("--account", action="append", default=[], metavar="NAME", help="only this account "
+                      "(repeatable)")
+    sync.add_argument("--folder", action="append", default=[], metavar="GLOB", help="only folders matching "
+                      "(repeatable; IMAP)")
+    sync.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
+
+    status = commands.add_parser("status", help="per account and folder: last run, result, counts")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    commands.add_parser("check", help="validate the config, connect, log in, list folders; change nothing")
+
+    database = commands.add_parser("db", help="state database maintenance")
+    database_commands = database.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
+    database_commands.add_parser("upgrade", help="apply migrations (also done at start)")
+
+    demo = commands.add_parser("demo", help="sync a throwaway local Dovecot into a local store; no account "
+                               "needed")
+    demo.add_argument("--dir", type=Path, default=None, help="where to put the demo (default: a temp dir)")
+    demo.add_argument("--messages", type=int, default=300, help="how many messages to generate")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log_setup.setup(verbose=args.verbose, quiet=args.quiet)
+    try:
+        return _dispatch(args)
+    except FatalError as error:
+        _report(error, args.verbose)
+        return error.exit_code
+    except MailsyncError as error:
+        _report(error, args.verbose)
+        return EXIT_PARTIAL
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+
+
+def _report(error: BaseException, verbose: bool) -> None:
+    log.error("%s", error, exc_info=verbose)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    path = args.config or config_module.default_config_path()
+    config = load_config(path)
+    if not args.verbose and not args.quiet:
+        logging.getLogger("mailsyncd").setLevel(config.general.log_level.upper())
+    return config
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from mailsyncd.demo import run_demo  # only the demo needs the local server
+
+        return run_demo(args.dir, args.messages)
+    config = _load(args)
+    if args.command == "sync":
+        return _sync(config, args)
+    if args.command == "status":
+        return _status(config, args.json)
+    if args.command == "check":
+        return _check(config)
+    return _db_upgrade(config)
+
+
+def _selected(config: Config, names: Sequence[str]) -> list[AccountConfig]:
+    unknown = [name for name in names if name not in {account.name for account in config.accounts}]
+    if unknown:
+        raise FatalError(f"no account named {', '.join(unknown)} in {config.path}; have: "
+                         f"{', '.join(account.name for account in config.accounts) or 'none'}")
+    return [account for account in config.accounts if not names or account.name in names]
+
+
+def _sync(config: Config, args: argparse.Namespace) -> int:
+    accounts = _selected(config, args.account)
+    if not accounts:
+        log.warning("%s has no [[account]]; try `mailsyncd demo` or see config/mailsyncd.example.toml",
+                    config.path)
+        return EXIT_OK
+    progress: Progress | None = None
+    if sys.stdout.isatty() and not args.no_progress and not args.quiet:
+        progress = log_setup.TerminalProgress(sys.stdout)
+    failed = False
+    with db.instance_lock(config.general.state):
+        app = App.open(config)
+        try:
+            for account in accounts:
+                try:
+                    counts = app.sync_account(account, args.folder, progress)
+                except AccountError as error:
+                    log.error("%s", error, exc_info=args.verbose)
+                    failed = True
+                    continue
+                failed = failed or bool(counts.errors)
+        finally:
+            app.close()
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _status(config: Config, as_json: bool) -> int:
+    engine = db.create(config.general.state)
+    try:
+        db.upgrade(engine)
+        from mailsyncd.state.repo import StateRepo
+
+        report = StateRepo(engine).status()
+    finally:
+        engine.dispose()
+    configured = {account.name: account for account in config.accounts}
+    for entry in report:
+        account = configured.get(entry["account"])
+        entry["configured"] = account is not None
+        if account is not None:
+            entry["schedule"] = account.cron or f"every {account.interval} s"
+    if as_json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    if not report:
+        print("no sync has run yet")
+    for entry in report:
+        run = entry["last_run"] or {}
+        print(f"{entry['account']} ({entry['protocol']}): last run {run.get('finished') or 'never'} "
+              f"{run.get('result', '')}; last success {entry['last_success'] or 'never'}"
+              + (f"; error: {run['error']}" if run.get("error") else ""))
+        for folder in entry["folders"]:
+            counts = ", ".join(f"{count} {state}" for state, count in sorted(folder["messages"].items()))
+            note = "" if folder["on_server"] else " (gone from the server)"
+            error = f" error: {folder['last_error']}" if folder["last_error"] else ""
+            print(f"  {folder['name']}: {counts or 'empty'}; synced {folder['last_sync'] or 'never'}{note}{error}")
+        if entry["pop_messages"]:
+            print("  POP: " + ", ".join(f"{count} {state}" for state, count in sorted(entry["pop_messages"].items())))
+    return EXIT_OK
+
+
+def _check(config: Config) -> int:
+    from mailsyncd.secrets import resolve_password
+    from mailsyncd.sources import imap
+    from mailsyncd.sync.run import select_folders
+
+    failed = False
+    for account in config.accounts:
+        try:
+            password = resolve_password(account.password, account.name, account.username)
+            log_setup.register_secret(password.reveal())
+            with imap.connect(account, password) as session:
+                listed = session.list_folders()
+            selected = select_folders(listed, account.folders, account.exclude)
+            print(f"{account.name}: ok, {len(listed)} folders, {len(selected)} selected: "
+                  + ", ".join(folder.name for folder in selected))
+        except AccountError as error:
+            print(f"{account.name}: FAILED: {error}")
+            failed = True
+    print(f"{config.path}: config ok, {len(config.accounts)} accounts")
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _db_upgrade(config: Config) -> int:
+    with db.instance_lock(config.general.state):
+        engine = db.create(config.general.state)
+        try:
+            db.upgrade(engine)
+        finally:
+            engine.dispose()
+    print(f"state database is at the newest schema: {config.general.state}")
+    return EXIT_OK
+

@@ -1,0 +1,86 @@
+"""Logging set-up, secret redaction and the terminal progress bar.
+
+Under systemd (JOURNAL_STREAM is set) the journal adds timestamps itself, so lines carry
+only the level and the message; elsewhere they get a timestamp. Every resolved secret is
+registered here and scrubbed from every record, as a last line of defence behind the
+rule that no code logs one (invariant 8).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import TextIO
+
+from mailsyncd.sync.run import Progress
+
+_SECRETS: set[str] = set()
+
+
+def register_secret(value: str) -> None:
+    if len(value) >= 3:
+        _SECRETS.add(value)
+
+
+class RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _SECRETS:
+            message = record.getMessage()
+            for secret in _SECRETS:
+                message = message.replace(secret, "***")
+            record.msg, record.args = message, None
+        return True
+
+
+def setup(level: str = "info", verbose: bool = False, quiet: bool = False, stream: TextIO | None = None) -> None:
+    name = "DEBUG" if verbose else "WARNING" if quiet else level.upper()
+    handler = logging.StreamHandler(stream or sys.stderr)
+    under_journal = bool(os.environ.get("JOURNAL_STREAM"))
+    handler.setFormatter(logging.Formatter(
+        "%(levelname)s %(message)s" if under_journal else "%(asctime)s %(levelname)s %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("mailsyncd").setLevel(name)
+
+
+class TerminalProgress(Progress):
+    """A one-line bar on a terminal: folder, messages, bytes, rate."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self._label = ""
+        self._total = self._size = self._done = self._bytes = 0
+        self._started = time.monotonic()
+
+    def start_folder(self, account: str, folder: str, messages: int, size: int) -> None:
+        self._label = f"{account}/{folder}"
+        self._total, self._size, self._done, self._bytes = messages, size, 0, 0
+        self._started = time.monotonic()
+        self._draw()
+
+    def advance(self, messages: int, size: int) -> None:
+        self._done += messages
+        self._bytes += size
+        self._draw()
+
+    def end_folder(self) -> None:
+        if self._label:
+            self._draw()
+            self.stream.write("\n")
+            self.stream.flush()
+            self._label = ""
+
+    def _draw(self) -> None:
+        width = 24
+        fraction = self._done / self._total if self._total else 1.0
+        filled = int(width * fraction)
+        elapsed = max(time.monotonic() - self._started, 1e-6)
+        self.stream.write(f"\r{self._label[:40]:40} [{'#' * filled}{'.' * (width - filled)}] "
+                          f"{self._done}/{self._total} {self._bytes / 1e6:.1f}/{self._size / 1e6:.1f} MB "
+                          f"{self._done / elapsed:.0f} msg/s ")
+        self.stream.flush()

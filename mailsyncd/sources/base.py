@@ -1,0 +1,46 @@
+"""The contracts of the protocol sources, so the executor depends on these and not on
+imapclient or poplib.
+
+Errors: a source raises AccountError (or AuthError) when the connection or login fails
+and FolderError when one folder cannot be read; nothing else escapes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from mailsyncd.domain import FolderInfo, FolderSnapshot, PopListing, SnapshotBase
+
+
+class ImapSource(Protocol):
+    def list_folders(self) -> list[FolderInfo]: ...
+
+    def snapshot(self, name: str, base: SnapshotBase | None) -> FolderSnapshot:
+        """Open ``name`` read-only and describe what changed since ``base`` (everything
+        when ``base`` is None or its UIDVALIDITY no longer holds). Leaves the folder
+        selected for ``fetch``."""
+        ...
+
+    def fetch(self, name: str, uids: Sequence[int]) -> dict[int, bytes]:
+        """Raw bodies of the selected folder; a UID expunged meanwhile is left out."""
+        ...
+
+
+class Pop3Source(Protocol):
+    def listing(self) -> PopListing:
+        """Message numbers with their identities, valid for this session only."""
+        ...
+
+    def retrieve(self, number: int) -> bytes:
+        """One message, dot-unstuffed, with LF line ends."""
+        ...
+
+    def delete(self, number: int) -> None:
+        """Mark for deletion; takes effect only when ``quit`` succeeds."""
+        ...
+
+    def quit(self) -> None:
+        """End the session; raises if the server did not confirm (deletions then did
+        not happen)."""
+        ...

@@ -1,0 +1,167 @@
+"""PURE: what to do to one folder (or one POP mailbox), from what the server shows,
+what the state database recorded and the account's policy. No I/O, no clock.
+
+The executor (sync/run.py) carries a plan out; because this module decides everything,
+its rules can be checked with plain data and property tests: planning again after the
+plan was applied gives an empty plan, no action names a UID the server did not show,
+archive mode never removes a local copy, and a UIDVALIDITY change never removes one.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+
+from mailsyncd.domain import (
+    Adoption,
+    FlagUpdate,
+    FolderSnapshot,
+    MessageState,
+    Mode,
+    Plan,
+    Policy,
+    PopListing,
+    PopPlan,
+    PopPolicy,
+    RecordedFolder,
+    RecordedMessage,
+    RecordedPop,
+    RemoteMessage,
+)
+
+_ON_SERVER = (MessageState.STORED, MessageState.SKIPPED)
+_HAS_COPY = (MessageState.STORED, MessageState.GONE, MessageState.RETIRED)
+
+
+def _too_large(message: RemoteMessage, policy: Policy) -> bool:
+    return policy.max_message_size is not None and message.size > policy.max_message_size
+
+
+def plan_folder(snapshot: FolderSnapshot, recorded: RecordedFolder, policy: Policy) -> Plan:
+    if recorded.uidvalidity is not None and snapshot.uidvalidity != recorded.uidvalidity:
+        return _plan_new_uidvalidity(snapshot, recorded, policy)
+
+    fetch: list[RemoteMessage] = []
+    skip: list[RemoteMessage] = []
+    flag_updates: dict[int, FlagUpdate] = {}
+    for message in snapshot.new:
+        known = recorded.messages.get(message.uid)
+        if known is None or known.state == MessageState.PENDING:
+            (skip if _too_large(message, policy) else fetch).append(message)
+        elif known.state == MessageState.SKIPPED:
+            if not _too_large(message, policy):  # the limit was raised since
+                fetch.append(message)
+        elif known.state == MessageState.STORED and known.flags != message.flags and known.location:
+            flag_updates[message.uid] = FlagUpdate(message.uid, known.location, message.flags)
+
+    for uid, flags in snapshot.changed_flags.items():
+        known = recorded.messages.get(uid)
+        if known is not None and known.state == MessageState.STORED and known.flags != flags and known.location:
+            flag_updates[uid] = FlagUpdate(uid, known.location, flags)
+
+    vanished = _vanished(snapshot, recorded)
+    gone = tuple(message for message in vanished if policy.mode == Mode.ARCHIVE)
+    remove = tuple(message for message in vanished if policy.mode == Mode.MIRROR)
+    return Plan(
+        uidvalidity=snapshot.uidvalidity, uidnext=snapshot.uidnext, highestmodseq=snapshot.highestmodseq,
+        fetch=tuple(fetch), skip=tuple(skip),
+        flag_updates=tuple(update for uid, update in sorted(flag_updates.items()) if uid not in
+                           {message.uid for message in vanished}),
+        gone=gone, remove=remove,
+    )
+
+
+def _vanished(snapshot: FolderSnapshot, recorded: RecordedFolder) -> list[RecordedMessage]:
+    """Recorded messages the server no longer has, told either by a complete listing
+    (``present`` plus ``new``) or by an explicit VANISHED set."""
+    gone_uids = set(snapshot.vanished)
+    if snapshot.present is not None:
+        on_server = set(snapshot.present) | {message.uid for message in snapshot.new}
+        gone_uids |= {uid for uid in recorded.messages if uid not in on_server}
+    return [recorded.messages[uid] for uid in sorted(gone_uids)
+            if uid in recorded.messages and recorded.messages[uid].state in _ON_SERVER]
+
+
+def _plan_new_uidvalidity(snapshot: FolderSnapshot, recorded: RecordedFolder, policy: Policy) -> Plan:
+    """Invariant 5: every old UID is retired; server messages are matched to local
+    copies by (Message-ID, size), each copy claimed at most once; the rest is fetched
+    and may still be matched by content hash (``adopt_pool``). Nothing is removed."""
+    candidates: dict[tuple[str, int], list[RecordedMessage]] = defaultdict(list)
+    unkeyed: list[RecordedMessage] = []
+    old = [message for message in recorded.messages.values() if message.state in _HAS_COPY]
+    for copy in sorted([*recorded.retired, *old], key=lambda message: (message.uidvalidity, message.uid)):
+        if not copy.location:
+            continue
+        if copy.message_id and copy.size is not None:
+            candidates[(copy.message_id, copy.size)].append(copy)
+        else:
+            unkeyed.append(copy)
+
+    adopt: list[Adoption] = []
+    fetch: list[RemoteMessage] = []
+    skip: list[RemoteMessage] = []
+    for message in sorted(snapshot.new, key=lambda message: message.uid):
+        matches = candidates.get((message.message_id, message.size)) if message.message_id else None
+        if matches:
+            adopt.append(Adoption(message.uid, message, matches.pop(0)))
+        elif _too_large(message, policy):
+            skip.append(message)
+        else:
+            fetch.append(message)
+    pool = tuple(unkeyed) + tuple(copy for copies in candidates.values() for copy in copies)
+    return Plan(
+        uidvalidity=snapshot.uidvalidity, uidnext=snapshot.uidnext, highestmodseq=snapshot.highestmodseq,
+        retire=recorded.uidvalidity, adopt=tuple(adopt), adopt_pool=pool, fetch=tuple(fetch), skip=tuple(skip),
+    )
+
+
+def batches(messages: Iterable[RemoteMessage], byte_budget: int, max_count: int = 2000
+            ) -> Iterable[list[RemoteMessage]]:
+    """Split a fetch into UID FETCH batches bounded by total size, so memory stays flat
+    however large the mailbox; a message larger than the budget goes alone."""
+    batch: list[RemoteMessage] = []
+    size = 0
+    for message in messages:
+        if batch and (size + message.size > byte_budget or len(batch) >= max_count):
+            yield batch
+            batch, size = [], 0
+        batch.append(message)
+        size += message.size
+    if batch:
+        yield batch
+
+
+# --- POP3 -------------------------------------------------------------------------------
+
+
+def plan_pop(listing: PopListing, recorded: Mapping[str, RecordedPop], policy: PopPolicy,
+             now: datetime) -> PopPlan:
+    """Invariant 4: DELE goes only to numbers whose identity, from this very listing, is
+    recorded as stored, and only when the policy asks. A listing in which an identity
+    appears twice cannot tell the two apart, so neither copy is deleted."""
+    counts: dict[str, int] = defaultdict(int)
+    for uidl, _ in listing.entries.values():
+        counts[uidl] += 1
+    fetch: list[tuple[int, str, int]] = []
+    skip: list[tuple[int, str, int]] = []
+    delete: list[tuple[int, str]] = []
+    for number in sorted(listing.entries):
+        uidl, size = listing.entries[number]
+        known = recorded.get(uidl)
+        if known is None or known.state == MessageState.PENDING:
+            if counts[uidl] > 1 and any(entry[1] == uidl for entry in fetch):
+                continue  # one copy of an ambiguous identity is enough
+            target = skip if policy.max_message_size is not None and size > policy.max_message_size else fetch
+            target.append((number, uidl, size))
+        elif known.state == MessageState.STORED and counts[uidl] == 1 and _pop_due(known, policy, now):
+            delete.append((number, uidl))
+    return PopPlan(fetch=tuple(fetch), skip=tuple(skip), delete=tuple(delete))
+
+
+def _pop_due(known: RecordedPop, policy: PopPolicy, now: datetime) -> bool:
+    if not policy.leave_on_server:
+        return True
+    if policy.delete_after_days is None:
+        return False
+    return now - known.first_seen >= timedelta(days=policy.delete_after_days)
