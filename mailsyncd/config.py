@@ -1,0 +1,505 @@
+"""The TOML config, read into frozen, typed dataclasses.
+
+Every key is declared once, in ``KEYS``, with its type, default, allowed values and help.
+The parser, its error messages, the example config's test and the README's table all
+follow that one list, so they cannot drift apart. A config error is the first thing a new
+user meets, so each one names the file and the key, says what was expected, and suggests
+the closest known key for a typo. Unknown keys are errors, not warnings: a misspelt
+``leave_on_sever = true`` silently ignored would delete mail.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from mailsyncd.errors import ConfigError
+
+log = logging.getLogger("mailsyncd.config")
+
+PasswordKind = Literal["command", "env", "file", "keyring", "inline"]
+Section = Literal["general", "account", "account.store"]
+KeyType = Literal[
+    "string", "boolean", "integer", "port", "path", "database", "size", "duration", "strings", "choice",
+    "table",
+]
+
+MIN_INTERVAL = 10  # seconds; anything faster hammers the server for no gain
+
+
+def default_config_path(env: Mapping[str, str] = os.environ) -> Path:
+    """$MAILSYNCD_CONFIG, else the XDG config directory's mailsyncd/config.toml."""
+    if env.get("MAILSYNCD_CONFIG"):
+        return Path(env["MAILSYNCD_CONFIG"]).expanduser()
+    return _xdg_dir(env, "XDG_CONFIG_HOME", ".config") / "mailsyncd" / "config.toml"
+
+
+def default_state_path(env: Mapping[str, str] = os.environ) -> Path:
+    """The XDG state directory's mailsyncd/state.db."""
+    return _xdg_dir(env, "XDG_STATE_HOME", ".local/state") / "mailsyncd" / "state.db"
+
+
+def _xdg_dir(env: Mapping[str, str], variable: str, fallback: str) -> Path:
+    # The XDG spec says a relative value is invalid and must be ignored.
+    value = env.get(variable, "")
+    if value and Path(value).is_absolute():
+        return Path(value)
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    return home / fallback
+
+
+def default_port(protocol: str, security: str) -> int:
+    """The IANA port for the protocol: implicit TLS has its own, STARTTLS and plain share one."""
+    if protocol == "imap":
+        return 993 if security == "tls" else 143
+    return 995 if security == "tls" else 110
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.ASCII | re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+    "k": 1024, "m": 1024**2, "g": 1024**3,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """Read "50MB", "10k", "1.5 GiB" or 1234 as a number of bytes.
+
+    KB/MB/GB count in 1000s and KiB/MiB/GiB in 1024s, as their names say; a bare K/M/G
+    counts in 1024s, as mutt and mbsync read it. Case is ignored. Fractions of a byte
+    are dropped. Raises ValueError with a message fit for the user.
+    """
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return text
+    match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+    if match is None or match[2].lower() not in _SIZE_UNITS:
+        raise ValueError(f'not a size: {text!r}; write e.g. "50MB", "512KiB" or a number of bytes')
+    return int(Decimal(match[1]) * _SIZE_UNITS[match[2].lower()])
+
+
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", re.ASCII)
+
+
+def parse_duration(text: str | int) -> int:
+    """Read "90s", "5m", "1h30m", "1d" or a bare number of seconds as seconds.
+
+    Units go largest first and each at most once, so a duration reads only one way.
+    Raises ValueError with a message fit for the user.
+    """
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return text
+    compact = "".join(text.split()) if isinstance(text, str) else ""
+    if re.fullmatch(r"\d+", compact, re.ASCII):
+        return int(compact)
+    match = _DURATION.fullmatch(compact)
+    if not compact or match is None:
+        raise ValueError(f'not a duration: {text!r}; write e.g. "90s", "5m", "1h30m", "1d" or seconds')
+    days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: everything the parser, its errors and the docs need to know.
+
+    ``default`` None means the key is optional with no value, or that the default is
+    computed from other keys (``port``, ``state``), as ``help`` then says. ``only`` names
+    another key of the same table and the value it must have for this key to be allowed.
+    """
+
+    section: Section
+    name: str
+    type: KeyType
+    help: str
+    default: Any = None
+    required: bool = False
+    choices: tuple[str, ...] = ()
+    only: tuple[str, str] | None = None
+
+
+_IMAP = ("protocol", "imap")
+_POP3 = ("protocol", "pop3")
+
+KEYS: tuple[Key, ...] = (
+    Key("general", "state", "database",
+        "the state database: a file (SQLite) or an SQLAlchemy URL; "
+        "default $XDG_STATE_HOME/mailsyncd/state.db"),
+    Key("general", "log_level", "choice",
+        "how much the log says", "info", choices=("debug", "info", "warning", "error")),
+    Key("general", "metrics_port", "port",
+        "serve Prometheus metrics on 127.0.0.1 at this port; off if unset"),
+    Key("account", "name", "string",
+        "a unique name of letters, digits, '_', '.' and '-'", required=True),
+    Key("account", "protocol", "choice",
+        "how to reach the server", required=True, choices=("imap", "pop3")),
+    Key("account", "host", "string",
+        "the server's host name", required=True),
+    Key("account", "port", "port",
+        "the server's port; default 993/143 (IMAP) or 995/110 (POP3) by security"),
+    Key("account", "security", "choice",
+        '"tls": TLS from the start; "starttls": upgrade a plain connection; '
+        '"plain": no encryption (needs allow_plaintext)', "tls", choices=("tls", "starttls", "plain")),
+    Key("account", "allow_plaintext", "boolean",
+        'allow security = "plain", which sends the password unencrypted', False),
+    Key("account", "tls_ca_file", "path",
+        "an extra CA certificate (PEM) to trust, e.g. for a self-signed server"),
+    Key("account", "tls_verify", "boolean",
+        "check the server's certificate and host name; turn off only for testing", True),
+    Key("account", "username", "string",
+        "the login name", required=True),
+    Key("account", "password_command", "string",
+        "a shell command that prints the password as its first line"),
+    Key("account", "password_env", "string",
+        "an environment variable that holds the password"),
+    Key("account", "password_file", "path",
+        "a file whose first line is the password (chmod 600 it)"),
+    Key("account", "keyring", "boolean",
+        'take the password from the system keyring: service "mailsyncd:<name>", user = username', False),
+    Key("account", "password", "string",
+        "the password itself; prefer another source, and chmod 600 the config"),
+    Key("account", "auth", "choice",
+        'how to log in: "login" (LOGIN) or "plain" (AUTHENTICATE PLAIN)', "login",
+        choices=("login", "plain"), only=_IMAP),
+    Key("account", "interval", "duration",
+        'time between syncs in the daemon, e.g. "5m" or seconds; at least 10s', 300),
+    Key("account", "cron", "string",
+        'a crontab schedule instead of interval, e.g. "*/5 * * * *"'),
+    Key("account", "folders", "strings",
+        "globs of the folders to sync, on decoded names", ("*",), only=_IMAP),
+    Key("account", "exclude", "strings",
+        "globs of folders to leave out", (), only=_IMAP),
+    Key("account", "mode", "choice",
+        '"archive" keeps local copies of mail deleted on the server; "mirror" deletes them too', "archive",
+        choices=("archive", "mirror"), only=_IMAP),
+    Key("account", "max_message_size", "size",
+        'skip (and report) larger messages, e.g. "50MB"; no limit if unset'),
+    Key("account", "idle", "strings",
+        "folders the daemon watches with IDLE, to fetch new mail at once", (), only=_IMAP),
+    Key("account", "leave_on_server", "boolean",
+        "keep messages on the server after download", True, only=_POP3),
+    Key("account", "delete_after_days", "integer",
+        "with leave_on_server, delete downloaded messages from the server after this many days; "
+        "never if unset", only=_POP3),
+    Key("account", "store", "table",
+        "where the mail goes: the [account.store] table", required=True),
+    Key("account.store", "format", "choice",
+        "the local mailbox format", required=True, choices=("maildir", "mbox")),
+    Key("account.store", "path", "path",
+        "the store's root directory (mbox: one file per folder in it)", required=True),
+    Key("account.store", "layout", "choice",
+        '"maildir++": INBOX at the root, subfolders as .Sub.Folder; "fs": nested directories', "maildir++",
+        choices=("maildir++", "fs"), only=("format", "maildir")),
+)
+
+_PASSWORD_KEYS: dict[str, PasswordKind] = {
+    "password_command": "command", "password_env": "env", "password_file": "file",
+    "keyring": "keyring", "password": "inline",
+}
+_NAME = re.compile(r"[A-Za-z0-9_.-]+", re.ASCII)
+
+
+@dataclass(frozen=True, repr=False)
+class PasswordSource:
+    """Where an account's password comes from; only ``secrets.resolve_password`` reads it."""
+
+    kind: PasswordKind
+    value: str  # the command, variable name, absolute file path, "" for keyring, or the password
+
+    def __repr__(self) -> str:
+        shown = "***" if self.kind == "inline" else self.value
+        return f"PasswordSource(kind={self.kind!r}, value={shown!r})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    format: Literal["maildir", "mbox"]
+    path: Path  # absolute; ~ and $VARS expanded, relative to the config file's directory
+    layout: Literal["maildir++", "fs"] = "maildir++"  # only meaningful for maildir
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccountConfig:
+    """One [[account]]. ``interval`` keeps its default when ``cron`` is set; cron wins.
+
+    The IMAP-only keys (folders, exclude, mode, idle, auth) and POP3-only keys
+    (leave_on_server, delete_after_days) keep their defaults for the other protocol.
+    """
+
+    name: str
+    protocol: Literal["imap", "pop3"]
+    host: str
+    port: int
+    username: str
+    password: PasswordSource
+    store: StoreConfig
+    security: Literal["tls", "starttls", "plain"] = "tls"
+    allow_plaintext: bool = False
+    tls_ca_file: Path | None = None
+    tls_verify: bool = True
+    auth: Literal["login", "plain"] = "login"
+    interval: int = 300
+    cron: str | None = None
+    folders: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    mode: Literal["archive", "mirror"] = "archive"
+    max_message_size: int | None = None
+    idle: tuple[str, ...] = ()
+    leave_on_server: bool = True
+    delete_after_days: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeneralConfig:
+    # An absolute file path, or an SQLAlchemy URL when it contains "://".
+    state: str = field(default_factory=lambda: str(default_state_path()))
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    metrics_port: int | None = None  # served on 127.0.0.1 only
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    general: GeneralConfig
+    accounts: tuple[AccountConfig, ...]
+
+    def account(self, name: str) -> AccountConfig:
+        """The account called ``name``; KeyError if there is none."""
+        for account in self.accounts:
+            if account.name == name:
+                return account
+        raise KeyError(name)
+
+
+def load_config(path: Path) -> Config:
+    """Read and check the config file; raises ConfigError, naming the file and the key."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read()
+            mode = os.fstat(handle.fileno()).st_mode
+    except FileNotFoundError:
+        raise ConfigError(path, "", "no such file; create it (see config/mailsyncd.example.toml) "
+                                    "or pass --config") from None
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read it: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "not UTF-8 text") from None
+    config = parse_config(text, path)
+    # A warning, not an error: the file may be private by other means (an encrypted home).
+    if mode & 0o044 and any(account.password.kind == "inline" for account in config.accounts):
+        log.warning("%s holds a password and other users can read it; run: chmod 600 %s", path, path)
+    return config
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Check ``text`` as if read from ``path``, which anchors relative paths and names errors."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"not valid TOML: {exc}") from None
+    top = _Where(path, "")
+    for name in document:
+        if name not in ("general", "account"):
+            raise top.error(name, _unknown(name, ["general", "account"]))
+    base = path.parent.absolute()
+    general = _expect_table(document.get("general", {}), top, "general")
+    values = _parse_table(general, "general", _Where(path, "general"), base)
+    accounts = document.get("account", [])
+    if not isinstance(accounts, list):
+        raise top.error("account", f"expected an array of tables ([[account]]), got {_a(accounts)}")
+    parsed = tuple(_parse_account(table, index, path, base) for index, table in enumerate(accounts))
+    seen: set[str] = set()
+    for account in parsed:
+        if account.name in seen:
+            raise ConfigError(path, f'account "{account.name}".name', "duplicate name; names must be unique")
+        seen.add(account.name)
+    # Unset keys take the dataclass defaults: state's is computed from the environment.
+    general_config = GeneralConfig(**{name: value for name, value in values.items() if value is not None})
+    return Config(path, general_config, parsed)
+
+
+@dataclass(frozen=True)
+class _Where:
+    """A table's place in the file, for error messages: 'account "work".store'."""
+
+    file: Path
+    prefix: str
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.file, ".".join(part for part in (self.prefix, key) if part), problem)
+
+
+def _parse_account(raw: object, index: int, path: Path, base: Path) -> AccountConfig:
+    table = _expect_table(raw, _Where(path, f"account[{index}]"), "")
+    name = table.get("name")
+    valid_name = isinstance(name, str) and bool(_NAME.fullmatch(name)) and name not in (".", "..")
+    where = _Where(path, f'account "{name}"' if valid_name else f"account[{index}]")
+    if not valid_name and "name" in table:
+        raise where.error("name", "expected a string of letters, digits, '_', '.' and '-', "
+                                  f"got {_shown(name)}")
+    values = _parse_table(table, "account", where, base)
+    store = _parse_table(values["store"], "account.store", _Where(path, f"{where.prefix}.store"), base)
+
+    sources = [key for key in _PASSWORD_KEYS if values[key] not in (None, False)]
+    if not sources:
+        raise where.error("", "no password source; set one of: password_command, password_env, "
+                              "password_file, keyring = true, password")
+    if len(sources) > 1:
+        raise where.error(sources[1], "only one password source is allowed, "
+                                      f"but {', '.join(sources)} are set")
+    value = values[sources[0]]
+    source = PasswordSource(_PASSWORD_KEYS[sources[0]], "" if value is True else str(value))
+
+    if values["security"] == "plain" and not values["allow_plaintext"]:
+        raise where.error("security", '"plain" sends the password unencrypted; use "tls" or "starttls", '
+                                      "or set allow_plaintext = true to accept that")
+    if "interval" in table and "cron" in table:
+        raise where.error("cron", "interval and cron are both set; keep one of them")
+    if values["cron"] is not None and len(values["cron"].split()) != 5:
+        raise where.error("cron", "expected 5 fields (minute hour day month weekday), "
+                                  f"got {len(values['cron'].split())}")
+    if not values["folders"]:
+        raise where.error("folders", 'lists no folder; use ["*"] for all of them')
+    if values["delete_after_days"] is not None and not values["leave_on_server"]:
+        raise where.error("delete_after_days", "has no effect with leave_on_server = false, which deletes "
+                                               "at once; remove one of them")
+    port = values["port"] or default_port(values["protocol"], values["security"])
+    # Keys named like their field go straight through; port, password and store are built above.
+    same = {field.name: values[field.name] for field in fields(AccountConfig) if field.name in values}
+    return AccountConfig(**{**same, "port": port, "password": source, "store": StoreConfig(**store)})
+
+
+def _parse_table(table: Mapping[str, object], section: Section, where: _Where, base: Path) -> dict[str, Any]:
+    """Convert and check every key of one table against its declarations.
+
+    The result maps every declared key to its value or default. It is typed ``Any``
+    because each value's type follows from its declaration, which mypy cannot see.
+    """
+    declared = {key.name: key for key in KEYS if key.section == section}
+    for name in table:
+        if name not in declared:
+            raise where.error(name, _unknown(name, list(declared)))
+    values: dict[str, Any] = {}
+    for key in declared.values():
+        # "Not for this protocol" is the more useful error, so it comes before the value's
+        # own check. KEYS declares protocol and format before the keys that depend on them.
+        if key.only and key.name in table and values[key.only[0]] != key.only[1]:
+            raise where.error(key.name, f'only for {key.only[0]} = "{key.only[1]}"')
+        if key.name in table:
+            try:
+                values[key.name] = _convert(key, table[key.name], base)
+            except ValueError as exc:
+                raise where.error(key.name, str(exc)) from None
+        elif key.required:
+            raise where.error(key.name, f"missing; {key.help}")
+        else:
+            values[key.name] = key.default
+    return values
+
+
+def _convert(key: Key, raw: object, base: Path) -> Any:
+    """One TOML value, checked against its declaration; ValueError says what is wrong."""
+    match key.type:
+        case "string":
+            return _nonempty(raw)
+        case "boolean":
+            return _expect(raw, bool, "a boolean (true or false)")
+        case "integer" | "port":
+            number = _expect(raw, int, "an integer")
+            high = 65535 if key.type == "port" else None
+            if number < 1 or (high and number > high):
+                raise ValueError(f"must be from 1 to {high}" if high else "must be at least 1")
+            return number
+        case "path":
+            return _expand_path(_nonempty(raw), base)
+        case "database":
+            text = _nonempty(raw)
+            return text if "://" in text else str(_expand_path(text, base))
+        case "size":
+            size = parse_size(_expect(raw, (str, int), 'a size ("50MB" or a number of bytes)'))
+            if size < 1:
+                raise ValueError("must be at least 1 byte")
+            return size
+        case "duration":
+            seconds = parse_duration(_expect(raw, (str, int), 'a duration ("5m" or a number of seconds)'))
+            if seconds < MIN_INTERVAL:
+                raise ValueError(f"must be at least {MIN_INTERVAL}s")
+            return seconds
+        case "strings":
+            items = _expect(raw, list, "an array of strings")
+            for item in items:
+                if not isinstance(item, str):
+                    raise ValueError(f"expected an array of strings, got an array holding {_a(item)}")
+            return tuple(items)
+        case "choice":
+            choice = _expect(raw, str, "a string")
+            if choice not in key.choices:
+                allowed = ", ".join(f'"{option}"' for option in key.choices)
+                raise ValueError(f"expected one of {allowed}, got {_shown(choice)}")
+            return choice
+        case "table":
+            return _expect(raw, dict, "a table")
+
+
+def _nonempty(raw: object) -> str:
+    text: str = _expect(raw, str, "a string")
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _expand_path(text: str, base: Path) -> Path:
+    """~ and $VAR or ${VAR} expanded, then anchored at ``base``. An unset variable is an
+    error rather than left in place, so "$MAILDIR/work" never becomes a literal directory."""
+
+    def substitute(match: re.Match[str]) -> str:
+        variable = match[1] or match[2]
+        if variable not in os.environ:
+            raise ValueError(f"${variable} is not set in the environment")
+        return os.environ[variable]
+
+    try:
+        return base / Path(re.sub(r"\$\{(\w+)\}|\$(\w+)", substitute, text)).expanduser()
+    except RuntimeError as exc:  # ~user for an unknown user
+        raise ValueError(str(exc)) from None
+
+
+def _expect(raw: object, kind: type[Any] | tuple[type[Any], ...], expected: str) -> Any:
+    # bool is an int in Python but not in TOML: "port = true" must not read as port 1.
+    if isinstance(raw, kind) and not (isinstance(raw, bool) and kind is not bool):
+        return raw
+    raise ValueError(f"expected {expected}, got {_a(raw)}")
+
+
+def _expect_table(raw: object, where: _Where, key: str) -> dict[str, object]:
+    if not isinstance(raw, dict):
+        raise where.error(key, f"expected a table, got {_a(raw)}")
+    return raw
+
+
+def _a(value: object) -> str:
+    """The TOML type of a value, as a user would name it: 'an integer', 'a table'."""
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array",
+             dict: "a table"}
+    return names.get(type(value), "a date or time")
+
+
+def _shown(value: object) -> str:
+    return f'"{value}"' if isinstance(value, str) else _a(value)
+
+
+def _unknown(name: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(name, allowed, n=1)
+    hint = f' (did you mean "{close[0]}"?)' if close else ""
+    return f"unknown key{hint}; allowed: {', '.join(allowed)}"
