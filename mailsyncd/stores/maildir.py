@@ -93,8 +93,8 @@ class MaildirStore:
         prefix = f"{folder}/" if folder else ""
         if (directory / "new" / base).exists():
             return f"{prefix}new/{base}"
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(directory / "cur"):
+        with contextlib.suppress(FileNotFoundError), os.scandir(directory / "cur") as entries:
+            for entry in entries:
                 if entry.name == base or entry.name.startswith(base + INFO):
                     return f"{prefix}cur/{entry.name}"
         return None

@@ -1,0 +1,110 @@
+"""Maildir and mbox writers on a real filesystem: exact bytes, flags, recovery."""
+
+from __future__ import annotations
+
+import mailbox
+import os
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailsyncd.stores import mbox
+from mailsyncd.stores.maildir import MaildirStore, info_letters
+from mailsyncd.stores.mbox import MboxStore
+
+WHEN = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+LINES = st.lists(st.sampled_from([b"From me", b">From x", b">>From y", b"From", b"body", b"", b".", b"x From y"]),
+                 max_size=12)
+
+
+@given(lines=LINES)
+def test_mboxrd_escaping_round_trips(lines: list[bytes]) -> None:
+    data = b"\n".join(lines)
+    escaped = mbox.escape(data)
+    assert mbox.unescape(escaped) == data
+    assert not any(line.startswith(b"From ") for line in escaped.split(b"\n"))
+
+
+def test_maildir_add_is_exact_private_and_dated(tmp_path: Path) -> None:
+    store = MaildirStore(tmp_path / "mail")
+    data = b"Subject: hi\n\nbody\r\nwith a CR kept\n"
+    with store.open_folder(".A") as writer:
+        location = writer.reserve(frozenset({"\\Seen", "\\Flagged"}))
+        stored = writer.add(location, data, frozenset({"\\Seen", "\\Flagged"}), WHEN)
+        writer.commit()
+    assert location.startswith(".A/cur/") and location.endswith(":2,FS")
+    path = tmp_path / "mail" / stored.location
+    assert path.read_bytes() == data
+    assert path.stat().st_mtime == WHEN.timestamp()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "mail" / ".A").stat().st_mode) == 0o700
+    assert not os.listdir(tmp_path / "mail" / ".A" / "tmp")
+
+
+def test_maildir_flags_follow_a_reader_that_moved_the_file(tmp_path: Path) -> None:
+    store = MaildirStore(tmp_path)
+    with store.open_folder("") as writer:
+        location = writer.reserve(frozenset())
+        writer.add(location, b"x\n", frozenset(), None)
+        writer.commit()
+    assert location.startswith("new/")
+    # A mail reader moves it to cur/ and marks it seen.
+    name = location.split("/")[1]
+    os.rename(tmp_path / location, tmp_path / "cur" / f"{name}:2,S")
+    moved = store.set_flags(location, frozenset({"\\Answered", "\\Seen"}))
+    assert moved == f"cur/{name}:2,RS"
+    assert (tmp_path / moved).read_bytes() == b"x\n"
+    assert info_letters(frozenset({"$Forwarded", "\\Draft", "\\Deleted", "custom"})) == "DPT"
+
+
+def test_maildir_recover_adopts_whole_files_and_clears_tmp(tmp_path: Path) -> None:
+    store = MaildirStore(tmp_path)
+    with store.open_folder("") as writer:
+        done = writer.reserve(frozenset())
+        writer.add(done, b"whole\n", frozenset(), None)
+        torn = writer.reserve(frozenset())
+        (tmp_path / "tmp" / torn.split("/")[1]).write_bytes(b"half")  # killed before the rename
+    found = store.recover([done, torn])
+    assert set(found) == {done}
+    assert not os.listdir(tmp_path / "tmp")
+
+
+def test_mbox_appends_read_back_with_the_mailbox_module(tmp_path: Path) -> None:
+    store = MboxStore(tmp_path)
+    messages = [b"From: a@example.org\nSubject: one\n\nFrom the start\n>From quoted\n",
+                b"Subject: two\n\nno final newline"]
+    with store.open_folder("INBOX") as writer:
+        stored = [writer.add(writer.reserve(frozenset()), data, frozenset(), WHEN) for data in messages]
+        writer.commit()
+    assert [store.read(s.location) for s in stored] == [messages[0], messages[1] + b"\n"]
+    box = mailbox.mbox(tmp_path / "INBOX")
+    try:
+        read = [(mbox.unescape(bytes(m)), m.get_from()) for m in box]
+    finally:
+        box.close()
+    assert [data.rstrip(b"\n") for data, _ in read] == [m.rstrip(b"\n") for m in messages]
+    assert read[0][1] == "a@example.org Mon May 06 07:08:09 2024"
+    assert store.count("INBOX") == 2
+
+
+def test_mbox_recover_cuts_a_torn_batch_back(tmp_path: Path) -> None:
+    store = MboxStore(tmp_path)
+    with store.open_folder("INBOX") as writer:
+        writer.add(writer.reserve(frozenset()), b"Subject: kept\n\nx\n", frozenset(), WHEN)
+        writer.commit()
+        intent = writer.reserve(frozenset())
+    size = (tmp_path / "INBOX").stat().st_size
+    with (tmp_path / "INBOX").open("ab") as handle:  # a kill half-way through an append
+        handle.write(b"From x Mon May 06 07:08:09 2024\nSubject: torn\n\nhal")
+    assert store.recover([intent]) == {}
+    assert (tmp_path / "INBOX").stat().st_size == size
+
+
+def test_mbox_writer_left_without_commit_rolls_back(tmp_path: Path) -> None:
+    store = MboxStore(tmp_path)
+    with store.open_folder("INBOX") as writer:
+        writer.add(writer.reserve(frozenset()), b"Subject: not committed\n\n", frozenset(), WHEN)
+    assert (tmp_path / "INBOX").stat().st_size == 0
