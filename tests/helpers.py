@@ -138,20 +138,13 @@ def mbox_contents(root: Path) -> dict[str, Counter[bytes]]:
             continue
         box = mailbox.mbox(path, create=False)
         try:
-            keys = box.keys()
-            bag = Counter(_mbox_body(box.get_bytes(key), last=key == keys[-1]) for key in keys)
+            # get_bytes leaves out the From line and the blank line that ends a message.
+            bag = Counter(mbox_format.unescape(box.get_bytes(key)) for key in box.keys())
         finally:
             box.close()
         if bag:
             out[str(path.relative_to(root))] = bag
     return out
-
-
-def _mbox_body(raw: bytes, last: bool) -> bytes:
-    # get_bytes gives a message without its From line, and without the blank line that
-    # ends it, except for the last message of the file, which keeps it.
-    body = raw[:-1] if last and raw.endswith(b"\n\n") else raw
-    return mbox_format.unescape(body)
 
 
 def expected(server_bodies: Iterable[bytes], store_format: str) -> Counter[bytes]:

@@ -141,6 +141,12 @@ class StateRepo:
                 uidvalidity=uidvalidity, uidnext=uidnext, highestmodseq=highestmodseq,
                 last_sync=_now(), last_error=None))
 
+    def start_uidvalidity(self, folder_id: int, uidvalidity: int) -> None:
+        """A first sync, or one after a UIDVALIDITY change: no sync point yet."""
+        with self.engine.begin() as connection:
+            connection.execute(update(FOLDERS).where(FOLDERS.c.id == folder_id).values(
+                uidvalidity=uidvalidity, uidnext=None, highestmodseq=None))
+
     def folder_error(self, folder_id: int, error: str) -> None:
         with self.engine.begin() as connection:
             connection.execute(update(FOLDERS).where(FOLDERS.c.id == folder_id).values(last_error=error))

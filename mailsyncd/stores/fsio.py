@@ -102,6 +102,23 @@ def locked_file(path: Path) -> Iterator[int]:
             os.close(fd)  # closing drops the fcntl lock
 
 
+def _stale(lock: Path, stale_after: float) -> bool:
+    """Old enough, or left by a process of this host that is gone (a kill -9 leaves
+    its dotlock behind; waiting minutes for it would stall every later run)."""
+    if time.time() - lock.stat().st_mtime > stale_after:
+        return True
+    pid, _, host = lock.read_text(errors="replace").strip().partition("@")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 @contextlib.contextmanager
 def dotlock(path: Path, timeout: float = 30.0, stale_after: float = 300.0) -> Iterator[None]:
     """The classic ``<file>.lock`` taken with O_EXCL; a lock older than ``stale_after``
@@ -113,7 +130,7 @@ def dotlock(path: Path, timeout: float = 30.0, stale_after: float = 300.0) -> It
             fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
         except FileExistsError:
             with contextlib.suppress(FileNotFoundError):
-                if time.time() - lock.stat().st_mtime > stale_after:
+                if _stale(lock, stale_after):
                     lock.unlink()
                     continue
             if time.monotonic() > deadline:

@@ -126,7 +126,7 @@ class FolderSync:
         known = known or next(folder for folder in self.repo.folders(account_id) if folder.id == folder_id)
         try:
             plan = self._plan(info, known)
-            self._execute(folder_id, info.name, known.path, plan)
+            self._execute(folder_id, info.name, known.path, known.uidvalidity, plan)
         except MailsyncError as error:
             self.repo.folder_error(folder_id, str(error))
             raise
@@ -135,9 +135,12 @@ class FolderSync:
 
     def _plan(self, info: FolderInfo, known: KnownFolder) -> Plan:
         base: SnapshotBase | None = None
-        if known.uidvalidity is not None and known.uidnext is not None:
-            present = self.repo.present_count(known.id, known.uidvalidity, known.uidnext)
-            base = SnapshotBase(known.uidvalidity, known.uidnext, known.highestmodseq, present)
+        if known.uidvalidity is not None:
+            # A first sync that was cut short has its UIDVALIDITY but no UIDNEXT yet:
+            # everything from UID 1 is "new", and what was stored is skipped by the plan.
+            uidnext = known.uidnext or 1
+            present = self.repo.present_count(known.id, known.uidvalidity, uidnext)
+            base = SnapshotBase(known.uidvalidity, uidnext, known.highestmodseq, present)
         snapshot = self.source.snapshot(info.name, base)
         if base is not None and snapshot.uidvalidity != base.uidvalidity:
             log.warning("%s/%s: UIDVALIDITY changed (%d -> %d); matching local copies by content",
@@ -150,10 +153,14 @@ class FolderSync:
             recorded = self.repo.recorded_folder(known, mentioned)
         return plan_folder(snapshot, recorded, self.policy)
 
-    def _execute(self, folder_id: int, name: str, path: str, plan: Plan) -> None:
+    def _execute(self, folder_id: int, name: str, path: str, known_uidvalidity: int | None, plan: Plan) -> None:
         if plan.retire is not None:
             self.repo.retire(folder_id, plan.retire)
             self.checkpoint("retire")
+        if plan.retire is not None or known_uidvalidity is None:
+            # Before any intent: rows of this UIDVALIDITY must be found again after a crash.
+            self.repo.start_uidvalidity(folder_id, plan.uidvalidity)
+            self.checkpoint("uidvalidity")
         if plan.adopt:
             self.repo.adopt(folder_id, plan.uidvalidity, [
                 (adoption.remote, adoption.copy, self._set_flags(adoption.copy.location, adoption.remote))

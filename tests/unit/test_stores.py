@@ -108,3 +108,27 @@ def test_mbox_writer_left_without_commit_rolls_back(tmp_path: Path) -> None:
     with store.open_folder("INBOX") as writer:
         writer.add(writer.reserve(frozenset()), b"Subject: not committed\n\n", frozenset(), WHEN)
     assert (tmp_path / "INBOX").stat().st_size == 0
+
+
+def test_a_dotlock_left_by_a_dead_process_is_taken_over(tmp_path: Path) -> None:
+    import socket
+
+    from mailsyncd.stores.fsio import dotlock
+
+    gone_pid = 2**22 + 12345  # above the default pid_max: no such process
+    (tmp_path / "INBOX.lock").write_text(f"{gone_pid}@{socket.gethostname()}\n")
+    with dotlock(tmp_path / "INBOX", timeout=1):
+        assert (tmp_path / "INBOX.lock").read_text().startswith(str(os.getpid()))
+    assert not (tmp_path / "INBOX.lock").exists()
+
+
+def test_a_live_dotlock_is_respected(tmp_path: Path) -> None:
+    import socket
+
+    import pytest
+
+    from mailsyncd.stores.fsio import dotlock
+
+    (tmp_path / "INBOX.lock").write_text(f"{os.getpid()}@{socket.gethostname()}\n")
+    with pytest.raises(TimeoutError), dotlock(tmp_path / "INBOX", timeout=0.2):
+        pass
