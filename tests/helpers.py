@@ -139,7 +139,7 @@ def mbox_contents(root: Path) -> dict[str, Counter[bytes]]:
         box = mailbox.mbox(path, create=False)
         try:
             # get_bytes leaves out the From line and the blank line that ends a message.
-            bag = Counter(mbox_format.unescape(box.get_bytes(key)) for key in box.keys())
+            bag = Counter(mbox_format.unescape(box.get_bytes(key)) for key in box.keys())  # noqa: SIM118 - a mailbox, not a dict
         finally:
             box.close()
         if bag:

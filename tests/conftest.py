@@ -1,0 +1,66 @@
+"""Shared fixtures: the private Dovecot server and the message corpus.
+
+One Dovecot per test session (``dovecot_server``), and a fresh, empty user per test (``dovecot``):
+starting a server per test would cost a start and a stop each time, while a new user costs one
+small file. Tests that restart or reconfigure a server build their own ``DevServer``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mailsyncd.devserver import DevServer, find_dovecot
+
+_user_numbers = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class DovecotUser:
+    """A test's own account on the session server; its mailbox starts empty but for the
+    special-use folders (Drafts, Junk, Sent, Trash) that Dovecot creates at first login."""
+
+    server: DevServer
+    user: str
+    password: str
+
+
+def require_dovecot() -> None:
+    """Fail, never skip: a skipped integration suite would pass CI without testing anything."""
+    if find_dovecot() is None:
+        pytest.fail("dovecot is not installed; run scripts/test which installs it", pytrace=False)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the Dovecot fixtures, so ``-m "not dovecot"`` deselects them."""
+    for item in items:
+        if {"dovecot", "dovecot_server"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.dovecot)
+
+
+@pytest.fixture(scope="session")
+def dovecot_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
+    require_dovecot()
+    with DevServer(tmp_path_factory.mktemp("dovecot"), users=()) as server:
+        yield server
+
+
+@pytest.fixture
+def dovecot(dovecot_server: DevServer) -> DovecotUser:
+    user = f"user{next(_user_numbers)}"
+    password = secrets.token_urlsafe(12)
+    dovecot_server.add_user(user, password)
+    return DovecotUser(dovecot_server, user, password)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    path = (Path(__file__).resolve().parent.parent.parent / "shared" / "corpus").resolve()
+    if not path.is_dir():
+        pytest.skip(f"message corpus not found at {path} (expected beside the repository)")
+    return path
