@@ -374,6 +374,9 @@ def _parse_account(raw: object, index: int, path: Path, base: Path) -> AccountCo
     if values["delete_after_days"] is not None and not values["leave_on_server"]:
         raise where.error("delete_after_days", "has no effect with leave_on_server = false, which deletes "
                                                "at once; remove one of them")
+    if values["mode"] == "mirror" and store["format"] == "mbox":
+        raise where.error("mode", '"mirror" removes local copies, which an mbox store (append-only here) '
+                                  'cannot do; use format = "maildir" or mode = "archive"')
     port = values["port"] or default_port(values["protocol"], values["security"])
     # Keys named like their field go straight through; port, password and store are built above.
     same = {field.name: values[field.name] for field in fields(AccountConfig) if field.name in values}

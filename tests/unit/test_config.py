@@ -293,6 +293,8 @@ ERRORS = [
     (account(interval='"5 minutes"'), 'account "work".interval', ["not a duration", "5 minutes", "1h30m"]),
     (account(interval="5"), 'account "work".interval', ["at least 10s"]),
     (account(interval='"9s"'), 'account "work".interval', ["at least 10s"]),
+    (account(mode='"mirror"', store={"format": '"mbox"', "path": '"/m"'}), 'account "work".mode',
+     ['format = "maildir"', "append-only"]),
 ]
 
 
