@@ -44,6 +44,14 @@ class FolderInfo:
 
 
 @dataclass(frozen=True)
+class Stored:
+    """Where a store put a message, and the SHA-256 of the bytes it holds."""
+
+    location: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class RemoteMessage:
     """What the server told us about one message, before its body is fetched."""
 

@@ -14,15 +14,21 @@ import importlib.resources
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from mailsyncd.errors import AlreadyRunning, StateError
 from mailsyncd.stores.fsio import PRIVATE_FILE, make_private_dirs
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
+# The newest revision under migrations/versions. Checking it with one query lets every
+# start skip importing Alembic when the schema is current (a test keeps it in step).
+HEAD_REVISION = "0001"
 
 
 def database_url(state: str) -> str:
@@ -88,13 +94,28 @@ def migrations_dir() -> Path:
 
 
 def alembic_config(engine: Engine) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     config = AlembicConfig()
     config.set_main_option("script_location", str(migrations_dir()))
     config.attributes["engine"] = engine
     return config
 
 
+def at_head(engine: Engine) -> bool:
+    try:
+        with engine.connect() as connection:
+            current = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    except OperationalError:
+        return False  # no alembic_version table: a new database
+    return current == [HEAD_REVISION]
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
+    if revision == "head" and at_head(engine):
+        return
+    from alembic import command
+
     try:
         command.upgrade(alembic_config(engine), revision)
     except Exception as error:

@@ -24,9 +24,9 @@ from mailsyncd.domain import (
     RecordedMessage,
     RecordedPop,
     RemoteMessage,
+    Stored,
 )
 from mailsyncd.state.models import Account, Folder, Message, PopMessage, SyncRun
-from mailsyncd.stores.base import Stored
 
 ACCOUNTS = cast(Table, Account.__table__)
 FOLDERS = cast(Table, Folder.__table__)

@@ -21,18 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from mailsyncd.domain import Flags
-
-
-@dataclass(frozen=True)
-class Stored:
-    location: str
-    sha256: str
+from mailsyncd.domain import Flags, Stored
 
 
 class FolderWriter(Protocol):
@@ -66,3 +59,6 @@ class Store(Protocol):
     def read(self, location: str) -> bytes: ...
 
     def count(self, folder: str) -> int: ...
+
+
+__all__ = ["FolderWriter", "Store", "Stored"]  # Stored lives in domain; stores hand it out

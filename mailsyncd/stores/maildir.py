@@ -20,9 +20,8 @@ from datetime import datetime
 from pathlib import Path
 
 from mailsyncd import names
-from mailsyncd.domain import Flags
+from mailsyncd.domain import Flags, Stored
 from mailsyncd.errors import StoreError
-from mailsyncd.stores.base import Stored
 from mailsyncd.stores.fsio import fsync_dir, make_private_dirs, safe_join, write_new_file
 
 SUBDIRS = ("tmp", "new", "cur")

@@ -20,9 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mailsyncd import names
-from mailsyncd.domain import Flags
+from mailsyncd.domain import Flags, Stored
 from mailsyncd.errors import StoreError
-from mailsyncd.stores.base import Stored
 from mailsyncd.stores.fsio import locked_file, make_private_dirs, safe_join
 
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)

@@ -22,11 +22,12 @@ from mailsyncd.domain import (
     RecordedMessage,
     RemoteMessage,
     SnapshotBase,
+    Stored,
 )
 from mailsyncd.errors import FolderError, MailsyncError
 from mailsyncd.sources.base import ImapSource
 from mailsyncd.state.repo import KnownFolder, StateRepo, message_id_of
-from mailsyncd.stores.base import Store, Stored
+from mailsyncd.stores.base import Store
 from mailsyncd.sync.plan import batches, plan_folder
 
 log = logging.getLogger(__name__)
