@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, delete, func, insert, select, update
+from sqlalchemy import Engine, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 
 from mailsyncd.domain import (
@@ -204,13 +204,15 @@ class StateRepo:
         """Only for messages whose store commit has returned (invariant 1)."""
         if not done:
             return
+        statement = update(MESSAGES).where(
+            MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
+            MESSAGES.c.uid == bindparam("b_uid"),
+        ).values(state=MessageState.STORED, location=bindparam("b_location"), sha256=bindparam("b_sha256"),
+                 message_id=bindparam("b_message_id"))
         with self.engine.begin() as connection:
-            for remote, stored, message_id in done:
-                connection.execute(update(MESSAGES).where(
-                    MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
-                    MESSAGES.c.uid == remote.uid,
-                ).values(state=MessageState.STORED, location=stored.location, sha256=stored.sha256,
-                         message_id=message_id))
+            connection.execute(statement, [
+                {"b_uid": remote.uid, "b_location": stored.location, "b_sha256": stored.sha256,
+                 "b_message_id": message_id} for remote, stored, message_id in done])
 
     def forget_pending(self, folder_id: int, uidvalidity: int, uids: Iterable[int]) -> None:
         with self.engine.begin() as connection:
@@ -231,11 +233,14 @@ class StateRepo:
                      changes: Sequence[tuple[int, Flags, str]]) -> None:
         if not changes:
             return
+        statement = update(MESSAGES).where(
+            MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
+            MESSAGES.c.uid == bindparam("b_uid"),
+        ).values(flags=bindparam("b_flags"), location=bindparam("b_location"))
         with self.engine.begin() as connection:
-            for uid, flags, location in changes:
-                connection.execute(update(MESSAGES).where(
-                    MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
-                    MESSAGES.c.uid == uid).values(flags=_flags_text(flags), location=location))
+            connection.execute(statement, [
+                {"b_uid": uid, "b_flags": _flags_text(flags), "b_location": location}
+                for uid, flags, location in changes])
 
     def mark_vanished(self, folder_id: int, uidvalidity: int, uids: Iterable[int], state: MessageState) -> None:
         with self.engine.begin() as connection:

@@ -8,12 +8,14 @@ fsync'd after the rename so that the new name itself survives a power cut.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
 import socket
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from mailsyncd.errors import UnsafePath
@@ -66,8 +68,47 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_new_file(path: Path, data: bytes, mtime: float | None = None) -> None:
-    """Create ``path`` exclusively, write all of ``data`` (and its mtime) and fsync it.
+def _load_syncfs() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function: Callable[[int], int] = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    return function
+
+
+_SYNCFS = _load_syncfs()
+
+
+def sync_files(paths: Sequence[Path], directory: Path) -> None:
+    """Make the data of many files durable at once (a group commit).
+
+    On Linux one syncfs(2) of the filesystem holding ``directory`` writes back every
+    file's data and metadata in one journal commit, several times faster than one
+    fsync per file; elsewhere, or if syncfs fails, each file is fsync'd in turn.
+    """
+    if not paths:
+        return
+    if _SYNCFS is not None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _SYNCFS(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_new_file(path: Path, data: bytes, mtime: float | None = None, sync: bool = True) -> None:
+    """Create ``path`` exclusively, write all of ``data`` (and its mtime) and, unless the
+    caller will group-commit with sync_files, fsync it.
 
     On any failure the partial file is removed, so a temporary name never holds a torn
     message that something could mistake for a whole one.
@@ -80,7 +121,8 @@ def write_new_file(path: Path, data: bytes, mtime: float | None = None) -> None:
             view = view[written:]
         if mtime is not None:
             os.utime(fd, (mtime, mtime))
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):

@@ -22,7 +22,7 @@ from pathlib import Path
 from mailsyncd import names
 from mailsyncd.domain import Flags, Stored
 from mailsyncd.errors import StoreError
-from mailsyncd.stores.fsio import fsync_dir, make_private_dirs, safe_join, write_new_file
+from mailsyncd.stores.fsio import fsync_dir, make_private_dirs, safe_join, sync_files, write_new_file
 
 SUBDIRS = ("tmp", "new", "cur")
 INFO = ":2,"
@@ -73,7 +73,11 @@ class MaildirStore:
 
     @contextlib.contextmanager
     def open_folder(self, folder: str) -> Iterator[MaildirWriter]:
-        yield MaildirWriter(self, folder, self._folder_dir(folder))
+        writer = MaildirWriter(self, folder, self._folder_dir(folder))
+        try:
+            yield writer
+        finally:
+            writer.rollback()
 
     def _split(self, location: str) -> tuple[str, str, str]:
         folder, _, rest = location.rpartition("/")
@@ -150,11 +154,15 @@ class MaildirStore:
 
 
 class MaildirWriter:
+    """Writes a batch under tmp/ and publishes it at commit, in the order that keeps
+    invariant 1: all data durable (one group commit), then the renames, then the
+    directories fsync'd so the new names survive a power cut too."""
+
     def __init__(self, store: MaildirStore, folder: str, directory: Path) -> None:
         self._store = store
         self._prefix = f"{folder}/" if folder else ""
         self._directory = directory
-        self._dirty: set[str] = set()
+        self._written: list[tuple[Path, Path]] = []  # (tmp, final) not yet published
 
     def reserve(self, flags: Flags) -> str:
         letters = info_letters(flags)
@@ -167,14 +175,25 @@ class MaildirWriter:
         _, sub, name = self._store._split(location)
         tmp = self._directory / "tmp" / name.split(INFO, 1)[0]
         mtime = internaldate.timestamp() if internaldate is not None else None
-        # Order matters: the bytes and mtime are fsync'd under tmp/ before the rename
-        # publishes the name, so no reader and no recovery ever sees a torn message.
-        write_new_file(tmp, data, mtime)
-        os.rename(tmp, self._directory / sub / name)
-        self._dirty.add(sub)
+        write_new_file(tmp, data, mtime, sync=False)
+        self._written.append((tmp, self._directory / sub / name))
         return Stored(location, hashlib.sha256(data).hexdigest())
 
     def commit(self) -> None:
-        for sub in sorted(self._dirty):
-            fsync_dir(self._directory / sub)
-        self._dirty.clear()
+        if not self._written:
+            return
+        # Order matters: no name is published before every byte behind it is on disk,
+        # so no reader and no recovery ever sees a torn message.
+        sync_files([tmp for tmp, _ in self._written], self._directory)
+        for tmp, final in self._written:
+            os.rename(tmp, final)
+        for sub in sorted({final.parent for _, final in self._written} | {self._directory / "tmp"}):
+            fsync_dir(sub)
+        self._written.clear()
+
+    def rollback(self) -> None:
+        """Unpublished temporaries are removed; recovery would do it too, but sooner is tidier."""
+        for tmp, _ in self._written:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        self._written.clear()

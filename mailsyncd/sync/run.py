@@ -8,10 +8,12 @@ lets the crash tests stop the process at each step in turn.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from mailsyncd.domain import (
@@ -27,13 +29,13 @@ from mailsyncd.domain import (
 from mailsyncd.errors import FolderError, MailsyncError
 from mailsyncd.sources.base import ImapSource
 from mailsyncd.state.repo import KnownFolder, StateRepo, message_id_of
-from mailsyncd.stores.base import Store
+from mailsyncd.stores.base import FolderWriter, Store
 from mailsyncd.sync.plan import batches, plan_folder
 
 log = logging.getLogger(__name__)
 
 Checkpoint = Callable[[str], None]
-FETCH_BUDGET = 16 * 1024 * 1024  # bytes per UID FETCH: bounds memory, keeps round trips few
+FETCH_BUDGET = 6 * 1024 * 1024  # bytes per UID FETCH; two batches are in memory at most
 
 
 def no_checkpoint(_step: str) -> None:
@@ -208,46 +210,73 @@ class FolderSync:
         self.progress.start_folder(self.account, name, len(plan.fetch), sum(m.size for m in plan.fetch))
         try:
             with self.store.open_folder(path) as writer:
-                for batch in batches(plan.fetch, FETCH_BUDGET):
-                    intents = [(message, writer.reserve(message.flags)) for message in batch]
-                    self.repo.record_pending(folder_id, plan.uidvalidity, intents)
-                    self.checkpoint("intent")
-                    bodies = self.source.fetch(name, [message.uid for message in batch])
-                    self.checkpoint("fetched")
-                    done: list[tuple[RemoteMessage, Stored, str | None]] = []
-                    adopted: list[tuple[RemoteMessage, RecordedMessage, str]] = []
-                    try:
-                        for message, location in intents:
-                            raw = bodies.get(message.uid)
-                            if raw is None:
-                                continue  # expunged while we fetched: nothing to keep
-                            data = normalize(raw)
-                            copies = pool.get((sha256(data), message.size))
-                            if copies:
-                                copy = copies.pop()
-                                adopted.append((message, copy, self._set_flags(copy.location, message)))
-                                continue
-                            done.append((message, writer.add(location, data, message.flags, message.internaldate),
-                                         message_id_of(data)))
-                            self.checkpoint("write")
-                    finally:
-                        # Whatever was written is made durable, then recorded; the rest
-                        # of the batch is forgotten and fetched again next time.
-                        writer.commit()
-                        self.checkpoint("commit")
-                        self.repo.mark_stored(folder_id, plan.uidvalidity, done)
-                        self.checkpoint("recorded")
-                        finished = {message.uid for message, _, _ in done}
-                        self.repo.forget_pending(folder_id, plan.uidvalidity,
-                                                 [m.uid for m in batch if m.uid not in finished])
-                        self.repo.adopt(folder_id, plan.uidvalidity, adopted)
-                    size = sum(message.size for message, _, _ in done)
-                    self.counts.fetched += len(done)
-                    self.counts.adopted += len(adopted)
-                    self.counts.fetched_bytes += size
-                    self.progress.advance(len(done) + len(adopted), size)
+                for batch, bodies in self._prefetched(name, batches(plan.fetch, FETCH_BUDGET)):
+                    self._store_batch(folder_id, plan.uidvalidity, writer, batch, bodies, pool)
         finally:
             self.progress.end_folder()
+
+    def _prefetched(self, name: str, planned: Iterable[list[RemoteMessage]]
+                    ) -> Iterator[tuple[list[RemoteMessage], Future[dict[int, bytes]]]]:
+        """Fetch batch k+1 on a helper thread while batch k is written: the network and
+        the disk overlap. Only that thread uses the connection until it is joined, and
+        at most two batches are in memory at once."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch") as fetcher:
+            upcoming = iter(planned)
+            batch = next(upcoming, None)
+            pending = fetcher.submit(self.source.fetch, name, [m.uid for m in batch]) if batch else None
+            try:
+                while batch is not None and pending is not None:
+                    following = next(upcoming, None)
+                    current = pending
+                    current.result()  # raise fetch errors here, before the next request
+                    pending = (fetcher.submit(self.source.fetch, name, [m.uid for m in following])
+                               if following else None)
+                    yield batch, current
+                    batch = following
+            finally:
+                if pending is not None:
+                    pending.cancel()
+                    with contextlib.suppress(Exception):
+                        pending.result()  # the connection is ours again only after this
+
+    def _store_batch(self, folder_id: int, uidvalidity: int, writer: FolderWriter, batch: list[RemoteMessage],
+                     fetched: Future[dict[int, bytes]], pool: dict[tuple[str, int], list[RecordedMessage]]) -> None:
+        intents = [(message, writer.reserve(message.flags)) for message in batch]
+        self.repo.record_pending(folder_id, uidvalidity, intents)
+        self.checkpoint("intent")
+        bodies = fetched.result()
+        self.checkpoint("fetched")
+        done: list[tuple[RemoteMessage, Stored, str | None]] = []
+        adopted: list[tuple[RemoteMessage, RecordedMessage, str]] = []
+        try:
+            for message, location in intents:
+                raw = bodies.pop(message.uid, None)
+                if raw is None:
+                    continue  # expunged while we fetched: nothing to keep
+                data = normalize(raw)
+                copies = pool.get((sha256(data), message.size)) if pool else None
+                if copies:
+                    copy = copies.pop()
+                    adopted.append((message, copy, self._set_flags(copy.location, message)))
+                    continue
+                done.append((message, writer.add(location, data, message.flags, message.internaldate),
+                             message_id_of(data)))
+                self.checkpoint("write")
+        finally:
+            # Whatever was written is made durable, then recorded; the rest of the
+            # batch is forgotten and fetched again next time.
+            writer.commit()
+            self.checkpoint("commit")
+            self.repo.mark_stored(folder_id, uidvalidity, done)
+            self.checkpoint("recorded")
+            finished = {message.uid for message, _, _ in done}
+            self.repo.forget_pending(folder_id, uidvalidity, [m.uid for m in batch if m.uid not in finished])
+            self.repo.adopt(folder_id, uidvalidity, adopted)
+        size = sum(message.size for message, _, _ in done)
+        self.counts.fetched += len(done)
+        self.counts.adopted += len(adopted)
+        self.counts.fetched_bytes += size
+        self.progress.advance(len(done) + len(adopted), size)
 
 
 def sync_folders(account: str, account_id: int, repo: StateRepo, store: Store, source: ImapSource,

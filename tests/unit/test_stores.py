@@ -28,6 +28,16 @@ def test_mboxrd_escaping_round_trips(lines: list[bytes]) -> None:
     assert not any(line.startswith(b"From ") for line in escaped.split(b"\n"))
 
 
+def test_maildir_writes_nothing_visible_before_commit(tmp_path: Path) -> None:
+    store = MaildirStore(tmp_path)
+    with store.open_folder("") as writer:
+        location = writer.reserve(frozenset())
+        writer.add(location, b"x\n", frozenset(), None)
+        assert not (tmp_path / location).exists()
+        assert len(os.listdir(tmp_path / "tmp")) == 1
+    assert not os.listdir(tmp_path / "tmp") and not os.listdir(tmp_path / "new")  # left without commit
+
+
 def test_maildir_add_is_exact_private_and_dated(tmp_path: Path) -> None:
     store = MaildirStore(tmp_path / "mail")
     data = b"Subject: hi\n\nbody\r\nwith a CR kept\n"
@@ -65,6 +75,7 @@ def test_maildir_recover_adopts_whole_files_and_clears_tmp(tmp_path: Path) -> No
     with store.open_folder("") as writer:
         done = writer.reserve(frozenset())
         writer.add(done, b"whole\n", frozenset(), None)
+        writer.commit()  # killed after the commit, before the state database heard of it
         torn = writer.reserve(frozenset())
         (tmp_path / "tmp" / torn.split("/")[1]).write_bytes(b"half")  # killed before the rename
     found = store.recover([done, torn])
