@@ -4,7 +4,6 @@ refusals, the single-instance lock, status and check."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,8 +72,8 @@ def test_starttls_and_explicitly_allowed_plaintext(tmp_path: Path, dovecot: Dove
     dovecot.server.append_many(dovecot.user, "INBOX", [p.read_bytes() for p in corpus_messages(3)])
     config = write_config(tmp_path, dovecot.server, dovecot.user, dovecot.password)
     allow = "allow_plaintext = true\n" if security == "plain" else ""
-    config.write_text(config.read_text().replace(f"port = {dovecot.server.imaps_port}",
-                                                 f'port = {dovecot.server.imap_port}\nsecurity = "{security}"\n{allow}'))
+    plain_port = f'port = {dovecot.server.imap_port}\nsecurity = "{security}"\n{allow}'
+    config.write_text(config.read_text().replace(f"port = {dovecot.server.imaps_port}", plain_port))
     result = run_cli(config, "sync")
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "store-acct" / "new").iterdir())) == 3
@@ -102,7 +101,7 @@ def test_status_check_and_db_upgrade(tmp_path: Path, dovecot: DovecotUser) -> No
     assert status[0]["last_run"]["result"] == "ok" and status[0]["last_run"]["fetched"] == 4
     text = run_cli(config, "status").stdout
     assert "Archive/2024: 4 stored" in text
-    state_mode = os.stat(tmp_path / "state.db").st_mode & 0o777
+    state_mode = (tmp_path / "state.db").stat().st_mode & 0o777
     assert state_mode == 0o600
 
 
@@ -121,3 +120,15 @@ def test_no_config_file_is_a_clear_error(tmp_path: Path) -> None:
     result = run_cli(tmp_path / "nope.toml", "sync")
     assert result.returncode == 2
     assert "no such file" in one_error_line(result)
+
+
+def test_the_password_never_reaches_logs_or_the_state(tmp_path: Path, dovecot: DovecotUser) -> None:
+    dovecot.server.append_many(dovecot.user, "INBOX", [p.read_bytes() for p in corpus_messages(3)])
+    config = write_config(tmp_path, dovecot.server, dovecot.user, dovecot.password)
+    verbose = subprocess.run([sys.executable, "-m", "mailsyncd", "--config", str(config), "-v", "sync"],
+                             capture_output=True, text=True, check=False)
+    assert verbose.returncode == 0, verbose.stderr
+    assert "DEBUG" in verbose.stderr or "INFO" in verbose.stderr
+    assert dovecot.password not in verbose.stderr + verbose.stdout
+    for path in tmp_path.glob("state.db*"):
+        assert dovecot.password.encode() not in path.read_bytes()

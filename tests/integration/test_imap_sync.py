@@ -212,3 +212,38 @@ def test_hostile_folder_names_stay_inside_the_store(tmp_path: Path, dovecot: Dov
     for path in store.rglob("*"):
         assert path.resolve().is_relative_to(store.resolve())
     assert sum(sum(bag.values()) for bag in maildir_contents(store).values()) == len(accepted)
+
+
+def test_without_condstore_a_uid_flags_scan_finds_flags_and_expunges(
+        tmp_path: Path, dovecot: DovecotUser, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers without CONDSTORE get the fallback path: one UID/FLAGS scan per folder."""
+    from mailsyncd.sources import imap
+
+    original = imap.ImapSession.__init__
+
+    def without_condstore(self: imap.ImapSession, *args: object) -> None:
+        original(self, *args)  # type: ignore[arg-type]
+        self.condstore = False
+
+    monkeypatch.setattr(imap.ImapSession, "__init__", without_condstore)
+    server = dovecot.server
+    uids = server.append_many(dovecot.user, "INBOX", [path.read_bytes() for path in corpus_messages(8)])
+    config = write_config(tmp_path, server, dovecot.user, dovecot.password)
+    assert sync_counts(config).fetched == 8
+    server.add_flags(dovecot.user, "INBOX", uids[:3], ["\\Seen"])
+    server.expunge(dovecot.user, "INBOX", uids[-2:])
+    server.append(dovecot.user, "INBOX", b"Subject: late\n\nnew\n")
+    counts = sync_counts(config)
+    assert (counts.fetched, counts.flags, counts.gone) == (1, 3, 2)
+    assert sync_counts(config).flags == 0
+
+
+def test_folder_globs_include_and_exclude(tmp_path: Path, dovecot: DovecotUser) -> None:
+    server = dovecot.server
+    for folder in ("INBOX", "Lists/python", "Lists/rust", "Junk"):
+        server.append(dovecot.user, folder, b"Subject: x\n\ny\n")
+    config = write_config(tmp_path, server, dovecot.user, dovecot.password,
+                          extra='folders = ["INBOX", "Lists/*", "Junk"]\nexclude = ["Lists/rust", "Junk"]')
+    assert sync(config) == 0
+    assert set(store_bags(config, "maildir")) == {"", ".Lists.python"}
+    assert sync(config, "--folder", "Lists/*") == 0
