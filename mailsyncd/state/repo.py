@@ -199,26 +199,26 @@ class StateRepo:
                  "internaldate": remote.internaldate, "flags": _flags_text(remote.flags)}
                 for remote, location in intents])
 
-    def mark_stored(self, folder_id: int, uidvalidity: int,
-                    done: Sequence[tuple[RemoteMessage, Stored, str | None]]) -> None:
-        """Only for messages whose store commit has returned (invariant 1)."""
-        if not done:
-            return
-        statement = update(MESSAGES).where(
-            MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
-            MESSAGES.c.uid == bindparam("b_uid"),
-        ).values(state=MessageState.STORED, location=bindparam("b_location"), sha256=bindparam("b_sha256"),
-                 message_id=bindparam("b_message_id"))
+    def finish_batch(self, folder_id: int, uidvalidity: int,
+                     done: Sequence[tuple[RemoteMessage, Stored, str | None]], forgotten: Iterable[int],
+                     adopted: Sequence[tuple[RemoteMessage, RecordedMessage, str]]) -> None:
+        """Record a committed batch in ONE transaction: the stored messages (only those
+        whose store commit has returned, invariant 1), the intents that came to nothing,
+        and copies re-adopted by hash. One transaction matters for mbox: a pending row
+        left beside stored ones would make recovery cut the file back over them."""
         with self.engine.begin() as connection:
-            connection.execute(statement, [
-                {"b_uid": remote.uid, "b_location": stored.location, "b_sha256": stored.sha256,
-                 "b_message_id": message_id} for remote, stored, message_id in done])
-
-    def forget_pending(self, folder_id: int, uidvalidity: int, uids: Iterable[int]) -> None:
-        with self.engine.begin() as connection:
+            if done:
+                connection.execute(update(MESSAGES).where(
+                    MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
+                    MESSAGES.c.uid == bindparam("b_uid"),
+                ).values(state=MessageState.STORED, location=bindparam("b_location"),
+                         sha256=bindparam("b_sha256"), message_id=bindparam("b_message_id")), [
+                    {"b_uid": remote.uid, "b_location": stored.location, "b_sha256": stored.sha256,
+                     "b_message_id": message_id} for remote, stored, message_id in done])
             connection.execute(delete(MESSAGES).where(
                 MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
-                MESSAGES.c.uid.in_(list(uids)), MESSAGES.c.state == MessageState.PENDING))
+                MESSAGES.c.uid.in_(list(forgotten)), MESSAGES.c.state == MessageState.PENDING))
+            self._adopt(connection, uidvalidity, adopted)
 
     def record_skipped(self, folder_id: int, uidvalidity: int, remotes: Sequence[RemoteMessage]) -> None:
         if not remotes:
@@ -260,16 +260,18 @@ class StateRepo:
                 MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == old_uidvalidity,
                 MESSAGES.c.state.in_([MessageState.STORED, MessageState.GONE])).values(state=MessageState.RETIRED))
 
-    def adopt(self, folder_id: int, uidvalidity: int,
+    def adopt(self, uidvalidity: int,
               adoptions: Sequence[tuple[RemoteMessage, RecordedMessage, str]]) -> None:
         """Give a retired local copy its new UID (and the server's flags, at ``location``)."""
-        if not adoptions:
-            return
         with self.engine.begin() as connection:
-            for remote, copy, location in adoptions:
-                connection.execute(update(MESSAGES).where(MESSAGES.c.id == copy.row_id).values(
-                    uidvalidity=uidvalidity, uid=remote.uid, state=MessageState.STORED, location=location,
-                    flags=_flags_text(remote.flags), size=remote.size))
+            self._adopt(connection, uidvalidity, adoptions)
+
+    def _adopt(self, connection: Connection, uidvalidity: int,
+               adoptions: Sequence[tuple[RemoteMessage, RecordedMessage, str]]) -> None:
+        for remote, copy, location in adoptions:
+            connection.execute(update(MESSAGES).where(MESSAGES.c.id == copy.row_id).values(
+                uidvalidity=uidvalidity, uid=remote.uid, state=MessageState.STORED, location=location,
+                flags=_flags_text(remote.flags), size=remote.size))
 
     # --- recovery ----------------------------------------------------------------------
 
@@ -319,11 +321,13 @@ class StateRepo:
     def pop_mark_stored(self, account_id: int, done: Sequence[tuple[str, Stored, str | None]]) -> None:
         if not done:
             return
+        statement = update(POP).where(POP.c.account_id == account_id, POP.c.uidl == bindparam("b_uidl")).values(
+            state=MessageState.STORED, location=bindparam("b_location"), sha256=bindparam("b_sha256"),
+            message_id=bindparam("b_message_id"))
         with self.engine.begin() as connection:
-            for uidl, stored, message_id in done:
-                connection.execute(update(POP).where(POP.c.account_id == account_id, POP.c.uidl == uidl).values(
-                    state=MessageState.STORED, location=stored.location, sha256=stored.sha256,
-                    message_id=message_id))
+            connection.execute(statement, [
+                {"b_uidl": uidl, "b_location": stored.location, "b_sha256": stored.sha256, "b_message_id": message_id}
+                for uidl, stored, message_id in done])
 
     def pop_record_skipped(self, account_id: int, skipped: Sequence[tuple[str, int]]) -> None:
         if not skipped:

@@ -165,7 +165,7 @@ class FolderSync:
             self.repo.start_uidvalidity(folder_id, plan.uidvalidity)
             self.checkpoint("uidvalidity")
         if plan.adopt:
-            self.repo.adopt(folder_id, plan.uidvalidity, [
+            self.repo.adopt(plan.uidvalidity, [
                 (adoption.remote, adoption.copy, self._set_flags(adoption.copy.location, adoption.remote))
                 for adoption in plan.adopt])
             self.counts.adopted += len(plan.adopt)
@@ -267,11 +267,10 @@ class FolderSync:
             # batch is forgotten and fetched again next time.
             writer.commit()
             self.checkpoint("commit")
-            self.repo.mark_stored(folder_id, uidvalidity, done)
-            self.checkpoint("recorded")
             finished = {message.uid for message, _, _ in done}
-            self.repo.forget_pending(folder_id, uidvalidity, [m.uid for m in batch if m.uid not in finished])
-            self.repo.adopt(folder_id, uidvalidity, adopted)
+            self.repo.finish_batch(folder_id, uidvalidity, done, [m.uid for m in batch if m.uid not in finished],
+                                   adopted)
+            self.checkpoint("recorded")
         size = sum(message.size for message, _, _ in done)
         self.counts.fetched += len(done)
         self.counts.adopted += len(adopted)

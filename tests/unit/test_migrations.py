@@ -48,7 +48,7 @@ def test_every_revision_walks_down_and_up(tmp_path: Path) -> None:
 def test_fast_path_knows_the_newest_revision(tmp_path: Path) -> None:
     engine = db.create(str(tmp_path / "state.db"))
     head = ScriptDirectory.from_config(db.alembic_config(engine)).get_current_head()
-    assert db.HEAD_REVISION == head, "update HEAD_REVISION in mailsyncd/state/db.py with each new revision"
+    assert head == db.HEAD_REVISION, "update HEAD_REVISION in mailsyncd/state/db.py with each new revision"
     assert not db.at_head(engine)
     db.upgrade(engine)
     assert db.at_head(engine)
