@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 
 from sqlalchemy import Engine
 
 from mailsyncd.config import AccountConfig, Config
-from mailsyncd.domain import Mode, Policy
+from mailsyncd.domain import Mode, Policy, PopPolicy
 from mailsyncd.errors import MailsyncError
 from mailsyncd.log import register_secret
 from mailsyncd.secrets import resolve_password
-from mailsyncd.sources import imap
+from mailsyncd.sources import imap, pop3
 from mailsyncd.state import db
 from mailsyncd.state.repo import StateRepo
 from mailsyncd.stores.base import Store
 from mailsyncd.stores.fsio import make_private_dirs
 from mailsyncd.stores.maildir import MaildirStore
 from mailsyncd.stores.mbox import MboxStore
+from mailsyncd.sync.pop import sync_pop
 from mailsyncd.sync.run import (
     Checkpoint,
     Counts,
@@ -49,6 +51,7 @@ class App:
         self.config = config
         self.engine = engine
         self.repo = StateRepo(engine)
+        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # tests move it (delete_after_days)
 
     @classmethod
     def open(cls, config: Config) -> App:
@@ -85,6 +88,12 @@ class App:
               progress: Progress, checkpoint: Checkpoint) -> Counts:
         password = resolve_password(account.password, account.name, account.username)
         register_secret(password.reveal())
+        if account.protocol == "pop3":
+            pop_policy = PopPolicy(account.leave_on_server, account.delete_after_days,
+                                   account.max_message_size)
+            with pop3.connect(account, password) as pop_session:
+                return sync_pop(account.name, account_id, self.repo, store, pop_session, pop_policy, progress,
+                                self.clock(), checkpoint)
         policy = Policy(Mode(account.mode), account.max_message_size)
         with imap.connect(account, password) as session:
             listed = session.list_folders()

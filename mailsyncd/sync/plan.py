@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from mailsyncd.domain import (
     Adoption,
@@ -146,12 +146,14 @@ def plan_pop(listing: PopListing, recorded: Mapping[str, RecordedPop], policy: P
     fetch: list[tuple[int, str, int]] = []
     skip: list[tuple[int, str, int]] = []
     delete: list[tuple[int, str]] = []
+    planned: set[str] = set()
     for number in sorted(listing.entries):
         uidl, size = listing.entries[number]
         known = recorded.get(uidl)
         if known is None or known.state == MessageState.PENDING:
-            if counts[uidl] > 1 and any(entry[1] == uidl for entry in fetch):
-                continue  # one copy of an ambiguous identity is enough
+            if uidl in planned:
+                continue  # one copy of an ambiguous identity is enough (fetched or skipped)
+            planned.add(uidl)
             target = skip if policy.max_message_size is not None and size > policy.max_message_size else fetch
             target.append((number, uidl, size))
         elif known.state == MessageState.STORED and counts[uidl] == 1 and _pop_due(known, policy, now):
@@ -164,4 +166,10 @@ def _pop_due(known: RecordedPop, policy: PopPolicy, now: datetime) -> bool:
         return True
     if policy.delete_after_days is None:
         return False
-    return now - known.first_seen >= timedelta(days=policy.delete_after_days)
+    return _utc(now) - _utc(known.first_seen) >= timedelta(days=policy.delete_after_days)
+
+
+def _utc(when: datetime) -> datetime:
+    """SQLite hands back naive datetimes (stored as UTC); comparing one with an aware
+    ``now`` would raise, so naive values are read as UTC."""
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
