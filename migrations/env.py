@@ -6,7 +6,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from mailsyncd.state.models import Base
+from mailsyncd.state.models import metadata
 
 config = context.config
 engine = config.attributes.get("engine") or create_engine(config.get_main_option("sqlalchemy.url") or "")
@@ -14,7 +14,7 @@ engine = config.attributes.get("engine") or create_engine(config.get_main_option
 with engine.connect() as connection:
     context.configure(
         connection=connection,
-        target_metadata=Base.metadata,
+        target_metadata=metadata,
         render_as_batch=True,  # SQLite cannot ALTER most things; batch mode copies the table
         transaction_per_migration=True,
         compare_type=True,

@@ -11,9 +11,9 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Engine, Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 
 from mailsyncd.domain import (
@@ -26,13 +26,9 @@ from mailsyncd.domain import (
     RemoteMessage,
     Stored,
 )
-from mailsyncd.state.models import Account, Folder, Message, PopMessage, SyncRun
-
-ACCOUNTS = cast(Table, Account.__table__)
-FOLDERS = cast(Table, Folder.__table__)
-MESSAGES = cast(Table, Message.__table__)
-POP = cast(Table, PopMessage.__table__)
-RUNS = cast(Table, SyncRun.__table__)
+from mailsyncd.state.models import ACCOUNTS, FOLDERS, MESSAGES
+from mailsyncd.state.models import POP_MESSAGES as POP
+from mailsyncd.state.models import SYNC_RUNS as RUNS
 
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(.*(?:\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 

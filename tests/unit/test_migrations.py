@@ -16,7 +16,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
 from mailsyncd.state import db
-from mailsyncd.state.models import Base
+from mailsyncd.state.models import metadata
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,7 +25,7 @@ def test_models_and_migrations_agree(tmp_path: Path) -> None:
     engine = db.create(str(tmp_path / "state.db"))
     db.upgrade(engine)
     with engine.connect() as connection:
-        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+        differences = compare_metadata(MigrationContext.configure(connection), metadata)
     engine.dispose()
     assert differences == []
 
