@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 
 from mailsyncd.config import AccountConfig, Config
 from mailsyncd.domain import Mode, Policy, PopPolicy
-from mailsyncd.errors import MailsyncError
+from mailsyncd.errors import Interrupted, MailsyncError
 from mailsyncd.log import register_secret
 from mailsyncd.secrets import resolve_password
 from mailsyncd.sources import imap, pop3
@@ -76,6 +76,9 @@ class App:
         run_id = self.repo.start_run(account_id)
         try:
             counts = self._sync(account, account_id, store, folders, progress, checkpoint)
+        except Interrupted as error:
+            self.repo.finish_run(run_id, "interrupted", 0, 0, str(error))
+            raise
         except MailsyncError as error:
             self.repo.finish_run(run_id, "failed", 0, 0, str(error))
             raise

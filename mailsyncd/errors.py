@@ -32,6 +32,10 @@ class AuthError(AccountError):
     """The server refused the credentials; retrying soon will not help."""
 
 
+class Interrupted(MailsyncError):
+    """The run was asked to stop (the daemon got SIGTERM); what was written is recorded."""
+
+
 class FatalError(MailsyncError):
     """Nothing can go on: the whole run stops."""
 

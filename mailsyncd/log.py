@@ -28,7 +28,7 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if _SECRETS:
             message = record.getMessage()
-            for secret in _SECRETS:
+            for secret in tuple(_SECRETS):  # the daemon's threads may add to it meanwhile
                 message = message.replace(secret, "***")
             record.msg, record.args = message, None
         return True

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
+import socket
 import ssl
+import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -77,7 +80,11 @@ def _errors(account: str, host: str) -> Iterator[None]:
     try:
         yield
     except imap_errors.LoginError as error:
-        raise AuthError(f"{account}: login refused by {host}: {_text(error)}") from error
+        # imapclient hands over str() of the server's bytes: "b'[AUTHENTICATIONFAILED] ...'".
+        reason = _text(error.args[0]) if error.args else "no reason given"
+        if reason[:2] in ("b'", 'b"') and reason[-1:] == reason[1]:
+            reason = reason[2:-1]
+        raise AuthError(f"{account}: login refused by {host}: {reason}") from error
     except ssl.SSLCertVerificationError as error:
         raise AccountError(f"{account}: TLS certificate of {host} not trusted: {error.verify_message}; "
                            "set tls_ca_file if the server uses a private CA") from error
@@ -238,3 +245,118 @@ class ImapSession:
 def _next(messages: Sequence[RemoteMessage]) -> int:
     """UIDNEXT for servers that do not report it: one past the highest UID seen."""
     return max((message.uid for message in messages), default=0) + 1
+
+
+# --- IDLE (RFC 2177): the daemon's push notifications ---------------------------------
+
+IDLE_RENEW = 29 * 60.0  # RFC 2177: servers may drop an IDLE after 30 minutes, so re-issue it before
+_CHANGES = frozenset({b"EXISTS", b"EXPUNGE", b"FETCH", b"VANISHED"})
+
+
+def watch_folder(account: AccountConfig, password: Secret, folder: str, renew: float = IDLE_RENEW) -> IdleWatcher:
+    """A connection of its own that watches ``folder`` (opened read-only with EXAMINE).
+
+    Raises AccountError (or AuthError) when it cannot connect or log in, FolderError when
+    the folder cannot be opened. Check ``supports_idle`` before calling ``wait``.
+    """
+    session = connect(account, password)
+    try:
+        return IdleWatcher(session, folder, renew)
+    except BaseException:
+        session.close()
+        raise
+
+
+class IdleWatcher:
+    """Waits for changes to one folder with IDLE; use it as a context manager.
+
+    ``wait`` returns True when the server reported new, expunged or changed messages
+    (EXISTS, EXPUNGE, FETCH), False when the timeout passed quietly. A change that
+    happened while no IDLE was running (between two ``wait`` calls, or while the daemon
+    synced) is not lost: the server reports it as soon as IDLE starts again. A lost
+    connection (BYE, EOF, a reset, a silent peer found by TCP keepalive) raises
+    AccountError, so the caller reconnects.
+    """
+
+    def __init__(self, session: ImapSession, folder: str, renew: float = IDLE_RENEW) -> None:
+        self._session = session
+        self._client = session._client
+        self.folder = folder
+        self.renew = renew
+        self._idle_since: float | None = None  # monotonic time of the running IDLE command
+        with session._folder_errors(folder):
+            self._client.select_folder(folder, readonly=True)  # EXAMINE: watching changes nothing
+            self.supports_idle = bool(self._client.has_capability("IDLE"))
+        _keepalive(self._client.socket())
+
+    def __enter__(self) -> IdleWatcher:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End IDLE and log out politely, but never wait long for a server that is gone."""
+        with contextlib.suppress(Exception):
+            self._client.socket().settimeout(5.0)
+            if self._idle_since is not None:
+                self._idle_since = None
+                self._client.idle_done()
+        self._session.close()
+
+    def wait(self, timeout: float) -> bool:
+        with _errors(self._session._account, self._session._host), _closed_is_lost():
+            renew_due = self._idle_since is not None and time.monotonic() - self._idle_since >= self.renew
+            if renew_due and self._end_idle():
+                return True
+            if self._idle_since is None:
+                self._client.idle()
+                self._idle_since = time.monotonic()
+            remaining = min(timeout, max(0.0, self._idle_since + self.renew - time.monotonic()))
+            if not _readable(self._client.socket(), remaining):
+                return False
+            responses = self._client.idle_check(0)
+            if not responses:
+                # Readable without a line: the server closed the connection (imapclient
+                # swallows the EOF), or only TLS housekeeping arrived. DONE tells which.
+                return self._end_idle()
+            return self._changed(responses)
+
+    def _end_idle(self) -> bool:
+        self._idle_since = None
+        _, responses = self._client.idle_done()
+        return self._changed(responses)
+
+    def _changed(self, responses: Sequence[Any]) -> bool:
+        for response in responses:
+            if response and response[0] == b"BYE":
+                text = b" ".join(part for part in response[1:] if isinstance(part, bytes))
+                raise imap_errors.IMAPClientAbortError(f"server said BYE: {_text(text)}")
+        return any(len(response) > 1 and response[1] in _CHANGES for response in responses)
+
+
+@contextlib.contextmanager
+def _closed_is_lost() -> Iterator[None]:
+    """A TLS EOF in the middle of IDLE is a dropped connection, not a TLS problem."""
+    try:
+        yield
+    except ssl.SSLEOFError as error:
+        raise imap_errors.IMAPClientAbortError("the server closed the connection") from error
+
+
+def _readable(sock: Any, timeout: float) -> bool:
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True  # already decrypted, so poll() would not see it
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
+def _keepalive(sock: Any) -> None:
+    """Find a silently dead peer (a NAT that forgot us, a server that lost power) within
+    about two minutes instead of at the next IDLE renewal."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 20)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)

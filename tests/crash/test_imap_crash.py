@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -106,16 +107,25 @@ def test_stop_at_every_step_of_an_incremental_mirror_sync(tmp_path: Path, doveco
 def test_random_sigkill_during_a_large_sync(tmp_path: Path, dovecot: DovecotUser, store_format: str) -> None:
     files = corpus_messages()
     for index, folder in enumerate(FOLDERS):
-        dovecot.server.append_many(dovecot.user, folder, [p.read_bytes() for p in files[index:360:2]])
+        dovecot.server.append_many(dovecot.user, folder, [p.read_bytes() for p in files[index::2]])
+    def argv(config: Path) -> list[str]:
+        return [sys.executable, "-m", "mailsyncd", "--config", str(config), "-q", "sync"]
+
+    # How long a whole run takes here, so that the kills land inside one however fast
+    # the machine is: spread over start-up, migration, the fetches and the bookkeeping.
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    started = time.monotonic()
+    assert kill_after(argv(write_config(reference, dovecot.server, dovecot.user, dovecot.password,
+                                        store_format)), 120) == 0
+    whole = time.monotonic() - started
     rng = random.Random(f"{store_format}-kill")  # reproducible moments, different per format
     kills = 0
     for attempt in range(16):
         run = tmp_path / f"run{attempt}"
         run.mkdir()
         config = write_config(run, dovecot.server, dovecot.user, dovecot.password, store_format)
-        argv = [sys.executable, "-m", "mailsyncd", "--config", str(config), "-q", "sync"]
-        # Spread over start-up, migration, the fetches and the final bookkeeping.
-        status = kill_after(argv, rng.uniform(0.3, 3.0))
+        status = kill_after(argv(config), rng.uniform(0.2, whole * 0.95))
         kills += status == -9
         assert sync(config) == 0
         assert_exactly_once(dovecot, config, store_format)
