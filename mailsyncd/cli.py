@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "(repeatable; IMAP)")
     sync.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
 
+    commands.add_parser("run", help="the daemon, in the foreground: scheduled syncs, IDLE push, SIGHUP "
+                        "reloads the config")
+
     status = commands.add_parser("status", help="per account and folder: last run, result, counts")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -106,6 +109,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.command == "sync":
         return _sync(config, args)
+    if args.command == "run":
+        from mailsyncd import service  # only the daemon needs APScheduler
+
+        return service.run(config)
     if args.command == "status":
         return _status(config, args.json)
     if args.command == "check":
@@ -185,7 +192,7 @@ def _status(config: Config, as_json: bool) -> int:
 
 def _check(config: Config) -> int:
     from mailsyncd.secrets import resolve_password
-    from mailsyncd.sources import imap
+    from mailsyncd.sources import imap, pop3
     from mailsyncd.sync.run import select_folders
 
     failed = False
@@ -193,6 +200,13 @@ def _check(config: Config) -> int:
         try:
             password = resolve_password(account.password, account.name, account.username)
             log_setup.register_secret(password.reveal())
+            if account.protocol == "pop3":
+                with pop3.connect(account, password) as pop_session:
+                    messages, size = pop_session.stat()
+                    pop_session.quit()  # nothing was marked, so QUIT changes nothing
+                print(f"{account.name}: ok, {messages} messages ({size} bytes) on the server, "
+                      f"logged in with {pop_session.login_method}")
+                continue
             with imap.connect(account, password) as session:
                 listed = session.list_folders()
             selected = select_folders(listed, account.folders, account.exclude)
