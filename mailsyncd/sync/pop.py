@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from mailsyncd.domain import NO_FLAGS, PopListing, PopPlan, PopPolicy
@@ -20,7 +21,7 @@ from mailsyncd.sources.base import Pop3Source
 from mailsyncd.state.repo import StateRepo, message_id_of
 from mailsyncd.stores.base import FolderWriter, Store, Stored
 from mailsyncd.sync.plan import plan_pop
-from mailsyncd.sync.run import FETCH_BUDGET, Checkpoint, Counts, Progress, no_checkpoint
+from mailsyncd.sync.run import FETCH_BUDGET, Checkpoint, Counts, Effects, Progress, no_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +49,11 @@ def _header(data: bytes) -> bytes:
     return data if end < 0 else data[:end + 1]
 
 
-class PopSync:
-    def __init__(self, account: str, account_id: int, repo: StateRepo, store: Store, source: Pop3Source,
-                 policy: PopPolicy, progress: Progress, checkpoint: Checkpoint, counts: Counts) -> None:
-        self.account = account
-        self.account_id = account_id
-        self.repo = repo
-        self.store = store
-        self.source = source
-        self.policy = policy
-        self.progress = progress
-        self.checkpoint = checkpoint
-        self.counts = counts
+@dataclass
+class PopSync(Effects):
+    account_id: int
+    source: Pop3Source
+    policy: PopPolicy
 
     def run(self, now: datetime) -> None:
         listing = self.source.listing()
@@ -183,5 +177,5 @@ def sync_pop(account: str, account_id: int, repo: StateRepo, store: Store, sourc
     """One POP3 session's worth of work; ``now`` decides delete_after_days. Raises
     AccountError when the session fails (nothing is then recorded deleted)."""
     counts = Counts()
-    PopSync(account, account_id, repo, store, source, policy, progress, checkpoint, counts).run(now)
+    PopSync(account, repo, store, progress, checkpoint, counts, account_id, source, policy).run(now)
     return counts

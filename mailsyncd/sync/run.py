@@ -109,19 +109,24 @@ def select_folders(folders: Sequence[FolderInfo], include: Sequence[str], exclud
             and not matches(folder.name, exclude) and (not only or matches(folder.name, only))]
 
 
-class FolderSync:
+@dataclass
+class Effects:
+    """What every executor writes through and reports to."""
+
+    account: str
+    repo: StateRepo
+    store: Store
+    progress: Progress
+    checkpoint: Checkpoint
+    counts: Counts
+
+
+@dataclass
+class FolderSync(Effects):
     """One folder's sync: snapshot, plan, execute, advance the sync point."""
 
-    def __init__(self, account: str, repo: StateRepo, store: Store, source: ImapSource, policy: Policy,
-                 progress: Progress, checkpoint: Checkpoint, counts: Counts) -> None:
-        self.account = account
-        self.repo = repo
-        self.store = store
-        self.source = source
-        self.policy = policy
-        self.progress = progress
-        self.checkpoint = checkpoint
-        self.counts = counts
+    source: ImapSource
+    policy: Policy
 
     def run(self, account_id: int, info: FolderInfo, known: KnownFolder | None) -> None:
         path = known.path if known else self.store.folder_path(info.name, info.delimiter)
@@ -284,7 +289,7 @@ def sync_folders(account: str, account_id: int, repo: StateRepo, store: Store, s
     """Sync each selected folder; a FolderError spoils only its own folder."""
     counts = Counts()
     known = {folder.name: folder for folder in repo.folders(account_id)}
-    folder_sync = FolderSync(account, repo, store, source, policy, progress, checkpoint, counts)
+    folder_sync = FolderSync(account, repo, store, progress, checkpoint, counts, source, policy)
     for info in selected:
         try:
             folder_sync.run(account_id, info, known.get(info.name))
