@@ -1,4 +1,4 @@
-"""Shared fixtures: the private Dovecot server and the message corpus.
+"""Shared fixtures: the private Dovecot server.
 
 One Dovecot per test session (``dovecot_server``), and a fresh, empty user per test (``dovecot``):
 starting a server per test would cost a start and a stop each time, while a new user costs one
@@ -11,7 +11,6 @@ import itertools
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -57,10 +56,3 @@ def dovecot(dovecot_server: DevServer) -> DovecotUser:
     dovecot_server.add_user(user, password)
     return DovecotUser(dovecot_server, user, password)
 
-
-@pytest.fixture(scope="session")
-def corpus_dir() -> Path:
-    path = (Path(__file__).resolve().parent.parent.parent / "shared" / "corpus").resolve()
-    if not path.is_dir():
-        pytest.skip(f"message corpus not found at {path} (expected beside the repository)")
-    return path

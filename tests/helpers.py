@@ -20,11 +20,14 @@ from mailsyncd.state import db
 from mailsyncd.stores import mbox as mbox_format
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "corpus"
+# Real messages from the public test suites of six mail libraries (see its README and
+# MANIFEST.tsv for sources and licences), kept byte-exact (.gitattributes: -text).
+CORPUS = REPO / "tests" / "corpus"
 
 
 def corpus_messages(limit: int | None = None) -> list[Path]:
     files = sorted(path for path in (CORPUS / "messages").rglob("*") if path.is_file())
+    assert len(files) > 800, f"the message corpus is missing from {CORPUS}"
     return files[:limit] if limit else files
 
 
