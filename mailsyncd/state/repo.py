@@ -124,10 +124,19 @@ class StateRepo:
 
     def mark_folders_absent(self, account_id: int, present: Iterable[str]) -> None:
         """Folders gone from the server stay in the store; only the flag changes."""
+        vanished = FOLDERS.c.account_id == account_id, FOLDERS.c.name.not_in(list(present)), FOLDERS.c.on_server
+        with self.engine.connect() as connection:
+            if connection.execute(select(func.count()).where(*vanished)).scalar_one() == 0:
+                return  # the common case, and a read costs no fsync
         with self.engine.begin() as connection:
-            connection.execute(update(FOLDERS).where(
-                FOLDERS.c.account_id == account_id, FOLDERS.c.name.not_in(list(present)),
-            ).values(on_server=False))
+            connection.execute(update(FOLDERS).where(*vanished).values(on_server=False))
+
+    def touch_folders(self, folder_ids: Iterable[int]) -> None:
+        """Note a sync that changed nothing, for many folders in one transaction."""
+        ids = list(folder_ids)
+        if ids:
+            with self.engine.begin() as connection:
+                connection.execute(update(FOLDERS).where(FOLDERS.c.id.in_(ids)).values(last_sync=_now()))
 
     def finish_folder(self, folder_id: int, uidvalidity: int, uidnext: int, highestmodseq: int | None) -> None:
         """Advance the folder's sync point. Called only after every planned action is

@@ -127,19 +127,26 @@ class FolderSync(Effects):
 
     source: ImapSource
     policy: Policy
+    unchanged: list[int] = field(default_factory=list)  # folder ids whose sync changed nothing
 
     def run(self, account_id: int, info: FolderInfo, known: KnownFolder | None) -> None:
-        path = known.path if known else self.store.folder_path(info.name, info.delimiter)
-        folder_id = self.repo.upsert_folder(account_id, info, path)
-        known = known or next(folder for folder in self.repo.folders(account_id) if folder.id == folder_id)
+        if known is None or not known.on_server:
+            path = known.path if known else self.store.folder_path(info.name, info.delimiter)
+            folder_id = self.repo.upsert_folder(account_id, info, path)
+            known = next(folder for folder in self.repo.folders(account_id) if folder.id == folder_id)
         try:
             plan = self._plan(info, known)
-            self._execute(folder_id, info.name, known.path, known.uidvalidity, plan)
+            self._execute(known.id, info.name, known.path, known.uidvalidity, plan)
         except MailsyncError as error:
-            self.repo.folder_error(folder_id, str(error))
+            self.repo.folder_error(known.id, str(error))
             raise
-        self.repo.finish_folder(folder_id, plan.uidvalidity, plan.uidnext, plan.highestmodseq)
         self.counts.folders += 1
+        if plan.empty and known.last_error is None and (known.uidvalidity, known.uidnext, known.highestmodseq) == (
+                plan.uidvalidity, plan.uidnext, plan.highestmodseq):
+            # Nothing changed: no write (and no fsync) now; one transaction notes them all.
+            self.unchanged.append(known.id)
+            return
+        self.repo.finish_folder(known.id, plan.uidvalidity, plan.uidnext, plan.highestmodseq)
 
     def _plan(self, info: FolderInfo, known: KnownFolder) -> Plan:
         base: SnapshotBase | None = None
@@ -296,5 +303,6 @@ def sync_folders(account: str, account_id: int, repo: StateRepo, store: Store, s
         except FolderError as error:
             log.error("%s/%s: %s", account, info.name, error)
             counts.errors.append(f"{info.name}: {error}")
+    repo.touch_folders(folder_sync.unchanged)
     return counts
 
