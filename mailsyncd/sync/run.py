@@ -35,7 +35,7 @@ from mailsyncd.sync.plan import batches, plan_folder
 log = logging.getLogger(__name__)
 
 Checkpoint = Callable[[str], None]
-FETCH_BUDGET = 6 * 1024 * 1024  # bytes per UID FETCH; two batches are in memory at most
+FETCH_BUDGET = 3 * 1024 * 1024  # bytes per UID FETCH; two batches are in memory at most
 
 
 def no_checkpoint(_step: str) -> None:
