@@ -165,6 +165,17 @@ class StateRepo:
                 MESSAGES.c.uid < below_uid,
                 MESSAGES.c.state.in_([MessageState.STORED, MessageState.SKIPPED]))).scalar_one())
 
+    def first_fitting_skipped(self, folder_id: int, uidvalidity: int, max_size: int | None) -> int | None:
+        """The lowest UID skipped as too large that ``max_size`` would now allow."""
+        query = select(func.min(MESSAGES.c.uid)).where(
+            MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
+            MESSAGES.c.state == MessageState.SKIPPED)
+        if max_size is not None:
+            query = query.where(MESSAGES.c.size <= max_size)
+        with self.engine.connect() as connection:
+            found = connection.execute(query).scalar()
+        return None if found is None else int(found)
+
     def recorded_folder(self, folder: KnownFolder, uids: Iterable[int] | None,
                         with_retired: bool = False) -> RecordedFolder:
         """The recorded messages of the current UIDVALIDITY: those in ``uids``, or all
@@ -190,14 +201,15 @@ class StateRepo:
 
     def record_pending(self, folder_id: int, uidvalidity: int,
                        intents: Sequence[tuple[RemoteMessage, str]]) -> None:
-        """The intent, committed before any byte of these messages is written."""
+        """The intent, committed before any byte of these messages is written. It
+        replaces a SKIPPED row: the size limit was raised since."""
         if not intents:
             return
         with self.engine.begin() as connection:
             connection.execute(delete(MESSAGES).where(
                 MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
                 MESSAGES.c.uid.in_([remote.uid for remote, _ in intents]),
-                MESSAGES.c.state == MessageState.PENDING))
+                MESSAGES.c.state.in_([MessageState.PENDING, MessageState.SKIPPED])))
             connection.execute(insert(MESSAGES), [
                 {"folder_id": folder_id, "uidvalidity": uidvalidity, "uid": remote.uid,
                  "state": MessageState.PENDING, "location": location, "size": remote.size,
@@ -317,7 +329,7 @@ class StateRepo:
         with self.engine.begin() as connection:
             connection.execute(delete(POP).where(POP.c.account_id == account_id,
                                                  POP.c.uidl.in_([uidl for uidl, _, _ in intents]),
-                                                 POP.c.state == MessageState.PENDING))
+                                                 POP.c.state.in_([MessageState.PENDING, MessageState.SKIPPED])))
             now = _now()
             connection.execute(insert(POP), [
                 {"account_id": account_id, "uidl": uidl, "state": MessageState.PENDING, "location": location,

@@ -150,12 +150,15 @@ def plan_pop(listing: PopListing, recorded: Mapping[str, RecordedPop], policy: P
     for number in sorted(listing.entries):
         uidl, size = listing.entries[number]
         known = recorded.get(uidl)
-        if known is None or known.state == MessageState.PENDING:
+        if known is None or known.state in (MessageState.PENDING, MessageState.SKIPPED):
             if uidl in planned:
-                continue  # one copy of an ambiguous identity is enough (fetched or skipped)
+                continue  # the first copy of an ambiguous identity decides (fetched or skipped)
             planned.add(uidl)
-            target = skip if policy.max_message_size is not None and size > policy.max_message_size else fetch
-            target.append((number, uidl, size))
+            too_large = policy.max_message_size is not None and size > policy.max_message_size
+            if known is None or known.state == MessageState.PENDING:
+                (skip if too_large else fetch).append((number, uidl, size))
+            elif not too_large:
+                fetch.append((number, uidl, size))  # skipped before; the limit was raised since
         elif known.state == MessageState.STORED and counts[uidl] == 1 and _pop_due(known, policy, now):
             delete.append((number, uidl))
     return PopPlan(fetch=tuple(fetch), skip=tuple(skip), delete=tuple(delete))

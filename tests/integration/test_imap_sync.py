@@ -247,3 +247,16 @@ def test_folder_globs_include_and_exclude(tmp_path: Path, dovecot: DovecotUser) 
     assert sync(config) == 0
     assert set(store_bags(config, "maildir")) == {"", ".Lists.python"}
     assert sync(config, "--folder", "Lists/*") == 0
+
+
+def test_raising_max_message_size_fetches_what_was_skipped(tmp_path: Path, dovecot: DovecotUser) -> None:
+    server = dovecot.server
+    server.append(dovecot.user, "INBOX", b"Subject: small\n\nx\n")
+    server.append(dovecot.user, "INBOX", b"Subject: large\n\n" + b"y" * 5000 + b"\n")
+    config = write_config(tmp_path, server, dovecot.user, dovecot.password, extra='max_message_size = "1KB"')
+    counts = sync_counts(config)
+    assert (counts.fetched, counts.skipped) == (1, 1)
+    assert sync_counts(config).skipped == 0  # recorded once, not re-reported every run
+    config.write_text(config.read_text().replace('max_message_size = "1KB"', 'max_message_size = "1MB"'))
+    assert sync_counts(config).fetched == 1
+    assert store_bags(config, "maildir")[""] == server_bag(dovecot, "INBOX", "maildir")

@@ -111,12 +111,17 @@ def test_new_identities_are_fetched_or_skipped_once(
     plan = plan_pop(listing, recorded, policy, NOW)
     planned = [uidl for _, uidl, _ in plan.fetch + plan.skip]
     assert len(planned) == len(set(planned))  # recording them twice would break a UNIQUE key
-    new = {uidl for uidl, _ in listing.entries.values()
-           if uidl not in recorded or recorded[uidl].state == MessageState.PENDING}
-    assert set(planned) == new
+    limit = policy.max_message_size
+    first = {}  # the first listed copy of each identity decides
+    for number in sorted(listing.entries, reverse=True):
+        uidl, size = listing.entries[number]
+        first[uidl] = size
+    new = {uidl for uidl in first if uidl not in recorded or recorded[uidl].state == MessageState.PENDING}
+    raised = {uidl for uidl, size in first.items() if uidl in recorded
+              and recorded[uidl].state == MessageState.SKIPPED and (limit is None or size <= limit)}
+    assert set(planned) == new | raised
     for number, uidl, size in plan.fetch + plan.skip:
         assert listing.entries[number] == (uidl, size)
-    limit = policy.max_message_size
     assert all(limit is not None and size > limit for _, _, size in plan.skip)
     assert all(limit is None or size <= limit for _, _, size in plan.fetch)
     assert not {uidl for _, uidl in plan.delete} & set(planned)
@@ -174,5 +179,7 @@ def test_gone_and_skipped_identities_are_left_alone() -> None:
     listing = PopListing({1: ("gone", 10), 2: ("skipped", 10)})
     recorded = {"gone": RecordedPop("gone", MessageState.GONE, NOW),
                 "skipped": RecordedPop("skipped", MessageState.SKIPPED, NOW)}
-    plan = plan_pop(listing, recorded, PopPolicy(leave_on_server=False), NOW)
+    plan = plan_pop(listing, recorded, PopPolicy(leave_on_server=False, max_message_size=5), NOW)
     assert plan.fetch == () and plan.skip == () and plan.delete == ()
+    raised = plan_pop(listing, recorded, PopPolicy(leave_on_server=False, max_message_size=50), NOW)
+    assert raised.fetch == ((2, "skipped", 10),) and raised.delete == ()
