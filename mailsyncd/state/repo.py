@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
+from sqlalchemy import Engine, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 
 from mailsyncd.domain import (
@@ -158,23 +158,18 @@ class StateRepo:
 
     # --- IMAP messages ----------------------------------------------------------------
 
-    def present_count(self, folder_id: int, uidvalidity: int, below_uid: int) -> int:
-        with self.engine.connect() as connection:
-            return int(connection.execute(select(func.count()).select_from(MESSAGES).where(
-                MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
-                MESSAGES.c.uid < below_uid,
-                MESSAGES.c.state.in_([MessageState.STORED, MessageState.SKIPPED]))).scalar_one())
-
-    def first_fitting_skipped(self, folder_id: int, uidvalidity: int, max_size: int | None) -> int | None:
-        """The lowest UID skipped as too large that ``max_size`` would now allow."""
-        query = select(func.min(MESSAGES.c.uid)).where(
-            MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
-            MESSAGES.c.state == MessageState.SKIPPED)
+    def sync_base(self, folder_id: int, uidvalidity: int, uidnext: int, max_size: int | None) -> tuple[int, int | None]:
+        """In one query: how many recorded messages below ``uidnext`` should still be on
+        the server, and the lowest UID skipped as too large that ``max_size`` now allows."""
+        present = MESSAGES.c.state.in_([MessageState.STORED, MessageState.SKIPPED]) & (MESSAGES.c.uid < uidnext)
+        fitting = MESSAGES.c.state == MessageState.SKIPPED
         if max_size is not None:
-            query = query.where(MESSAGES.c.size <= max_size)
+            fitting = fitting & (MESSAGES.c.size <= max_size)
+        query = select(func.count(case((present, 1))), func.min(case((fitting, MESSAGES.c.uid)))).where(
+            MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity)
         with self.engine.connect() as connection:
-            found = connection.execute(query).scalar()
-        return None if found is None else int(found)
+            count, lowest = connection.execute(query).one()
+        return int(count), None if lowest is None else int(lowest)
 
     def recorded_folder(self, folder: KnownFolder, uids: Iterable[int] | None,
                         with_retired: bool = False) -> RecordedFolder:

@@ -154,11 +154,12 @@ class FolderSync(Effects):
             # A first sync that was cut short has its UIDVALIDITY but no UIDNEXT yet:
             # everything from UID 1 is "new", and what was stored is skipped by the plan.
             uidnext = known.uidnext or 1
-            # Messages skipped as too large that fit now (the limit was raised) are
-            # listed again by asking from the first of them on.
-            fitting = self.repo.first_fitting_skipped(known.id, known.uidvalidity, self.policy.max_message_size)
-            uidnext = min(uidnext, fitting or uidnext)
-            present = self.repo.present_count(known.id, known.uidvalidity, uidnext)
+            present, fitting = self.repo.sync_base(known.id, known.uidvalidity, uidnext, self.policy.max_message_size)
+            if fitting is not None and fitting < uidnext:
+                # Skipped as too large but fitting now (the limit was raised): list the
+                # folder again from the first of them on.
+                uidnext = fitting
+                present, _ = self.repo.sync_base(known.id, known.uidvalidity, uidnext, self.policy.max_message_size)
             base = SnapshotBase(known.uidvalidity, uidnext, known.highestmodseq, present)
         snapshot = self.source.snapshot(info.name, base)
         if base is not None and snapshot.uidvalidity != base.uidvalidity:
