@@ -50,8 +50,8 @@ class Store(Protocol):
         ...
 
     def set_flags(self, location: str, flags: Flags) -> str:
-        """Apply flags; returns the (possibly new) location. Unknown location -> None-safe
-        no-op that returns the location unchanged."""
+        """Apply flags; returns the (possibly new) location. A message no longer in the
+        store is left alone and its location returned unchanged."""
         ...
 
     def remove(self, location: str) -> None: ...
