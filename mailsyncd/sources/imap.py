@@ -57,6 +57,8 @@ def tls_context(account: AccountConfig) -> ssl.SSLContext:
     if account.tls_ca_file is not None:
         context.load_verify_locations(cafile=str(account.tls_ca_file))
     if not account.tls_verify:
+        log.warning("%s: tls_verify = false: the server's certificate is not checked, so anyone on the path "
+                    "can read the password and the mail", account.name)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
