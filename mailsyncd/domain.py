@@ -51,7 +51,7 @@ class Stored:
     sha256: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per message: thousands at once
 class RemoteMessage:
     """What the server told us about one message, before its body is fetched."""
 
@@ -95,7 +95,7 @@ class FolderSnapshot:
     full: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per message: thousands at once
 class RecordedMessage:
     """One message as the state database remembers it."""
 

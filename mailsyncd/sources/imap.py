@@ -34,8 +34,9 @@ from mailsyncd.secrets import Secret
 
 log = logging.getLogger(__name__)
 
-# Dovecot's default command-line limit is 64 KiB; 4,000 UIDs stay well below it.
-UID_CHUNK = 4000
+# UIDs per metadata FETCH: far below Dovecot's 64 KiB command line, and it bounds the
+# memory one parsed response takes however large the folder.
+UID_CHUNK = 1000
 META = [b"UID", b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE"]
 MESSAGE_ID_FIELD = b"BODY[HEADER.FIELDS (MESSAGE-ID)]"
 TIMEOUT = 60.0
@@ -68,15 +69,22 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+# A folder's messages share a handful of flag combinations; keeping one frozenset per
+# combination (and one tzinfo, UTC, for every date) is most of what keeps memory flat
+# when a folder holds tens of thousands of messages.
+_FLAG_SETS: dict[frozenset[str], frozenset[str]] = {}
+
+
 def _flags(values: Sequence[Any]) -> frozenset[str]:
     # \Recent is per session, not a property of the message.
-    return frozenset(_text(flag) for flag in values if _text(flag).lower() != "\\recent")
+    flags = frozenset(_text(flag) for flag in values if _text(flag).lower() != "\\recent")
+    return _FLAG_SETS.setdefault(flags, flags)
 
 
 def _internaldate(value: Any) -> datetime | None:
     if not isinstance(value, datetime):
         return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _message_id(header: bytes | None) -> str | None:
