@@ -126,11 +126,6 @@ class RecordedFolder:
     complete: bool = True
     retired: tuple[RecordedMessage, ...] = ()
 
-    def base(self, present_count: int) -> SnapshotBase | None:
-        if self.uidvalidity is None or self.uidnext is None:
-            return None
-        return SnapshotBase(self.uidvalidity, self.uidnext, self.highestmodseq, present_count)
-
 
 @dataclass(frozen=True)
 class Policy:

@@ -58,7 +58,5 @@ class Store(Protocol):
 
     def read(self, location: str) -> bytes: ...
 
-    def count(self, folder: str) -> int: ...
-
 
 __all__ = ["FolderWriter", "Store", "Stored"]  # Stored lives in domain; stores hand it out

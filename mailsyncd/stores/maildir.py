@@ -148,10 +148,6 @@ class MaildirStore:
             path.unlink()
             fsync_dir(path.parent)
 
-    def count(self, folder: str) -> int:
-        directory = safe_join(self.root, folder) if folder else self.root
-        return sum(len(os.listdir(directory / sub)) for sub in ("new", "cur") if (directory / sub).is_dir())
-
 
 class MaildirWriter:
     """Writes a batch under tmp/ and publishes it at commit, in the order that keeps

@@ -125,13 +125,6 @@ class MboxStore:
     def remove(self, location: str) -> None:
         raise StoreError("mbox stores are append-only; mode = \"mirror\" needs a Maildir store")
 
-    def count(self, folder: str) -> int:
-        path = safe_join(self.root, folder)
-        if not path.exists():
-            return 0
-        with open(path, "rb") as handle:
-            return sum(1 for line in handle if line.startswith(b"From "))
-
 
 class MboxWriter:
     def __init__(self, folder: str, fd: int) -> None:
