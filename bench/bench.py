@@ -219,6 +219,8 @@ class SizeRun:
 
     def _three_rounds(self, tool: Tool, repetition: int) -> None:
         ws, ep, argv = self._prepare(tool, tool.name, repetition)
+        if isinstance(tool, tools.Mailsyncd):
+            self.results.mailsyncd_sources.append(f"{tool.name}#{repetition + 1}: {tools.mailsyncd_source_digest()}")
         initial = self.states.layouts[ep.user].total
         state_after: list[int] = []
         for round_name in measure.ROUNDS:

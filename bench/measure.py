@@ -137,6 +137,7 @@ class SizeResults:
     dataset: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     load: list[str] = field(default_factory=list)
+    mailsyncd_sources: list[str] = field(default_factory=list)  # source digest at each mailsyncd run
 
     def cell(self, tool: str, round_name: str) -> Cell:
         return self.cells.setdefault((tool, round_name), Cell())

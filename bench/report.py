@@ -113,6 +113,15 @@ def _protocol_sections(results: SizeResults, protocol: str, rows: Sequence[str],
     return out
 
 
+def _sources_row(results: SizeResults) -> list[str]:
+    """Which mailsyncd code each run used: others may commit while a long run goes on."""
+    if not results.mailsyncd_sources:
+        return []
+    digests = {entry.rsplit(": ", 1)[1] for entry in results.mailsyncd_sources}
+    warning = " **changed during the run**: " + ", ".join(results.mailsyncd_sources) if len(digests) > 1 else ""
+    return [f"| mailsyncd source (sha256 of mailsyncd/**/*.py) | {', '.join(sorted(digests))}{warning} |"]
+
+
 def _summary(results: SizeResults) -> list[str]:
     """One line per protocol and round: the wall-time ratio against every tool and lower bound."""
     out = ["## Summary: mailsyncd/tool wall time (median of paired ratios; > 1 means mailsyncd is slower)", "",
@@ -210,8 +219,10 @@ def render(results: SizeResults, done: Sequence[SizeResults], run: RunInfo) -> s
         "mailsyncd/tool computed pair by pair within each repetition (> 1: mailsyncd is slower)",
         f"- load average at start / end: {' / '.join(results.load)} (2-core machine shared with other "
         "jobs: medians, not means, for that reason)", "",
+        *(["## Notes", "", *(f"- {note}" for note in results.notes), ""] if results.notes else []),
         "## Machine and software", "", "| | |", "|---|---|",
         *(f"| {key} | {value} |" for key, value in run.environment.items()),
+        *_sources_row(results),
         "| server | private Dovecot on 127.0.0.1 (mailsyncd.devserver), implicit TLS with a throwaway CA, "
         "`mail_fsync = never`, Maildir LAYOUT=fs, CONDSTORE/QRESYNC available |", "",
         "## Data set", "", *(f"- {key}: {value}" for key, value in results.dataset.items()), "",
@@ -231,7 +242,5 @@ def render(results: SizeResults, done: Sequence[SizeResults], run: RunInfo) -> s
         "## Tool configuration", "", "| tool | settings | fsync |", "|---|---|---|",
     ]
     lines += [f"| {t.name} | {t.settings} | {t.fsync} |" for t in ALL_TOOLS.values() if t.name in run.tools]
-    if results.notes:
-        lines += ["", "## Notes", "", *(f"- {note}" for note in results.notes)]
     lines += ["", f"See {Path('bench/README.md')} for how the benchmark works and the fairness notes.", ""]
     return "\n".join(lines)

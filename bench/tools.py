@@ -109,6 +109,19 @@ class Tool:
         return sum(p.stat().st_size for p in ws.state.rglob("*") if p.is_file())
 
 
+def mailsyncd_source_digest() -> str:
+    """A short digest of the mailsyncd sources the venv runs (an editable install follows the tree)."""
+    import hashlib
+
+    import mailsyncd
+
+    digest = hashlib.sha256()
+    root = Path(mailsyncd.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 class Mailsyncd(Tool):
     name = "mailsyncd"
     syncs_flags = True
