@@ -242,7 +242,7 @@ def test_sigkill_at_random_moments(workdir: Path, dovecot: DovecotUser, store_fo
     box.assert_clean()
 
     kills = {"download": 0, "deletion": 0}
-    for cycle in range(4 * KILLS_PER_FORMAT):
+    for cycle in range(6 * KILLS_PER_FORMAT):
         if min(kills.values()) >= KILLS_PER_FORMAT // 2:
             break
         phase = "download" if kills["download"] <= kills["deletion"] else "deletion"
@@ -266,6 +266,10 @@ def test_sigkill_at_random_moments(workdir: Path, dovecot: DovecotUser, store_fo
             killed = process.wait() == -signal.SIGKILL
         # else it finished first; that run counts as a clean one
         kills[phase] += killed
+        if not killed and phase == "deletion":
+            # It finished first: the tail measured at calibration was longer than this
+            # run's (a loaded machine varies), so aim earlier next time.
+            tail /= 2
         box.assert_nothing_lost()
         box.sync()
         box.assert_clean()
