@@ -73,3 +73,19 @@ def test_safe_join_refuses_a_symlink_out(tmp_path: Path) -> None:
     (tmp_path / "root" / "link").symlink_to(tmp_path)
     with pytest.raises(UnsafePath):
         safe_join(tmp_path / "root", "link/x")
+
+
+@pytest.mark.parametrize(("name", "delimiter", "layout", "path"), [
+    ("a/b", ".", "maildir++", ".a%2Fb"),
+    ("a/b", ".", "fs", "a%2Fb"),
+    ("a/b", ".", "mbox", "a%2Fb"),
+    ("x/y/z", None, "fs", "x%2Fy%2Fz"),
+    ("x/y/z", None, "mbox", "x%2Fy%2Fz"),
+    ("../etc", None, "fs", "%2E.%2Fetc"),
+    ("Work.a/b", ".", "fs", "Work/a%2Fb"),
+])
+def test_a_slash_inside_one_level_never_makes_a_directory(name: str, delimiter: str | None, layout: Layout,
+                                                           path: str) -> None:
+    """A server whose delimiter is not "/" may put "/" inside a name: it is one level,
+    so it must not turn into a nested directory (or a way out of the folder)."""
+    assert folder_path(name, delimiter, layout) == path
