@@ -24,7 +24,6 @@ import pytest
 
 from mailsyncd.app import App
 from mailsyncd.config import load_config
-from mailsyncd.devserver import DevServer
 from mailsyncd.errors import AccountError
 from mailsyncd.secrets import Secret
 from mailsyncd.sources import imap
@@ -33,6 +32,7 @@ from tests.conftest import DovecotUser, require_dovecot
 from tests.crash.test_imap_crash import assert_exactly_once, fill
 from tests.helpers import REPO, expected, maildir_contents, run_cli, sync, wait_for
 from tests.proxy import CutProxy
+from tests.server_helpers import DevServer
 
 INTERVAL = 10  # seconds: the smallest the config allows
 JITTER = 1.0  # a tenth of it
