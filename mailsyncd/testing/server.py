@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from mailsyncd.testing import fill, launch
 from mailsyncd.testing.dovecot_config import Ports, make_certificates, render_config
@@ -98,7 +99,7 @@ class DovecotServer:
         self.stop()
         self.start()
 
-    def __enter__(self) -> DovecotServer:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
