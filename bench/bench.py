@@ -34,9 +34,11 @@ from measure import RunInfo, SizeResults
 from rawmail import Imap
 from tools import Endpoint, Tool, Workspace
 
-from mailsyncd.devserver import DevServer
-
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))  # the server's change helpers live with the tests
+
+from tests.server_helpers import DevServer  # noqa: E402 - after the path set-up above
+
 LOWER_BOUNDS = ("raw-imap", "raw-pop3", "cp")
 DEFAULT_TOOLS = (*tools.ALL_TOOLS, *LOWER_BOUNDS)
 IMAP_USER, POP_USER = "alice", "pop"

@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mailsyncd.devserver import DevServer  # noqa: E402 - after the path set-up above
+from mailsyncd.testing import DovecotServer  # noqa: E402 - after the path set-up above
 from tests.helpers import corpus_messages, write_config  # noqa: E402
 
 FOLDERS = ["INBOX", "Archive/2024", "Entwürfe", "Входящие", "A & B", "Lists/debian.devel"]
@@ -33,7 +33,7 @@ def timed(config: Path) -> tuple[float, float, int]:
 def main(store_format: str) -> None:
     files = corpus_messages()
     with tempfile.TemporaryDirectory(prefix="mailsyncd-corpus-") as work, \
-            DevServer(Path(work) / "server", users=(("u", "pw"),)) as server:
+            DovecotServer(Path(work) / "server", users=(("u", "pw"),)) as server:
         for index, folder in enumerate(FOLDERS):
             server.append_many("u", folder, [path.read_bytes() for path in files[index::len(FOLDERS)]])
         config = write_config(Path(work), server, "u", "pw", store_format)

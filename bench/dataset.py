@@ -17,8 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.header import Header
+from typing import TYPE_CHECKING
 
-from mailsyncd.devserver import DevServer
+if TYPE_CHECKING:  # bench.py puts the repository on the path and builds the server
+    from tests.server_helpers import DevServer
 
 _NAMED_FOLDERS = (
     "INBOX", "Archive/2021", "Archive/2022", "Archive/2023", "Lists/python-dev", "Lists/debian-devel",

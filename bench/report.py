@@ -223,7 +223,7 @@ def render(results: SizeResults, done: Sequence[SizeResults], run: RunInfo) -> s
         "## Machine and software", "", "| | |", "|---|---|",
         *(f"| {key} | {value} |" for key, value in run.environment.items()),
         *_sources_row(results),
-        "| server | private Dovecot on 127.0.0.1 (mailsyncd.devserver), implicit TLS with a throwaway CA, "
+        "| server | private Dovecot on 127.0.0.1 (mailsyncd.testing), implicit TLS with a throwaway CA, "
         "`mail_fsync = never`, Maildir LAYOUT=fs, CONDSTORE/QRESYNC available |", "",
         "## Data set", "", *(f"- {key}: {value}" for key, value in results.dataset.items()), "",
         "## Results", "",

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mailsyncd import __version__
+from mailsyncd import __version__, shipped
 from mailsyncd import config as config_module
 from mailsyncd import log as log_setup
 from mailsyncd.app import App
@@ -70,7 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
                                "needed")
     demo.add_argument("--dir", type=Path, default=None, help="where to put the demo (default: a temp dir)")
     demo.add_argument("--messages", type=int, default=300, help="how many messages to generate")
+    _add_shipped_commands(commands)
     return parser
+
+
+def _add_shipped_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
+    """Commands that hand out the files shipped with the program; they need no config."""
+    commands.add_parser("example-config", help="print the example config, every key explained")
+    units = commands.add_parser("systemd-units", help="print the systemd units, or install them with --install")
+    units.add_argument("--user", action="store_true", help="the unit for a user's own systemd instance "
+                       "(runs %%h/.local/bin/mailsyncd, where pipx puts it)")
+    units.add_argument("--install", type=Path, metavar="DIR", help="write the units into DIR, e.g. "
+                       "~/.config/systemd/user or /etc/systemd/system")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,6 +113,8 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("example-config", "systemd-units"):
+        return _shipped_files(args)
     if args.command == "demo":
         from mailsyncd.demo import run_demo  # only the demo needs the local server
 
@@ -131,7 +144,7 @@ def _selected(config: Config, names: Sequence[str]) -> list[AccountConfig]:
 def _sync(config: Config, args: argparse.Namespace) -> int:
     accounts = _selected(config, args.account)
     if not accounts:
-        log.warning("%s has no [[account]]; try `mailsyncd demo` or see config/mailsyncd.example.toml",
+        log.warning("%s has no [[account]]; try `mailsyncd demo` or see `mailsyncd example-config`",
                     config.path)
         return EXIT_OK
     progress: Progress | None = None
@@ -229,3 +242,18 @@ def _db_upgrade(config: Config) -> int:
     print(f"state database is at the newest schema: {config.general.state}")
     return EXIT_OK
 
+
+def _shipped_files(args: argparse.Namespace) -> int:
+    """Print the example config or the units, or write the units where systemd looks for them."""
+    if args.command == "example-config":
+        sys.stdout.write(shipped.example_config())
+        return EXIT_OK
+    units = shipped.systemd_units(user=args.user)
+    if args.install is None:
+        for name, text in units.items():
+            sys.stdout.write(f"# --- {name} ---\n{text}" if len(units) > 1 else text)
+        return EXIT_OK
+    for path in shipped.install_units(units, args.install.expanduser()):
+        print(f"installed {path}")
+    print(f"now run: systemctl{' --user' if args.user else ''} daemon-reload")
+    return EXIT_OK

@@ -287,8 +287,8 @@ def load_config(path: Path) -> Config:
             data = handle.read()
             mode = os.fstat(handle.fileno()).st_mode
     except FileNotFoundError:
-        raise ConfigError(path, "", "no such file; create it (see config/mailsyncd.example.toml) "
-                                    "or pass --config") from None
+        raise ConfigError(path, "", "no such file; create it (`mailsyncd example-config` prints an "
+                                    "example) or pass --config") from None
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read it: {exc.strerror}") from None
     try:

@@ -1,6 +1,6 @@
 """`mailsyncd demo`: the whole path on a throwaway server, with no account needed.
 
-Starts a private Dovecot on loopback (mailsyncd.devserver), fills a few folders with
+Starts a private Dovecot on loopback (mailsyncd.testing), fills a few folders with
 generated mail, syncs them into a Maildir with the same code as `mailsyncd sync`, shows
 a second sync that has nothing to do, and leaves the store behind for a look.
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 from mailsyncd import log as log_setup
 from mailsyncd.app import App
 from mailsyncd.config import load_config
-from mailsyncd.devserver import DevServer, find_dovecot
 from mailsyncd.errors import FatalError
 from mailsyncd.state import db
 from mailsyncd.sync.run import Progress
+from mailsyncd.testing import DovecotServer, find_dovecot
 
 FOLDERS = ("INBOX", "Archive/2024", "Entwürfe", "Lists/python")
 WORDS = ("mail", "sync", "durable", "archive", "folder", "server", "offline", "message", "flag", "backup")
@@ -47,7 +47,7 @@ def run_demo(directory: Path | None, count: int) -> int:
     root = directory or Path(tempfile.mkdtemp(prefix="mailsyncd-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     print(f"demo: starting a private Dovecot in {root / 'server'}")
-    with DevServer(root / "server", users=(("demo", "demo-password"),)) as server:
+    with DovecotServer(root / "server", users=(("demo", "demo-password"),)) as server:
         by_folder: dict[str, list[bytes]] = {}
         for folder, data in generate(count):
             by_folder.setdefault(folder, []).append(data)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from mailsyncd.devserver import DevServer, find_dovecot
+from mailsyncd.testing import find_dovecot
+from tests.server_helpers import DevServer
 
 _user_numbers = itertools.count(1)
 

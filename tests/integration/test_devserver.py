@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from mailsyncd.devserver import DevServer, DevServerError, decode_mutf7, encode_mutf7
+from mailsyncd.testing import DovecotError
 from tests.conftest import DovecotUser, require_dovecot
 from tests.proxy import CutProxy
+from tests.server_helpers import DevServer, decode_mutf7, encode_mutf7
 
 MESSAGE = b"From: a@example.org\r\nSubject: hello\r\n\r\nbody\r\n"
 
@@ -237,7 +238,7 @@ def test_restart_onto_a_taken_port_fails_with_the_log(own_server: DevServer) -> 
     own_server.start()
     own_server.stop()
     with socket.create_server((own_server.host, own_server.pop3_port)), \
-            pytest.raises(DevServerError, match="Address already in use"):
+            pytest.raises(DovecotError, match="Address already in use"):
         own_server.start()
     own_server.start()  # and works again once the port is free
     own_server.stop()

@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 from mailsyncd.app import App
 from mailsyncd.cli import main
 from mailsyncd.config import load_config
-from mailsyncd.devserver import DevServer
 from mailsyncd.errors import AccountError, AuthError, MessageError
 from mailsyncd.secrets import Secret
 from mailsyncd.sources import pop3
@@ -43,6 +42,7 @@ from tests.helpers import (
     write_config,
 )
 from tests.proxy import CutProxy
+from tests.server_helpers import DevServer
 
 FORMATS = ["maildir", "mbox"]
 

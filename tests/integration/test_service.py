@@ -24,7 +24,6 @@ import pytest
 
 from mailsyncd.app import App
 from mailsyncd.config import load_config
-from mailsyncd.devserver import DevServer
 from mailsyncd.errors import AccountError
 from mailsyncd.secrets import Secret
 from mailsyncd.sources import imap
@@ -33,6 +32,7 @@ from tests.conftest import DovecotUser, require_dovecot
 from tests.crash.test_imap_crash import assert_exactly_once, fill
 from tests.helpers import REPO, expected, maildir_contents, run_cli, sync, wait_for
 from tests.proxy import CutProxy
+from tests.server_helpers import DevServer
 
 INTERVAL = 10  # seconds: the smallest the config allows
 JITTER = 1.0  # a tenth of it
@@ -402,7 +402,8 @@ def test_the_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
                                              "mailsyncd-sync.service", "mailsyncd-sync.timer"}
     root = tmp_path / "root"
     stub = "#!/bin/sh\nexit 0\n"
-    for program in ("usr/bin/mailsyncd", "bin/kill"):
+    # The user unit runs %h/.local/bin/mailsyncd, where pipx puts it; %h is $HOME.
+    for program in ("usr/bin/mailsyncd", "home/user/.local/bin/mailsyncd", "bin/kill"):
         (root / program).parent.mkdir(parents=True, exist_ok=True)
         (root / program).write_text(stub)
         (root / program).chmod(0o755)
@@ -415,7 +416,8 @@ def test_the_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         shutil.copy(unit, root / "etc/systemd/system" / unit.name)
     for unit in units:
         done = subprocess.run([analyze, "verify", f"--root={root}", "--man=no", "--generators=no",
-                               f"/etc/systemd/system/{unit.name}"], capture_output=True, text=True, check=False)
+                               f"/etc/systemd/system/{unit.name}"], capture_output=True, text=True, check=False,
+                              env=clean_env(HOME="/home/user"))
         assert (done.returncode, done.stdout + done.stderr) == (0, ""), unit.name
     # The user unit once more in the scope it is meant for (--user takes no --root, so the
     # programs it runs point at the stand-ins).
@@ -424,9 +426,8 @@ def test_the_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     user_unit = tmp_path / "user" / "mailsyncd.service"
     user_unit.parent.mkdir()
     user_unit.write_text((REPO / "systemd" / "mailsyncd-user.service").read_text()
-                         .replace("=/usr/bin/mailsyncd ", f"={root}/usr/bin/mailsyncd ")
                          .replace("=/bin/kill ", f"={root}/bin/kill "))
     done = subprocess.run([analyze, "--user", "verify", "--man=no", "--generators=no", str(user_unit)],
                           capture_output=True, text=True, check=False,
-                          env=clean_env(XDG_RUNTIME_DIR=str(runtime)))
+                          env=clean_env(XDG_RUNTIME_DIR=str(runtime), HOME=str(root / "home/user")))
     assert (done.returncode, done.stdout + done.stderr) == (0, "")

@@ -334,7 +334,7 @@ def test_missing_file_says_how_to_create_one(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml")
     assert caught.value.key == ""
     assert str(caught.value) == (f"{tmp_path / 'nope.toml'}: no such file; create it "
-                                 "(see config/mailsyncd.example.toml) or pass --config")
+                                 "(`mailsyncd example-config` prints an example) or pass --config")
 
 
 def test_unreadable_and_undecodable_files(tmp_path: Path) -> None:

@@ -1,0 +1,1 @@
+"""The example config; ships inside the wheel as ``mailsyncd._config`` for `mailsyncd example-config`."""
