@@ -19,8 +19,8 @@ from mailsyncd.app import App
 from mailsyncd.config import load_config
 from mailsyncd.devserver import DevServer, find_dovecot
 from mailsyncd.errors import FatalError
+from mailsyncd.progress import Progress
 from mailsyncd.state import db
-from mailsyncd.sync.run import Progress
 
 FOLDERS = ("INBOX", "Archive/2024", "Entwürfe", "Lists/python")
 WORDS = ("mail", "sync", "durable", "archive", "folder", "server", "offline", "message", "flag", "backup")
