@@ -2,7 +2,7 @@
 
 It speaks in domain values, never ORM rows, and every method is one short transaction
 (one fsync with synchronous=FULL), so the executor can batch its writes and the order
-"durable, then recorded" is visible at the call sites in sync/run.py.
+"durable, then recorded" is visible at the call sites in sync/batch.py.
 """
 
 from __future__ import annotations

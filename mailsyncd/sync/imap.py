@@ -99,7 +99,7 @@ class FolderSync(Effects):
             self.checkpoint("uidvalidity")
         if plan.adopt:
             self.repo.adopt(plan.uidvalidity, [
-                (adoption.remote, adoption.copy, self._set_flags(adoption.copy.location, adoption.remote))
+                (adoption.remote, adoption.copy, self.adopt_flags(adoption.copy, adoption.remote))
                 for adoption in plan.adopt])
             self.counts.adopted += len(plan.adopt)
             self.checkpoint("adopt")
@@ -131,9 +131,10 @@ class FolderSync(Effects):
                                     MessageState.REMOVED)
             self.counts.removed += len(plan.remove)
 
-    def _set_flags(self, location: str | None, remote: RemoteMessage) -> str:
-        assert location is not None  # the planner adopts only copies with a location
-        return self.store.set_flags(location, remote.flags)
+    def adopt_flags(self, copy: RecordedMessage, remote: RemoteMessage) -> str:
+        """Give a local copy being adopted the server's flags; returns its location."""
+        assert copy.location is not None  # the planner adopts only copies with a location
+        return self.store.set_flags(copy.location, remote.flags)
 
     def _fetch(self, folder_id: int, name: str, path: str, plan: Plan) -> None:
         pool: dict[tuple[str, int], list[RecordedMessage]] = {}
@@ -187,7 +188,7 @@ class ImapLedger:
         if not copies:
             return False
         copy = copies.pop()
-        self.adopted.append((message, copy, self.folder._set_flags(copy.location, message)))
+        self.adopted.append((message, copy, self.folder.adopt_flags(copy, message)))
         return True
 
     def finish(self, done: Sequence[tuple[RemoteMessage, Stored, str | None]],

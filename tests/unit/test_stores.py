@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import mailbox
 import os
 import stat
@@ -147,3 +148,32 @@ def test_a_live_dotlock_is_respected(tmp_path: Path) -> None:
     (tmp_path / "INBOX.lock").write_text(f"{os.getpid()}@{socket.gethostname()}\n")
     with pytest.raises(TimeoutError), dotlock(tmp_path / "INBOX", timeout=0.2):
         pass
+
+
+def test_commit_hands_out_stored_values_in_write_order_and_only_once(tmp_path: Path) -> None:
+    for store in (MaildirStore(tmp_path / "maildir"), MboxStore(tmp_path / "mbox")):
+        messages = [b"Subject: one\n\n1\n", b"Subject: two\n\n2\n", b"Subject: three\n\n3\n"]
+        with store.open_folder("INBOX") as writer:
+            reservations = [writer.reserve(frozenset(), WHEN) for _ in messages]
+            for reservation, data in zip(reversed(reservations), reversed(messages), strict=True):
+                reservation.write(data)
+            stored = writer.commit()
+            assert writer.commit() == []
+        assert [store.read(s.location) for s in stored] == list(reversed(messages))
+        assert [s.sha256 for s in stored] == [hashlib.sha256(data).hexdigest() for data in reversed(messages)]
+
+
+def test_an_mbox_reservation_left_unwritten_never_points_behind_a_commit(tmp_path: Path) -> None:
+    """Recovery cuts an mbox back to a pending intent's offset: an intent still open
+    after its batch committed must name the committed end, not the batch's start."""
+    store = MboxStore(tmp_path)
+    with store.open_folder("INBOX") as writer:
+        written, unwritten = writer.reserve(frozenset(), WHEN), writer.reserve(frozenset(), WHEN)
+        assert written.location == unwritten.location == "INBOX@0"
+        written.write(b"Subject: kept\n\nx\n")
+        [stored] = writer.commit()
+        size = (tmp_path / "INBOX").stat().st_size
+        assert unwritten.location == f"INBOX@{size}"
+    assert store.recover([unwritten.location]) == {}
+    assert store.read(stored.location) == b"Subject: kept\n\nx\n"
+    assert (tmp_path / "INBOX").stat().st_size == size
