@@ -69,8 +69,9 @@ class PopSync(Effects):
         self.progress.start_folder(self.account, INBOX, len(fetches), sum(size for _, _, size in fetches))
         try:
             with self.store.open_folder(self.store.folder_path(INBOX, None)) as writer:
+                ledger = PopLedger(self)
                 for batch in batches(fetches, _size, FETCH_BUDGET, BATCH_MAX_COUNT):
-                    store_batch(self, writer, PopLedger(self), batch)
+                    store_batch(self, writer, ledger, batch)
         finally:
             self.progress.end_folder()
 
