@@ -16,25 +16,21 @@ from sqlalchemy import Engine
 from mailsyncd.config import AccountConfig, Config
 from mailsyncd.domain import Mode, Policy, PopPolicy
 from mailsyncd.errors import Interrupted, MailsyncError
+from mailsyncd.fsio import make_private_dirs
 from mailsyncd.log import register_secret
+from mailsyncd.progress import Progress
 from mailsyncd.secrets import resolve_password
 from mailsyncd.sources import imap, pop3
 from mailsyncd.state import db
 from mailsyncd.state.repo import StateRepo
 from mailsyncd.stores.base import Store
-from mailsyncd.stores.fsio import make_private_dirs
 from mailsyncd.stores.maildir import MaildirStore
 from mailsyncd.stores.mbox import MboxStore
+from mailsyncd.sync.effects import Checkpoint, Counts, no_checkpoint
+from mailsyncd.sync.imap import sync_folders
+from mailsyncd.sync.plan import select_folders
 from mailsyncd.sync.pop import sync_pop
-from mailsyncd.sync.run import (
-    Checkpoint,
-    Counts,
-    Progress,
-    no_checkpoint,
-    recover,
-    select_folders,
-    sync_folders,
-)
+from mailsyncd.sync.recover import recover
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from mailsyncd import log as log_setup
 from mailsyncd.app import App
 from mailsyncd.config import AccountConfig, Config, load_config
 from mailsyncd.errors import AccountError, FatalError, MailsyncError
+from mailsyncd.progress import Progress
 from mailsyncd.state import db
-from mailsyncd.sync.run import Progress
 
 log = logging.getLogger("mailsyncd")
 
@@ -206,7 +206,7 @@ def _status(config: Config, as_json: bool) -> int:
 def _check(config: Config) -> int:
     from mailsyncd.secrets import resolve_password
     from mailsyncd.sources import imap, pop3
-    from mailsyncd.sync.run import select_folders
+    from mailsyncd.sync.plan import select_folders
 
     failed = False
     for account in config.accounts:

@@ -18,8 +18,8 @@ from mailsyncd import log as log_setup
 from mailsyncd.app import App
 from mailsyncd.config import load_config
 from mailsyncd.errors import FatalError
+from mailsyncd.progress import Progress
 from mailsyncd.state import db
-from mailsyncd.sync.run import Progress
 from mailsyncd.testing import DovecotServer, find_dovecot
 
 FOLDERS = ("INBOX", "Archive/2024", "Entwürfe", "Lists/python")

@@ -77,8 +77,8 @@ class SnapshotBase:
 class FolderSnapshot:
     """The server's view of one folder, as much of it as the source had to ask for.
 
-    ``full`` means every message on the server is listed in ``new`` (first sync, or
-    UIDVALIDITY changed). Otherwise ``new`` lists UIDs >= base.uidnext, ``changed_flags``
+    With no base (first sync) or a changed UIDVALIDITY, every message on the server is
+    listed in ``new`` and ``present``. Otherwise ``new`` lists UIDs >= base.uidnext, ``changed_flags``
     the flags of older UIDs that may have changed, and expunges are told by ``present``
     (the complete set of older UIDs still on the server) or ``vanished``; when both are
     empty the source proved that no older UID vanished.
@@ -92,7 +92,6 @@ class FolderSnapshot:
     changed_flags: Mapping[int, Flags] = field(default_factory=dict)
     present: frozenset[int] | None = None
     vanished: frozenset[int] = frozenset()
-    full: bool = False
 
 
 @dataclass(frozen=True, slots=True)  # one per message: thousands at once

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import TextIO
 
-from mailsyncd.sync.run import Progress
+from mailsyncd.progress import Progress
 
 _SECRETS: set[str] = set()
 

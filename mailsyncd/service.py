@@ -55,7 +55,7 @@ from mailsyncd.log import register_secret
 from mailsyncd.secrets import resolve_password
 from mailsyncd.sources import imap
 from mailsyncd.state import db
-from mailsyncd.sync.run import Counts
+from mailsyncd.sync.effects import Counts
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ and FolderError when one folder cannot be read; nothing else escapes it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Iterable, Sequence
 from typing import Protocol
 
 from mailsyncd.domain import FolderInfo, FolderSnapshot, PopListing, SnapshotBase
@@ -22,8 +22,12 @@ class ImapSource(Protocol):
         selected for ``fetch``."""
         ...
 
-    def fetch(self, name: str, uids: Sequence[int]) -> dict[int, bytes]:
-        """Raw bodies of the selected folder; a UID expunged meanwhile is left out."""
+    def fetch_ahead(self, name: str, batches: Iterable[Sequence[int]]
+                    ) -> Generator[dict[int, bytes], None, None]:
+        """Raw bodies of the selected folder, one dict per batch of UIDs, in order; a UID
+        expunged meanwhile is left out. The source may fetch the next batch while the
+        caller handles this one, so the caller uses the source for nothing else until the
+        iterator is exhausted or closed (closing it waits for a fetch under way)."""
         ...
 
 

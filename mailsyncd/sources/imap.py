@@ -14,12 +14,14 @@ when the counts differ.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import select
 import socket
 import ssl
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from imapclient import exceptions as imap_errors
 from mailsyncd.config import AccountConfig
 from mailsyncd.domain import FolderInfo, FolderSnapshot, RemoteMessage, SnapshotBase
 from mailsyncd.errors import AccountError, AuthError, FolderError
+from mailsyncd.message import message_id
 from mailsyncd.secrets import Secret
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,7 @@ UID_CHUNK = 1000
 META = [b"UID", b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE"]
 MESSAGE_ID_FIELD = b"BODY[HEADER.FIELDS (MESSAGE-ID)]"
 TIMEOUT = 60.0
+IDLE_RENEW = 29 * 60.0  # RFC 2177: servers may drop an IDLE after 30 minutes, so re-issue it before
 
 
 def tls_context(account: AccountConfig) -> ssl.SSLContext:
@@ -85,14 +89,6 @@ def _internaldate(value: Any) -> datetime | None:
     if not isinstance(value, datetime):
         return None
     return value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-def _message_id(header: bytes | None) -> str | None:
-    if not header:
-        return None
-    _, _, value = header.partition(b":")
-    text = b" ".join(value.split()).decode("utf-8", "replace").strip()
-    return text or None
 
 
 @contextlib.contextmanager
@@ -187,7 +183,7 @@ class ImapSession:
                 uids = self._client.search("ALL") if exists else []
                 new = self._metadata(uids, with_message_id=base is not None)
                 return FolderSnapshot(uidvalidity, uidnext or _next(new), highestmodseq, exists, new=new,
-                                      present=frozenset(message.uid for message in new), full=True)
+                                      present=frozenset(message.uid for message in new))
             return self._incremental(base, uidvalidity, uidnext, highestmodseq, exists)
 
     def _incremental(self, base: SnapshotBase, uidvalidity: int, uidnext: int, highestmodseq: int | None,
@@ -232,7 +228,7 @@ class ImapSession:
                 out.append(RemoteMessage(
                     uid=uid, size=int(item.get(b"RFC822.SIZE", 0)), flags=_flags(item.get(b"FLAGS", ())),
                     internaldate=_internaldate(item.get(b"INTERNALDATE")),
-                    message_id=_message_id(item.get(MESSAGE_ID_FIELD)) if with_message_id else None))
+                    message_id=message_id(item.get(MESSAGE_ID_FIELD) or b"") if with_message_id else None))
         return tuple(sorted(out, key=lambda message: message.uid))
 
     def _flags_of(self, uids: Sequence[int]) -> dict[int, frozenset[str]]:
@@ -250,6 +246,39 @@ class ImapSession:
         with self._folder_errors(name):
             response = self._client.fetch(list(uids), [b"BODY.PEEK[]"])
         return {uid: item[b"BODY[]"] for uid, item in response.items() if item.get(b"BODY[]") is not None}
+
+    def fetch_ahead(self, name: str, batches: Iterable[Sequence[int]]
+                    ) -> Generator[dict[int, bytes], None, None]:
+        """``fetch`` for each batch of UIDs in turn, batch k+1 on a helper thread while
+        the caller writes batch k: the network and the disk overlap, and at most two
+        batches are in memory at once. Only that thread uses the connection until it is
+        joined, which closing the iterator does; so the caller uses the session for
+        nothing else until the iterator is exhausted or closed."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch") as fetcher:
+            upcoming = iter(batches)
+            batch = next(upcoming, None)
+            pending = fetcher.submit(self.fetch, name, batch) if batch is not None else None
+            try:
+                while pending is not None:
+                    following = next(upcoming, None)
+                    bodies = pending.result()  # raise fetch errors here, before the next request
+                    pending = fetcher.submit(self.fetch, name, following) if following is not None else None
+                    yield bodies
+            finally:
+                if pending is not None:
+                    pending.cancel()
+                    with contextlib.suppress(Exception):
+                        pending.result()  # the connection is ours again only after this
+
+    def watch(self, folder: str, renew: float = IDLE_RENEW) -> IdleWatcher:
+        """Give this connection over to watching ``folder`` (opened read-only with
+        EXAMINE); the watcher closes the session when it is closed. Raises FolderError
+        when the folder cannot be opened. Check ``supports_idle`` before calling ``wait``."""
+        with self._folder_errors(folder):
+            self._client.select_folder(folder, readonly=True)  # EXAMINE: watching changes nothing
+            supports_idle = bool(self._client.has_capability("IDLE"))
+        return IdleWatcher(self._client, functools.partial(_errors, self._account, self._host), self.close,
+                           folder, supports_idle, renew)
 
     @contextlib.contextmanager
     def _folder_errors(self, name: str) -> Iterator[None]:
@@ -270,7 +299,6 @@ def _next(messages: Sequence[RemoteMessage]) -> int:
 
 # --- IDLE (RFC 2177): the daemon's push notifications ---------------------------------
 
-IDLE_RENEW = 29 * 60.0  # RFC 2177: servers may drop an IDLE after 30 minutes, so re-issue it before
 _CHANGES = frozenset({b"EXISTS", b"EXPUNGE", b"FETCH", b"VANISHED"})
 
 
@@ -282,7 +310,7 @@ def watch_folder(account: AccountConfig, password: Secret, folder: str, renew: f
     """
     session = connect(account, password)
     try:
-        return IdleWatcher(session, folder, renew)
+        return session.watch(folder, renew)
     except BaseException:
         session.close()
         raise
@@ -299,15 +327,15 @@ class IdleWatcher:
     AccountError, so the caller reconnects.
     """
 
-    def __init__(self, session: ImapSession, folder: str, renew: float = IDLE_RENEW) -> None:
-        self._session = session
-        self._client = session._client
+    def __init__(self, client: IMAPClient, errors: Callable[[], contextlib.AbstractContextManager[None]],
+                 close: Callable[[], None], folder: str, supports_idle: bool, renew: float = IDLE_RENEW) -> None:
+        self._client = client
+        self._errors = errors  # the session's wording of connection errors
+        self._close = close  # ends the session the connection belongs to
         self.folder = folder
+        self.supports_idle = supports_idle
         self.renew = renew
         self._idle_since: float | None = None  # monotonic time of the running IDLE command
-        with session._folder_errors(folder):
-            self._client.select_folder(folder, readonly=True)  # EXAMINE: watching changes nothing
-            self.supports_idle = bool(self._client.has_capability("IDLE"))
         _keepalive(self._client.socket())
 
     def __enter__(self) -> IdleWatcher:
@@ -323,10 +351,10 @@ class IdleWatcher:
             if self._idle_since is not None:
                 self._idle_since = None
                 self._client.idle_done()
-        self._session.close()
+        self._close()
 
     def wait(self, timeout: float) -> bool:
-        with _errors(self._session._account, self._session._host), _closed_is_lost():
+        with self._errors(), _closed_is_lost():
             renew_due = self._idle_since is not None and time.monotonic() - self._idle_since >= self.renew
             if renew_due and self._end_idle():
                 return True

@@ -30,6 +30,7 @@ from typing import cast
 from mailsyncd.config import AccountConfig
 from mailsyncd.domain import PopListing
 from mailsyncd.errors import AccountError, AuthError, MessageError
+from mailsyncd.message import to_lf
 from mailsyncd.secrets import Secret
 from mailsyncd.sources.imap import tls_context
 
@@ -350,7 +351,7 @@ class Pop3Session:
         if body.startswith(b"."):
             body = body[1:]
         body = body.replace(b"\n.", b"\n")
-        return body.replace(b"\r\n", b"\n")
+        return to_lf(body)
 
     def delete(self, number: int) -> None:
         """DELE: marks only; the server expunges after QUIT answers +OK."""

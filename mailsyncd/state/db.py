@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from mailsyncd.errors import AlreadyRunning, StateError
-from mailsyncd.stores.fsio import PRIVATE_FILE, make_private_dirs
+from mailsyncd.fsio import PRIVATE_FILE, make_private_dirs
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig

@@ -2,15 +2,15 @@
 
 It speaks in domain values, never ORM rows, and every method is one short transaction
 (one fsync with synchronous=FULL), so the executor can batch its writes and the order
-"durable, then recorded" is visible at the call sites in sync/run.py.
+"durable, then recorded" is visible at the call sites in sync/batch.py.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import Enum
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, case, delete, func, insert, select, update
@@ -29,18 +29,6 @@ from mailsyncd.domain import (
 from mailsyncd.state.models import ACCOUNTS, FOLDERS, MESSAGES
 from mailsyncd.state.models import POP_MESSAGES as POP
 from mailsyncd.state.models import SYNC_RUNS as RUNS
-
-_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(.*(?:\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
-
-
-def message_id_of(data: bytes) -> str | None:
-    """The Message-ID from a message's header block, or None; never raises on junk."""
-    header = data.split(b"\n\n", 1)[0]
-    match = _MESSAGE_ID.search(header)
-    if not match:
-        return None
-    value = b" ".join(match.group(1).split()).decode("utf-8", "replace").strip()
-    return value or None
 
 
 def _flags_text(flags: Flags) -> str:
@@ -68,9 +56,18 @@ class KnownFolder:
     uidvalidity: int | None
     uidnext: int | None
     highestmodseq: int | None
-    last_sync: datetime | None
     last_error: str | None
     on_server: bool
+
+
+class IntentKind(Enum):
+    """Which protocol's messages an intent belongs to."""
+
+    IMAP = "imap"
+    POP = "pop"
+
+
+_INTENT_TABLES = {IntentKind.IMAP: MESSAGES, IntentKind.POP: POP}
 
 
 @dataclass(frozen=True)
@@ -79,7 +76,7 @@ class Pending:
 
     row_id: int
     location: str
-    table: str  # "messages" or "pop_messages"
+    kind: IntentKind
 
 
 def _message(row: Any) -> RecordedMessage:
@@ -107,7 +104,7 @@ class StateRepo:
             rows = connection.execute(select(FOLDERS).where(FOLDERS.c.account_id == account_id)
                                       .order_by(FOLDERS.c.name))
             return [KnownFolder(row.id, row.name, row.delimiter, row.path, row.uidvalidity, row.uidnext,
-                                row.highestmodseq, row.last_sync, row.last_error, row.on_server)
+                                row.highestmodseq, row.last_error, row.on_server)
                     for row in rows]
 
     def upsert_folder(self, account_id: int, info: FolderInfo, path: str) -> int:
@@ -212,25 +209,42 @@ class StateRepo:
                 for remote, location in intents])
 
     def finish_batch(self, folder_id: int, uidvalidity: int,
-                     done: Sequence[tuple[RemoteMessage, Stored, str | None]], forgotten: Iterable[int],
+                     done: Sequence[tuple[RemoteMessage, Stored, str | None]],
+                     unfinished: Sequence[tuple[RemoteMessage, str]],
                      adopted: Sequence[tuple[RemoteMessage, RecordedMessage, str]]) -> None:
         """Record a committed batch in ONE transaction: the stored messages (only those
-        whose store commit has returned, invariant 1), the intents that came to nothing,
-        and copies re-adopted by hash. One transaction matters for mbox: a pending row
-        left beside stored ones would make recovery cut the file back over them."""
+        whose store commit has returned, invariant 1), the intents not yet finished at
+        the location their reservation names now, and copies re-adopted by hash (whose
+        own intents end here). One transaction matters for mbox: a pending row left
+        behind stored ones would make recovery cut the file back over them."""
+        uid = MESSAGES.c.uid == bindparam("b_uid")
         with self.engine.begin() as connection:
             if done:
                 connection.execute(update(MESSAGES).where(
-                    MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
-                    MESSAGES.c.uid == bindparam("b_uid"),
+                    MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity, uid,
                 ).values(state=MessageState.STORED, location=bindparam("b_location"),
                          sha256=bindparam("b_sha256"), message_id=bindparam("b_message_id")), [
                     {"b_uid": remote.uid, "b_location": stored.location, "b_sha256": stored.sha256,
                      "b_message_id": message_id} for remote, stored, message_id in done])
+            if unfinished:
+                connection.execute(update(MESSAGES).where(
+                    MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity, uid,
+                    MESSAGES.c.state == MessageState.PENDING,
+                ).values(location=bindparam("b_location")), [
+                    {"b_uid": remote.uid, "b_location": location} for remote, location in unfinished])
+            self._forget(connection, folder_id, uidvalidity, [remote.uid for remote, _, _ in adopted])
+            self._adopt(connection, uidvalidity, adopted)
+
+    def forget(self, folder_id: int, uidvalidity: int, uids: Sequence[int]) -> None:
+        """Intents that came to nothing this run: dropped, so they are fetched again."""
+        with self.engine.begin() as connection:
+            self._forget(connection, folder_id, uidvalidity, uids)
+
+    def _forget(self, connection: Connection, folder_id: int, uidvalidity: int, uids: Sequence[int]) -> None:
+        if uids:
             connection.execute(delete(MESSAGES).where(
                 MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
-                MESSAGES.c.uid.in_(list(forgotten)), MESSAGES.c.state == MessageState.PENDING))
-            self._adopt(connection, uidvalidity, adopted)
+                MESSAGES.c.uid.in_(list(uids)), MESSAGES.c.state == MessageState.PENDING))
 
     def record_skipped(self, folder_id: int, uidvalidity: int, remotes: Sequence[RemoteMessage]) -> None:
         if not remotes:
@@ -294,19 +308,18 @@ class StateRepo:
                 FOLDERS.c.account_id == account_id, MESSAGES.c.state == MessageState.PENDING))
             pop = connection.execute(select(POP.c.id, POP.c.location).where(
                 POP.c.account_id == account_id, POP.c.state == MessageState.PENDING))
-            return ([Pending(row.id, row.location, "messages") for row in imap]
-                    + [Pending(row.id, row.location, "pop_messages") for row in pop])
+            return ([Pending(row.id, row.location, IntentKind.IMAP) for row in imap]
+                    + [Pending(row.id, row.location, IntentKind.POP) for row in pop])
 
     def resolve_pending(self, adopted: Sequence[tuple[Pending, Stored]], forgotten: Sequence[Pending]) -> None:
         """Adopted intents become stored; the others are dropped so they are fetched again."""
-        tables = {"messages": MESSAGES, "pop_messages": POP}
         with self.engine.begin() as connection:
             for intent, stored in adopted:
-                table = tables[intent.table]
+                table = _INTENT_TABLES[intent.kind]
                 connection.execute(update(table).where(table.c.id == intent.row_id).values(
                     state=MessageState.STORED, location=stored.location, sha256=stored.sha256))
             for intent in forgotten:
-                table = tables[intent.table]
+                table = _INTENT_TABLES[intent.kind]
                 connection.execute(delete(table).where(table.c.id == intent.row_id))
 
     # --- POP3 ---------------------------------------------------------------------------
@@ -330,16 +343,30 @@ class StateRepo:
                 {"account_id": account_id, "uidl": uidl, "state": MessageState.PENDING, "location": location,
                  "size": size, "first_seen": now} for uidl, size, location in intents])
 
-    def pop_mark_stored(self, account_id: int, done: Sequence[tuple[str, Stored, str | None]]) -> None:
-        if not done:
-            return
-        statement = update(POP).where(POP.c.account_id == account_id, POP.c.uidl == bindparam("b_uidl")).values(
-            state=MessageState.STORED, location=bindparam("b_location"), sha256=bindparam("b_sha256"),
-            message_id=bindparam("b_message_id"))
+    def pop_finish_batch(self, account_id: int, done: Sequence[tuple[str, Stored, str | None]],
+                         unfinished: Sequence[tuple[str, str]]) -> None:
+        """Record a committed batch in ONE transaction, as ``finish_batch`` does for IMAP:
+        the stored messages, and the (uidl, location) intents not yet finished at the
+        location their reservation names now."""
+        uidl = POP.c.uidl == bindparam("b_uidl")
         with self.engine.begin() as connection:
-            connection.execute(statement, [
-                {"b_uidl": uidl, "b_location": stored.location, "b_sha256": stored.sha256, "b_message_id": message_id}
-                for uidl, stored, message_id in done])
+            if done:
+                connection.execute(update(POP).where(POP.c.account_id == account_id, uidl).values(
+                    state=MessageState.STORED, location=bindparam("b_location"), sha256=bindparam("b_sha256"),
+                    message_id=bindparam("b_message_id")), [
+                    {"b_uidl": key, "b_location": stored.location, "b_sha256": stored.sha256,
+                     "b_message_id": message_id} for key, stored, message_id in done])
+            if unfinished:
+                connection.execute(update(POP).where(
+                    POP.c.account_id == account_id, uidl, POP.c.state == MessageState.PENDING,
+                ).values(location=bindparam("b_location")), [
+                    {"b_uidl": key, "b_location": location} for key, location in unfinished])
+
+    def pop_forget(self, account_id: int, uidls: Sequence[str]) -> None:
+        """Intents that came to nothing this run: dropped, so they are fetched again."""
+        with self.engine.begin() as connection:
+            connection.execute(delete(POP).where(POP.c.account_id == account_id, POP.c.uidl.in_(list(uidls)),
+                                                 POP.c.state == MessageState.PENDING))
 
     def pop_record_skipped(self, account_id: int, skipped: Sequence[tuple[str, int]]) -> None:
         if not skipped:

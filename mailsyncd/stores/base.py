@@ -7,10 +7,15 @@ protocol (invariant 1):
 1. ``open_folder`` locks what needs locking and yields a ``FolderWriter``;
 2. ``reserve`` tells where a message will go, before any byte is written, so that the
    intent can be recorded;
-3. ``add`` writes one message; it may return before the message is durable;
-4. ``commit`` makes every message added so far durable. Only after it returns may
-   they be recorded as stored. Leaving the ``with`` block without ``commit`` undoes
-   what was not committed where the format allows it (mbox truncates back).
+3. ``Reservation.write`` writes one message; it may return before the message is durable;
+4. ``commit`` makes every message written so far durable and only then hands out their
+   ``Stored`` values: a ``Stored`` exists only for bytes that are durable, so whatever
+   holds one may record it as stored. Leaving the ``with`` block without ``commit``
+   undoes what was not committed where the format allows it (mbox truncates back).
+
+A reservation that was never written keeps a ``location`` that recovery may act on:
+after a commit it no longer points behind the committed messages (mbox cuts a file back
+to it), so an unfinished intent may stay recorded beside stored ones.
 
 ``recover`` is called at start with the locations of intents that never became
 ``stored``; it reports which of them are whole in the store (to adopt) and clears away
@@ -25,15 +30,31 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from mailsyncd.domain import Flags, Stored
+from mailsyncd.domain import NO_FLAGS, Flags, Stored
+
+
+class Reservation(Protocol):
+    """One message's place in the store, handed out before its bytes exist."""
+
+    @property
+    def location(self) -> str:
+        """What the intent records; see the module's note on unwritten reservations."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """The message's bytes (LF line ends), at most once; durable only at commit."""
+        ...
 
 
 class FolderWriter(Protocol):
-    def reserve(self, flags: Flags) -> str: ...
+    def reserve(self, flags: Flags = NO_FLAGS, internaldate: datetime | None = None) -> Reservation:
+        """A place for one message with these flags and this INTERNALDATE."""
+        ...
 
-    def add(self, location: str, data: bytes, flags: Flags, internaldate: datetime | None) -> Stored: ...
-
-    def commit(self) -> None: ...
+    def commit(self) -> list[Stored]:
+        """Make every reservation written since the last commit durable; their
+        ``Stored`` values, in the order they were written."""
+        ...
 
 
 class Store(Protocol):
@@ -59,4 +80,4 @@ class Store(Protocol):
     def read(self, location: str) -> bytes: ...
 
 
-__all__ = ["FolderWriter", "Store", "Stored"]  # Stored lives in domain; stores hand it out
+__all__ = ["FolderWriter", "Reservation", "Store", "Stored"]  # Stored lives in domain; stores hand it out

@@ -10,7 +10,6 @@ mail reader has since moved it to ``cur/`` or changed its flags.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import os
 import socket
@@ -20,9 +19,10 @@ from datetime import datetime
 from pathlib import Path
 
 from mailsyncd import names
-from mailsyncd.domain import Flags, Stored
+from mailsyncd.domain import NO_FLAGS, Flags, Stored
 from mailsyncd.errors import StoreError
-from mailsyncd.stores.fsio import fsync_dir, make_private_dirs, safe_join, sync_files, write_new_file
+from mailsyncd.fsio import fsync_dir, make_private_dirs, safe_join, sync_files, write_new_file
+from mailsyncd.message import digest
 
 SUBDIRS = ("tmp", "new", "cur")
 INFO = ":2,"
@@ -122,7 +122,7 @@ class MaildirStore:
             current = self.find(location)
             if current is not None:
                 data = self._path(current).read_bytes()
-                found[location] = Stored(current, hashlib.sha256(data).hexdigest())
+                found[location] = Stored(current, digest(data))
         return found
 
     def set_flags(self, location: str, flags: Flags) -> str:
@@ -158,38 +158,51 @@ class MaildirWriter:
         self._store = store
         self._prefix = f"{folder}/" if folder else ""
         self._directory = directory
-        self._written: list[tuple[Path, Path]] = []  # (tmp, final) not yet published
+        self._written: list[tuple[Path, Path, Stored]] = []  # (tmp, final, what) not yet published
 
-    def reserve(self, flags: Flags) -> str:
+    def reserve(self, flags: Flags = NO_FLAGS, internaldate: datetime | None = None) -> MaildirReservation:
         letters = info_letters(flags)
         base = self._store._unique()
         if letters or "\\seen" in {flag.lower() for flag in flags}:
-            return f"{self._prefix}cur/{base}{INFO}{letters}"
-        return f"{self._prefix}new/{base}"
+            return MaildirReservation(self, f"{self._prefix}cur/{base}{INFO}{letters}", internaldate)
+        return MaildirReservation(self, f"{self._prefix}new/{base}", internaldate)
 
-    def add(self, location: str, data: bytes, flags: Flags, internaldate: datetime | None) -> Stored:
+    def _write(self, location: str, data: bytes, internaldate: datetime | None) -> None:
         _, sub, name = self._store._split(location)
         tmp = self._directory / "tmp" / name.split(INFO, 1)[0]
         mtime = internaldate.timestamp() if internaldate is not None else None
         write_new_file(tmp, data, mtime, sync=False)
-        self._written.append((tmp, self._directory / sub / name))
-        return Stored(location, hashlib.sha256(data).hexdigest())
+        self._written.append((tmp, self._directory / sub / name, Stored(location, digest(data))))
 
-    def commit(self) -> None:
+    def commit(self) -> list[Stored]:
         if not self._written:
-            return
+            return []
         # Order matters: no name is published before every byte behind it is on disk,
         # so no reader and no recovery ever sees a torn message.
-        sync_files([tmp for tmp, _ in self._written], self._directory)
-        for tmp, final in self._written:
+        sync_files([tmp for tmp, _, _ in self._written], self._directory)
+        for tmp, final, _ in self._written:
             os.rename(tmp, final)
-        for sub in sorted({final.parent for _, final in self._written} | {self._directory / "tmp"}):
+        for sub in sorted({final.parent for _, final, _ in self._written} | {self._directory / "tmp"}):
             fsync_dir(sub)
+        stored = [what for _, _, what in self._written]
         self._written.clear()
+        return stored
 
     def rollback(self) -> None:
         """Unpublished temporaries are removed; recovery would do it too, but sooner is tidier."""
-        for tmp, _ in self._written:
+        for tmp, _, _ in self._written:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         self._written.clear()
+
+
+class MaildirReservation:
+    """A unique name, chosen before the write: recovery finds the file again by it."""
+
+    def __init__(self, writer: MaildirWriter, location: str, internaldate: datetime | None) -> None:
+        self._writer = writer
+        self.location = location
+        self._internaldate = internaldate
+
+    def write(self, data: bytes) -> None:
+        self._writer._write(self.location, data, self._internaldate)

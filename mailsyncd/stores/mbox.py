@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
-import hashlib
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -20,9 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mailsyncd import names
-from mailsyncd.domain import Flags, Stored
+from mailsyncd.domain import NO_FLAGS, Flags, Stored
 from mailsyncd.errors import StoreError
-from mailsyncd.stores.fsio import locked_file, make_private_dirs, safe_join
+from mailsyncd.fsio import locked_file, make_private_dirs, safe_join
+from mailsyncd.message import digest, header_block
 
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
 _UNESCAPE = re.compile(rb"^>(>*From )", re.MULTILINE)
@@ -39,8 +39,7 @@ def unescape(data: bytes) -> bytes:
 
 
 def _sender(data: bytes) -> str:
-    header = data.split(b"\n\n", 1)[0]
-    match = _HEADER_SENDER.search(header)
+    match = _HEADER_SENDER.search(header_block(data))
     if match:
         address = email.utils.parseaddr(match.group(1).decode("ascii", "replace"))[1]
         if address and " " not in address and address.isprintable():
@@ -132,13 +131,17 @@ class MboxWriter:
         self._fd = fd
         self._committed = os.fstat(fd).st_size
         self._end = self._committed
+        self._written: list[Stored] = []  # appended since the last commit
 
-    def reserve(self, flags: Flags) -> str:
+    def reserve(self, flags: Flags = NO_FLAGS, internaldate: datetime | None = None) -> MboxReservation:
+        return MboxReservation(self, internaldate)
+
+    def _intent(self) -> str:
         # Every message of a batch shares the batch's start offset as its intent: that
         # is where recovery cuts back to if the batch never commits.
         return f"{self._folder}@{self._committed}"
 
-    def add(self, location: str, data: bytes, flags: Flags, internaldate: datetime | None) -> Stored:
+    def _append(self, data: bytes, internaldate: datetime | None) -> None:
         chunk = entry(data, internaldate)
         offset = self._end
         try:
@@ -149,14 +152,34 @@ class MboxWriter:
             os.ftruncate(self._fd, offset)
             raise
         self._end = offset + len(chunk)
-        return Stored(f"{self._folder}@{offset}", hashlib.sha256(data).hexdigest())
+        self._written.append(Stored(f"{self._folder}@{offset}", digest(data)))
 
-    def commit(self) -> None:
+    def commit(self) -> list[Stored]:
         os.fsync(self._fd)
         self._committed = self._end
+        stored, self._written = self._written, []
+        return stored
 
     def rollback(self) -> None:
+        self._written.clear()
         if self._end != self._committed:
             os.ftruncate(self._fd, self._committed)
             os.fsync(self._fd)
             self._end = self._committed
+
+
+class MboxReservation:
+    """A message to append. Its intent is the offset the file was committed up to,
+    read when the intent is recorded, so a reservation left unwritten past a commit
+    names the new end and recovery never cuts back over what that commit made durable."""
+
+    def __init__(self, writer: MboxWriter, internaldate: datetime | None) -> None:
+        self._writer = writer
+        self._internaldate = internaldate
+
+    @property
+    def location(self) -> str:
+        return self._writer._intent()
+
+    def write(self, data: bytes) -> None:
+        self._writer._append(data, self._internaldate)

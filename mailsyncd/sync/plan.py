@@ -1,7 +1,7 @@
 """PURE: what to do to one folder (or one POP mailbox), from what the server shows,
 what the state database recorded and the account's policy. No I/O, no clock.
 
-The executor (sync/run.py) carries a plan out; because this module decides everything,
+The executors (sync/imap.py, sync/pop.py) carry a plan out; because this module decides everything,
 its rules can be checked with plain data and property tests: planning again after the
 plan was applied gives an empty plan, no action names a UID the server did not show,
 archive mode never removes a local copy, and a UIDVALIDITY change never removes one.
@@ -9,13 +9,15 @@ archive mode never removes a local copy, and a UIDVALIDITY change never removes 
 
 from __future__ import annotations
 
+import fnmatch
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 from mailsyncd.domain import (
     Adoption,
     FlagUpdate,
+    FolderInfo,
     FolderSnapshot,
     MessageState,
     Mode,
@@ -32,6 +34,17 @@ from mailsyncd.domain import (
 
 _ON_SERVER = (MessageState.STORED, MessageState.SKIPPED)
 _HAS_COPY = (MessageState.STORED, MessageState.GONE, MessageState.RETIRED)
+
+
+def select_folders(folders: Sequence[FolderInfo], include: Sequence[str], exclude: Sequence[str],
+                   only: Sequence[str] = ()) -> list[FolderInfo]:
+    """The selectable folders whose decoded names match ``include`` and not ``exclude``
+    (the account's globs), narrowed to ``only`` when the user named folders."""
+    def matches(name: str, patterns: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+    return [folder for folder in folders if folder.selectable and matches(folder.name, include)
+            and not matches(folder.name, exclude) and (not only or matches(folder.name, only))]
 
 
 def _too_large(message: RemoteMessage, policy: Policy) -> bool:
@@ -77,6 +90,8 @@ def _vanished(snapshot: FolderSnapshot, recorded: RecordedFolder) -> list[Record
     (``present`` plus ``new``) or by an explicit VANISHED set."""
     gone_uids = set(snapshot.vanished)
     if snapshot.present is not None:
+        # Every recorded message not listed is gone: only true of a complete record.
+        assert recorded.complete, "a complete listing is compared with an incomplete record"
         on_server = set(snapshot.present) | {message.uid for message in snapshot.new}
         gone_uids |= {uid for uid in recorded.messages if uid not in on_server}
     return [recorded.messages[uid] for uid in sorted(gone_uids)
@@ -114,22 +129,6 @@ def _plan_new_uidvalidity(snapshot: FolderSnapshot, recorded: RecordedFolder, po
         uidvalidity=snapshot.uidvalidity, uidnext=snapshot.uidnext, highestmodseq=snapshot.highestmodseq,
         retire=recorded.uidvalidity, adopt=tuple(adopt), adopt_pool=pool, fetch=tuple(fetch), skip=tuple(skip),
     )
-
-
-def batches(messages: Iterable[RemoteMessage], byte_budget: int, max_count: int = 2000
-            ) -> Iterable[list[RemoteMessage]]:
-    """Split a fetch into UID FETCH batches bounded by total size, so memory stays flat
-    however large the mailbox; a message larger than the budget goes alone."""
-    batch: list[RemoteMessage] = []
-    size = 0
-    for message in messages:
-        if batch and (size + message.size > byte_budget or len(batch) >= max_count):
-            yield batch
-            batch, size = [], 0
-        batch.append(message)
-        size += message.size
-    if batch:
-        yield batch
 
 
 # --- POP3 -------------------------------------------------------------------------------

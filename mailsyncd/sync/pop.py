@@ -1,7 +1,7 @@
 """The POP3 executor: one session, in the order that keeps invariants 1 and 4.
 
-listing -> plan (pure) -> for each batch: record the intent, RETR and write each
-message, commit the store (fsync), mark stored -> DELE what the policy asks for, by the
+listing -> plan (pure) -> for each batch (through ``store_batch``): record the intent,
+RETR and write each message, commit the store (fsync), mark stored -> DELE what the policy asks for, by the
 numbers of this session's listing and only for identities recorded stored -> QUIT ->
 only after +OK, record the deletions. A kill or a dropped connection anywhere before
 QUIT leaves the server as it was (POP rolls DELE back) and the next run's recovery
@@ -11,17 +11,19 @@ finishes or forgets the half-done writes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from mailsyncd.domain import NO_FLAGS, PopListing, PopPlan, PopPolicy
+from mailsyncd.domain import PopListing, PopPlan, PopPolicy, Stored
 from mailsyncd.errors import MessageError
+from mailsyncd.progress import Progress
 from mailsyncd.sources.base import Pop3Source
-from mailsyncd.state.repo import StateRepo, message_id_of
-from mailsyncd.stores.base import FolderWriter, Store, Stored
+from mailsyncd.state.repo import StateRepo
+from mailsyncd.stores.base import FolderWriter, Reservation, Store
+from mailsyncd.sync.batch import FETCH_BUDGET, batches, store_batch
+from mailsyncd.sync.effects import Checkpoint, Counts, Effects, no_checkpoint
 from mailsyncd.sync.plan import plan_pop
-from mailsyncd.sync.run import FETCH_BUDGET, Checkpoint, Counts, Effects, Progress, no_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -29,24 +31,6 @@ INBOX = "INBOX"  # a POP3 mailbox is stored as the store's INBOX
 BATCH_MAX_COUNT = 1000  # messages per intent/commit batch, besides the FETCH_BUDGET bytes
 
 Fetch = tuple[int, str, int]  # (message number, uidl, size), as in PopPlan.fetch
-
-
-def _batches(fetches: Sequence[Fetch]) -> Iterator[Sequence[Fetch]]:
-    """Bounded by bytes and count, so a kill costs at most one batch of downloads."""
-    start = size = 0
-    for index, (_, _, message_size) in enumerate(fetches):
-        if index > start and (size + message_size > FETCH_BUDGET or index - start >= BATCH_MAX_COUNT):
-            yield fetches[start:index]
-            start, size = index, 0
-        size += message_size
-    if start < len(fetches):
-        yield fetches[start:]
-
-
-def _header(data: bytes) -> bytes:
-    """The header block, so that looking for the Message-ID copies no large body."""
-    end = data.find(b"\n\n")
-    return data if end < 0 else data[:end + 1]
 
 
 @dataclass
@@ -85,61 +69,11 @@ class PopSync(Effects):
         self.progress.start_folder(self.account, INBOX, len(fetches), sum(size for _, _, size in fetches))
         try:
             with self.store.open_folder(self.store.folder_path(INBOX, None)) as writer:
-                for batch in _batches(fetches):
-                    self._fetch_batch(writer, batch)
+                ledger = PopLedger(self)
+                for batch in batches(fetches, _size, FETCH_BUDGET, BATCH_MAX_COUNT):
+                    store_batch(self, writer, ledger, batch)
         finally:
             self.progress.end_folder()
-
-    def _fetch_batch(self, writer: FolderWriter, batch: Sequence[Fetch]) -> None:
-        intents = [(number, uidl, size, writer.reserve(NO_FLAGS)) for number, uidl, size in batch]
-        self.repo.pop_record_pending(self.account_id, [(uidl, size, location)
-                                                       for _, uidl, size, location in intents])
-        self.checkpoint("intent")
-        done: list[tuple[str, Stored, str | None]] = []
-        size_done = 0
-        try:
-            for number, uidl, size, location in intents:
-                try:
-                    data = self.source.retrieve(number)
-                except MessageError as error:
-                    # Expunged by another client meanwhile, most likely: not stored, so
-                    # never deleted; it is fetched next time if it is still there.
-                    log.warning("%s", error)
-                    continue
-                self.checkpoint("fetched")
-                done.append((uidl, writer.add(location, data, NO_FLAGS, None), message_id_of(_header(data))))
-                del data  # memory is bounded by one message, not two
-                size_done += size
-                self.checkpoint("write")
-        finally:
-            # Whatever was written is made durable, then recorded; runs on errors too
-            # (a dropped connection), so what arrived is kept.
-            writer.commit()
-            self.checkpoint("commit")
-            self._record(writer, intents, done)
-        self.counts.fetched += len(done)
-        self.counts.fetched_bytes += size_done
-        self.progress.advance(len(done), size_done)
-
-    def _record(self, writer: FolderWriter, intents: Sequence[tuple[int, str, int, str]],
-                done: Sequence[tuple[str, Stored, str | None]]) -> None:
-        finished = {uidl for uidl, _, _ in done}
-        unfinished = [(uidl, size) for _, uidl, size, _ in intents if uidl not in finished]
-        if unfinished:
-            # Order is important for mbox, where every intent of a batch names the batch's
-            # start offset and recovery cuts the file back to it: the unfinished intents
-            # are first moved past the data just committed, so that no moment exists at
-            # which a stored message lies behind a pending offset.
-            self.repo.pop_record_pending(self.account_id, [(uidl, size, writer.reserve(NO_FLAGS))
-                                                           for uidl, size in unfinished])
-        self.repo.pop_mark_stored(self.account_id, done)
-        self.checkpoint("recorded")
-        if unfinished:
-            # Now the only pending POP rows of the account are these (recovery cleared
-            # older ones before the run): forget them, to be fetched again next run.
-            leftover = [intent for intent in self.repo.pending(self.account_id)
-                        if intent.table == "pop_messages"]
-            self.repo.resolve_pending([], leftover)
 
     def _confirmed(self, listing: PopListing, plan: PopPlan) -> tuple[tuple[int, str], ...]:
         """The planned deletions whose number still names the same UIDL right now.
@@ -179,3 +113,52 @@ def sync_pop(account: str, account_id: int, repo: StateRepo, store: Store, sourc
     counts = Counts()
     PopSync(account, repo, store, progress, checkpoint, counts, account_id, source, policy).run(now)
     return counts
+
+
+def _size(fetch: Fetch) -> int:
+    return fetch[2]
+
+
+@dataclass
+class PopLedger:
+    """POP's part in ``store_batch``: messages are keyed by UIDL within the account and
+    retrieved one at a time, so memory is bounded by one message."""
+
+    session: PopSync
+
+    def size(self, message: Fetch) -> int:
+        return _size(message)
+
+    def reserve(self, writer: FolderWriter, message: Fetch) -> Reservation:
+        return writer.reserve()
+
+    def record_intents(self, intents: Sequence[tuple[Fetch, str]]) -> None:
+        self.session.repo.pop_record_pending(self.session.account_id, [
+            (uidl, size, location) for (_, uidl, size), location in intents])
+
+    def bodies(self, messages: Sequence[Fetch]) -> Generator[bytes | None, None, None]:
+        for number, _, _ in messages:
+            yield self._retrieve(number)  # held by no local here: one message in memory
+
+    def _retrieve(self, number: int) -> bytes | None:
+        try:
+            data = self.session.source.retrieve(number)
+        except MessageError as error:
+            # Expunged by another client meanwhile, most likely: not stored, so
+            # never deleted; it is fetched next time if it is still there.
+            log.warning("%s", error)
+            return None
+        self.session.checkpoint("fetched")
+        return data
+
+    def claim(self, message: Fetch, data: bytes) -> bool:
+        return False  # a POP mailbox has no earlier copies to adopt
+
+    def finish(self, done: Sequence[tuple[Fetch, Stored, str | None]],
+               unfinished: Sequence[tuple[Fetch, str]]) -> None:
+        self.session.repo.pop_finish_batch(self.session.account_id, [
+            (uidl, stored, found_id) for (_, uidl, _), stored, found_id in done], [
+            (uidl, location) for (_, uidl, _), location in unfinished])
+
+    def forget(self, unfinished: Sequence[Fetch]) -> None:
+        self.session.repo.pop_forget(self.session.account_id, [uidl for _, uidl, _ in unfinished])

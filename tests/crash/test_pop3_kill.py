@@ -30,7 +30,7 @@ import pytest
 from mailsyncd.app import App
 from mailsyncd.cli import main
 from mailsyncd.config import load_config
-from mailsyncd.sync.run import Counts
+from mailsyncd.sync.effects import Counts
 from tests.conftest import DovecotUser
 from tests.helpers import crash_at_step, maildir_contents, mbox_contents, normalize, write_config
 

@@ -31,7 +31,7 @@ from mailsyncd.errors import AccountError, AuthError, MessageError
 from mailsyncd.secrets import Secret
 from mailsyncd.sources import pop3
 from mailsyncd.stores.mbox import MboxStore
-from mailsyncd.sync.run import Checkpoint, Counts, no_checkpoint
+from mailsyncd.sync.effects import Checkpoint, Counts, no_checkpoint
 from tests.conftest import DovecotUser, require_dovecot
 from tests.helpers import (
     corpus_messages,

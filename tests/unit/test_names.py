@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailsyncd.errors import UnsafePath
+from mailsyncd.fsio import safe_join
 from mailsyncd.names import MAX_COMPONENT_BYTES, Layout, escape_component, folder_path, unescape_component
-from mailsyncd.stores.fsio import safe_join
 
 LAYOUTS: list[Layout] = ["maildir++", "fs", "mbox"]
 NAMES = st.text(st.characters(codec="utf-8"), max_size=40)

@@ -22,7 +22,7 @@ from mailsyncd.domain import (
     RecordedMessage,
     RemoteMessage,
 )
-from mailsyncd.sync.plan import batches, plan_folder
+from mailsyncd.sync.plan import plan_folder
 
 FLAGS = st.frozensets(st.sampled_from(["\\Seen", "\\Flagged", "\\Answered", "\\Draft", "$Label"]), max_size=3)
 
@@ -38,7 +38,7 @@ def servers(draw: st.DrawFn) -> dict[int, RemoteMessage]:
 def full_snapshot(uidvalidity: int, server: dict[int, RemoteMessage]) -> FolderSnapshot:
     new = tuple(server[uid] for uid in sorted(server))
     return FolderSnapshot(uidvalidity, max(server, default=0) + 1, None, len(server), new=new,
-                          present=frozenset(server), full=True)
+                          present=frozenset(server))
 
 
 def apply(plan_uidvalidity: int, recorded: dict[tuple[int, int], RecordedMessage], plan: object
@@ -181,12 +181,3 @@ def test_oversize_messages_are_skipped_and_fetched_once_the_limit_allows() -> No
     assert plan_folder(snapshot, as_recorded(1, 3, state), Policy(max_message_size=1000)).empty
     raised = plan_folder(snapshot, as_recorded(1, 3, state), Policy(max_message_size=10_000))
     assert [m.uid for m in raised.fetch] == [2]
-
-
-@given(sizes=st.lists(st.integers(1, 5000), max_size=60), budget=st.integers(1, 8000))
-def test_batches_respect_the_byte_budget_and_keep_order(sizes: list[int], budget: int) -> None:
-    messages = [RemoteMessage(index + 1, size) for index, size in enumerate(sizes)]
-    out = list(batches(messages, budget))
-    assert [m for batch in out for m in batch] == messages
-    for batch in out:
-        assert len(batch) == 1 or sum(m.size for m in batch) <= budget

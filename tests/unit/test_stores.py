@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import mailbox
 import os
 import stat
@@ -31,8 +32,9 @@ def test_mboxrd_escaping_round_trips(lines: list[bytes]) -> None:
 def test_maildir_writes_nothing_visible_before_commit(tmp_path: Path) -> None:
     store = MaildirStore(tmp_path)
     with store.open_folder("") as writer:
-        location = writer.reserve(frozenset())
-        writer.add(location, b"x\n", frozenset(), None)
+        reservation = writer.reserve(frozenset())
+        location = reservation.location
+        reservation.write(b"x\n")
         assert not (tmp_path / location).exists()
         assert len(os.listdir(tmp_path / "tmp")) == 1
     assert not os.listdir(tmp_path / "tmp") and not os.listdir(tmp_path / "new")  # left without commit
@@ -42,9 +44,10 @@ def test_maildir_add_is_exact_private_and_dated(tmp_path: Path) -> None:
     store = MaildirStore(tmp_path / "mail")
     data = b"Subject: hi\n\nbody\r\nwith a CR kept\n"
     with store.open_folder(".A") as writer:
-        location = writer.reserve(frozenset({"\\Seen", "\\Flagged"}))
-        stored = writer.add(location, data, frozenset({"\\Seen", "\\Flagged"}), WHEN)
-        writer.commit()
+        reservation = writer.reserve(frozenset({"\\Seen", "\\Flagged"}), WHEN)
+        location = reservation.location
+        reservation.write(data)
+        [stored] = writer.commit()
     assert location.startswith(".A/cur/") and location.endswith(":2,FS")
     path = tmp_path / "mail" / stored.location
     assert path.read_bytes() == data
@@ -57,8 +60,9 @@ def test_maildir_add_is_exact_private_and_dated(tmp_path: Path) -> None:
 def test_maildir_flags_follow_a_reader_that_moved_the_file(tmp_path: Path) -> None:
     store = MaildirStore(tmp_path)
     with store.open_folder("") as writer:
-        location = writer.reserve(frozenset())
-        writer.add(location, b"x\n", frozenset(), None)
+        reservation = writer.reserve(frozenset())
+        location = reservation.location
+        reservation.write(b"x\n")
         writer.commit()
     assert location.startswith("new/")
     # A mail reader moves it to cur/ and marks it seen.
@@ -73,10 +77,11 @@ def test_maildir_flags_follow_a_reader_that_moved_the_file(tmp_path: Path) -> No
 def test_maildir_recover_adopts_whole_files_and_clears_tmp(tmp_path: Path) -> None:
     store = MaildirStore(tmp_path)
     with store.open_folder("") as writer:
-        done = writer.reserve(frozenset())
-        writer.add(done, b"whole\n", frozenset(), None)
+        reservation = writer.reserve(frozenset())
+        done = reservation.location
+        reservation.write(b"whole\n")
         writer.commit()  # killed after the commit, before the state database heard of it
-        torn = writer.reserve(frozenset())
+        torn = writer.reserve(frozenset()).location
         (tmp_path / "tmp" / torn.split("/")[1]).write_bytes(b"half")  # killed before the rename
     found = store.recover([done, torn])
     assert set(found) == {done}
@@ -88,8 +93,9 @@ def test_mbox_appends_read_back_with_the_mailbox_module(tmp_path: Path) -> None:
     messages = [b"From: a@example.org\nSubject: one\n\nFrom the start\n>From quoted\n",
                 b"Subject: two\n\nno final newline"]
     with store.open_folder("INBOX") as writer:
-        stored = [writer.add(writer.reserve(frozenset()), data, frozenset(), WHEN) for data in messages]
-        writer.commit()
+        for data in messages:
+            writer.reserve(frozenset(), WHEN).write(data)
+        stored = writer.commit()
     assert [store.read(s.location) for s in stored] == [messages[0], messages[1] + b"\n"]
     box = mailbox.mbox(tmp_path / "INBOX")
     try:
@@ -103,9 +109,9 @@ def test_mbox_appends_read_back_with_the_mailbox_module(tmp_path: Path) -> None:
 def test_mbox_recover_cuts_a_torn_batch_back(tmp_path: Path) -> None:
     store = MboxStore(tmp_path)
     with store.open_folder("INBOX") as writer:
-        writer.add(writer.reserve(frozenset()), b"Subject: kept\n\nx\n", frozenset(), WHEN)
+        writer.reserve(frozenset(), WHEN).write(b"Subject: kept\n\nx\n")
         writer.commit()
-        intent = writer.reserve(frozenset())
+        intent = writer.reserve(frozenset()).location
     size = (tmp_path / "INBOX").stat().st_size
     with (tmp_path / "INBOX").open("ab") as handle:  # a kill half-way through an append
         handle.write(b"From x Mon May 06 07:08:09 2024\nSubject: torn\n\nhal")
@@ -116,14 +122,14 @@ def test_mbox_recover_cuts_a_torn_batch_back(tmp_path: Path) -> None:
 def test_mbox_writer_left_without_commit_rolls_back(tmp_path: Path) -> None:
     store = MboxStore(tmp_path)
     with store.open_folder("INBOX") as writer:
-        writer.add(writer.reserve(frozenset()), b"Subject: not committed\n\n", frozenset(), WHEN)
+        writer.reserve(frozenset(), WHEN).write(b"Subject: not committed\n\n")
     assert (tmp_path / "INBOX").stat().st_size == 0
 
 
 def test_a_dotlock_left_by_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     import socket
 
-    from mailsyncd.stores.fsio import dotlock
+    from mailsyncd.fsio import dotlock
 
     gone_pid = 2**22 + 12345  # above the default pid_max: no such process
     (tmp_path / "INBOX.lock").write_text(f"{gone_pid}@{socket.gethostname()}\n")
@@ -137,8 +143,37 @@ def test_a_live_dotlock_is_respected(tmp_path: Path) -> None:
 
     import pytest
 
-    from mailsyncd.stores.fsio import dotlock
+    from mailsyncd.fsio import dotlock
 
     (tmp_path / "INBOX.lock").write_text(f"{os.getpid()}@{socket.gethostname()}\n")
     with pytest.raises(TimeoutError), dotlock(tmp_path / "INBOX", timeout=0.2):
         pass
+
+
+def test_commit_hands_out_stored_values_in_write_order_and_only_once(tmp_path: Path) -> None:
+    for store in (MaildirStore(tmp_path / "maildir"), MboxStore(tmp_path / "mbox")):
+        messages = [b"Subject: one\n\n1\n", b"Subject: two\n\n2\n", b"Subject: three\n\n3\n"]
+        with store.open_folder("INBOX") as writer:
+            reservations = [writer.reserve(frozenset(), WHEN) for _ in messages]
+            for reservation, data in zip(reversed(reservations), reversed(messages), strict=True):
+                reservation.write(data)
+            stored = writer.commit()
+            assert writer.commit() == []
+        assert [store.read(s.location) for s in stored] == list(reversed(messages))
+        assert [s.sha256 for s in stored] == [hashlib.sha256(data).hexdigest() for data in reversed(messages)]
+
+
+def test_an_mbox_reservation_left_unwritten_never_points_behind_a_commit(tmp_path: Path) -> None:
+    """Recovery cuts an mbox back to a pending intent's offset: an intent still open
+    after its batch committed must name the committed end, not the batch's start."""
+    store = MboxStore(tmp_path)
+    with store.open_folder("INBOX") as writer:
+        written, unwritten = writer.reserve(frozenset(), WHEN), writer.reserve(frozenset(), WHEN)
+        assert written.location == unwritten.location == "INBOX@0"
+        written.write(b"Subject: kept\n\nx\n")
+        [stored] = writer.commit()
+        size = (tmp_path / "INBOX").stat().st_size
+        assert unwritten.location == f"INBOX@{size}"
+    assert store.recover([unwritten.location]) == {}
+    assert store.read(stored.location) == b"Subject: kept\n\nx\n"
+    assert (tmp_path / "INBOX").stat().st_size == size

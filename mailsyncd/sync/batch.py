@@ -1,0 +1,123 @@
+"""The one sequence that brings new messages into a store, for every protocol.
+
+For each batch, in the order that keeps invariant 1 (durable, then recorded):
+
+1. reserve a place in the store for every message and record the intents (pending
+   rows) in one transaction, before any byte is written;
+2. fetch and write each message;
+3. commit the store (fsync), which alone hands out ``Stored`` values;
+4. record in ONE transaction the stored messages and the intents not finished, at the
+   place their reservation names after the commit (for mbox: past the committed
+   messages, so no moment exists at which a stored message lies behind a pending
+   offset that recovery would cut the file back to);
+5. forget the unfinished intents: they are fetched again next time.
+
+Steps 3 to 5 run on errors too (a dropped connection), so what arrived is kept. What
+differs between protocols (how messages are named, fetched and recorded) is a
+``Ledger``; the sequence itself lives only here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from typing import Protocol, TypeVar
+
+from mailsyncd.domain import Stored
+from mailsyncd.message import message_id
+from mailsyncd.stores.base import FolderWriter, Reservation
+from mailsyncd.sync.effects import Effects
+
+FETCH_BUDGET = 3 * 1024 * 1024  # bytes per batch; two IMAP batches are in memory at most
+
+Item = TypeVar("Item")
+Message = TypeVar("Message")
+Message_contra = TypeVar("Message_contra", contravariant=True)
+
+
+def batches(items: Iterable[Item], size_of: Callable[[Item], int], budget: int, max_count: int
+            ) -> Iterator[list[Item]]:
+    """Split items, in order, into batches of at most ``max_count`` whose sizes add up
+    to at most ``budget``, so memory stays flat however large the mailbox and a kill
+    costs at most one batch of downloads; an item larger than the budget goes alone."""
+    batch: list[Item] = []
+    size = 0
+    for item in items:
+        item_size = size_of(item)
+        if batch and (size + item_size > budget or len(batch) >= max_count):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += item_size
+    if batch:
+        yield batch
+
+
+class Ledger(Protocol[Message_contra]):
+    """One protocol's part in ``store_batch``: its messages' places, bodies and rows."""
+
+    def size(self, message: Message_contra) -> int:
+        """The size the server announced, for counts and progress."""
+        ...
+
+    def reserve(self, writer: FolderWriter, message: Message_contra) -> Reservation: ...
+
+    def record_intents(self, intents: Sequence[tuple[Message_contra, str]]) -> None:
+        """(message, location) pending rows, in one transaction."""
+        ...
+
+    def bodies(self, messages: Sequence[Message_contra]) -> Generator[bytes | None, None, None]:
+        """Each message's bytes with LF line ends, in order, fetched only as they are
+        asked for; None for one the server no longer has."""
+        ...
+
+    def claim(self, message: Message_contra, data: bytes) -> bool:
+        """True when a local copy of these bytes is adopted instead of writing them."""
+        ...
+
+    def finish(self, done: Sequence[tuple[Message_contra, Stored, str | None]],
+               unfinished: Sequence[tuple[Message_contra, str]]) -> None:
+        """Stored messages (with their Message-ID) and the unfinished intents' current
+        locations, in ONE transaction, with whatever ``claim`` adopted."""
+        ...
+
+    def forget(self, unfinished: Sequence[Message_contra]) -> None:
+        """Drop the unfinished intents, so they are fetched again next time."""
+        ...
+
+
+def store_batch(effects: Effects, writer: FolderWriter, ledger: Ledger[Message], batch: Sequence[Message]) -> None:
+    reserved = [(message, ledger.reserve(writer, message)) for message in batch]
+    ledger.record_intents([(message, reservation.location) for message, reservation in reserved])
+    effects.checkpoint("intent")
+    written: list[tuple[Message, str | None]] = []
+    finished: set[int] = set()  # indexes into ``reserved`` that were written or claimed
+    bodies = ledger.bodies(batch)
+    try:
+        for index, (message, reservation) in enumerate(reserved):
+            data = next(bodies)
+            if data is None:
+                continue  # gone from the server meanwhile: nothing to keep
+            finished.add(index)
+            if ledger.claim(message, data):
+                continue
+            reservation.write(data)
+            written.append((message, message_id(data)))
+            del data  # memory is bounded by one message, not two
+            effects.checkpoint("write")
+    finally:
+        bodies.close()
+        stored = writer.commit()
+        effects.checkpoint("commit")
+        done = [(message, what, found_id) for (message, found_id), what in zip(written, stored, strict=True)]
+        unfinished = [(message, reservation.location) for index, (message, reservation) in enumerate(reserved)
+                      if index not in finished]
+        ledger.finish(done, unfinished)
+        effects.checkpoint("recorded")
+        if unfinished:
+            ledger.forget([message for message, _ in unfinished])
+    size = sum(ledger.size(message) for message, _, _ in done)
+    effects.counts.fetched += len(done)
+    effects.counts.fetched_bytes += size
+    claimed = len(finished) - len(written)
+    effects.counts.adopted += claimed
+    effects.progress.advance(len(done) + claimed, size)

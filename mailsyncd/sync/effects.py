@@ -1,0 +1,50 @@
+"""What every executor writes through and reports to, and the crash tests' hook.
+
+A ``Checkpoint`` is called after every effect step; it does nothing in production and
+lets the crash tests stop the process at each step in turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mailsyncd.progress import Progress
+from mailsyncd.state.repo import StateRepo
+from mailsyncd.stores.base import Store
+
+Checkpoint = Callable[[str], None]
+
+
+def no_checkpoint(_step: str) -> None:
+    """Production checkpoint: nothing to do."""
+
+
+@dataclass
+class Counts:
+    fetched: int = 0
+    fetched_bytes: int = 0
+    skipped: int = 0
+    flags: int = 0
+    gone: int = 0
+    removed: int = 0
+    adopted: int = 0
+    folders: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.folders} folders, {self.fetched} new ({self.fetched_bytes} bytes), {self.flags} flag "
+                f"changes, {self.gone} gone, {self.removed} removed, {self.adopted} re-adopted, "
+                f"{self.skipped} skipped")
+
+
+@dataclass
+class Effects:
+    """What every executor writes through and reports to."""
+
+    account: str
+    repo: StateRepo
+    store: Store
+    progress: Progress
+    checkpoint: Checkpoint
+    counts: Counts
