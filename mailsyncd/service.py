@@ -51,8 +51,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from mailsyncd.app import App
 from mailsyncd.config import AccountConfig, Config, load_config
 from mailsyncd.errors import AuthError, ConfigError, Interrupted, MailsyncError
-from mailsyncd.log import register_secret
-from mailsyncd.secrets import resolve_password
+from mailsyncd.secrets import password_for
 from mailsyncd.sources import imap
 from mailsyncd.state import db
 from mailsyncd.sync.run import Counts
@@ -286,9 +285,7 @@ class FolderWatch(threading.Thread):
 
     def _watch(self, catch_up: bool) -> bool:
         """Watch until halted (True) or until the server turns out to lack IDLE (False)."""
-        password = resolve_password(self.account.password, self.account.name, self.account.username)
-        register_secret(password.reveal())
-        with imap.watch_folder(self.account, password, self.folder, self.renew) as watcher:
+        with imap.watch_folder(self.account, password_for(self.account), self.folder, self.renew) as watcher:
             if not watcher.supports_idle:
                 log.warning("%s: %s does not support IDLE; %s is polled on the account's schedule instead",
                             self.account.name, self.account.host, self.folder)

@@ -117,8 +117,9 @@ class PopSync(Effects):
             writer.commit()
             self.checkpoint("commit")
             self._record(writer, intents, done)
-        self.counts.fetched += len(done)
-        self.counts.fetched_bytes += size_done
+            # Counted once recorded, also when the batch was cut short: the run records them.
+            self.counts.fetched += len(done)
+            self.counts.fetched_bytes += size_done
         self.progress.advance(len(done), size_done)
 
     def _record(self, writer: FolderWriter, intents: Sequence[tuple[int, str, int, str]],
@@ -173,9 +174,8 @@ class PopSync(Effects):
 
 def sync_pop(account: str, account_id: int, repo: StateRepo, store: Store, source: Pop3Source,
              policy: PopPolicy, progress: Progress, now: datetime,
-             checkpoint: Checkpoint = no_checkpoint) -> Counts:
+             checkpoint: Checkpoint = no_checkpoint, *, counts: Counts) -> None:
     """One POP3 session's worth of work; ``now`` decides delete_after_days. Raises
-    AccountError when the session fails (nothing is then recorded deleted)."""
-    counts = Counts()
+    AccountError when the session fails (nothing is then recorded deleted); ``counts`` is
+    the caller's, so that it still holds what was done then."""
     PopSync(account, repo, store, progress, checkpoint, counts, account_id, source, policy).run(now)
-    return counts

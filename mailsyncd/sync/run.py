@@ -288,18 +288,19 @@ class FolderSync(Effects):
             self.repo.finish_batch(folder_id, uidvalidity, done, [m.uid for m in batch if m.uid not in finished],
                                    adopted)
             self.checkpoint("recorded")
-        size = sum(message.size for message, _, _ in done)
-        self.counts.fetched += len(done)
-        self.counts.adopted += len(adopted)
-        self.counts.fetched_bytes += size
+            # Counted once recorded, also when the batch was cut short: the run records them.
+            size = sum(message.size for message, _, _ in done)
+            self.counts.fetched += len(done)
+            self.counts.adopted += len(adopted)
+            self.counts.fetched_bytes += size
         self.progress.advance(len(done) + len(adopted), size)
 
 
 def sync_folders(account: str, account_id: int, repo: StateRepo, store: Store, source: ImapSource,
                  selected: Sequence[FolderInfo], policy: Policy, progress: Progress,
-                 checkpoint: Checkpoint = no_checkpoint) -> Counts:
-    """Sync each selected folder; a FolderError spoils only its own folder."""
-    counts = Counts()
+                 checkpoint: Checkpoint = no_checkpoint, *, counts: Counts) -> None:
+    """Sync each selected folder; a FolderError spoils only its own folder. ``counts`` is
+    the caller's, so that it still holds what was done when an error escapes."""
     known = {folder.name: folder for folder in repo.folders(account_id)}
     folder_sync = FolderSync(account, repo, store, progress, checkpoint, counts, source, policy)
     for info in selected:
@@ -309,5 +310,4 @@ def sync_folders(account: str, account_id: int, repo: StateRepo, store: Store, s
             log.error("%s/%s: %s", account, info.name, error)
             counts.errors.append(f"{info.name}: {error}")
     repo.touch_folders(folder_sync.unchanged)
-    return counts
 
