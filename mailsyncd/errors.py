@@ -5,15 +5,27 @@ a MessageError skips one message, a FolderError one folder, an AccountError one
 account, and a FatalError (config, state database, a second instance) stops the run.
 Only ``cli.py`` turns them into exit codes. Every message is one line a user can act
 on; it never carries a password.
+
+Each class also says, in ``retry``, how soon trying again is worth it, as isync grades its
+failures; the daemon reads that rather than knowing the classes.
 """
 
 from __future__ import annotations
+
+from enum import Enum
+
+
+class Retry(Enum):
+    TEMPORARY = "temporary"  # the network, a busy server: again soon, backing off step by step
+    WAIT = "wait"  # the server refused us (a login): soon would be refused again
+    FINAL = "final"  # only the user can mend it (the config, the state database)
 
 
 class MailsyncError(Exception):
     """Base of every error mailsyncd raises on purpose."""
 
     exit_code = 1
+    retry = Retry.TEMPORARY
 
 
 class MessageError(MailsyncError):
@@ -31,6 +43,8 @@ class AccountError(MailsyncError):
 class AuthError(AccountError):
     """The server refused the credentials; retrying soon will not help."""
 
+    retry = Retry.WAIT
+
 
 class Interrupted(MailsyncError):
     """The run was asked to stop (the daemon got SIGTERM); what was written is recorded."""
@@ -40,6 +54,7 @@ class FatalError(MailsyncError):
     """Nothing can go on: the whole run stops."""
 
     exit_code = 2
+    retry = Retry.FINAL
 
 
 class ConfigError(FatalError):
