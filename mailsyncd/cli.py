@@ -8,6 +8,7 @@ config and other fatal errors. Tracebacks only with --verbose.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -21,8 +22,8 @@ from mailsyncd import config as config_module
 from mailsyncd import log as log_setup
 from mailsyncd.app import App
 from mailsyncd.config import AccountConfig, Config, load_config
-from mailsyncd.domain import AccountStatus, PopCheck
-from mailsyncd.errors import AccountError, FatalError, MailsyncError
+from mailsyncd.domain import AccountStatus, PopCheck, RunResult
+from mailsyncd.errors import AccountError, AlreadyRunning, FatalError, MailsyncError
 from mailsyncd.state import db
 from mailsyncd.sync.run import Progress
 
@@ -113,9 +114,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sync":
         return _sync(config, args)
     if args.command == "run":
-        from mailsyncd import service  # only the daemon needs APScheduler
+        from mailsyncd.service.daemon import run  # only the daemon needs APScheduler
 
-        return service.run(config)
+        return run(config)
     if args.command == "status":
         return _status(config, args.json)
     if args.command == "check":
@@ -141,7 +142,14 @@ def _sync(config: Config, args: argparse.Namespace) -> int:
     if sys.stdout.isatty() and not args.no_progress and not args.quiet:
         progress = log_setup.TerminalProgress(sys.stdout)
     failed = False
-    with db.instance_lock(config.general.state), App.open(config) as app:
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(db.instance_lock(config.general.state))
+        except AlreadyRunning as running:
+            if running.daemon_pid is None or args.folder:
+                raise  # the daemon syncs whole accounts only
+            return _sync_by_daemon(config, accounts, running.daemon_pid)
+        app = held.enter_context(App.open(config))
         for account in accounts:
             try:
                 counts = app.sync_account(account, args.folder, progress)
@@ -150,6 +158,25 @@ def _sync(config: Config, args: argparse.Namespace) -> int:
                 failed = True
                 continue
             failed = failed or bool(counts.errors)
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _sync_by_daemon(config: Config, accounts: Sequence[AccountConfig], pid: int) -> int:
+    """``mailsyncd run`` holds the state database: it syncs, and this process reports."""
+    from mailsyncd.service.control import sync_by_daemon
+
+    log.info("mailsyncd run (pid %d) is running: asking it to sync now", pid)
+    with App.open(config) as app:
+        runs = sync_by_daemon(app, pid, [account.name for account in accounts])
+    failed = False
+    for name, run in sorted(runs.items()):
+        if run.result is RunResult.OK:
+            log.info("%s: synced by the daemon: %d new (%d bytes)", name, run.fetched, run.fetched_bytes)
+            continue
+        failed = True
+        problem = run.error or str(run.result)
+        # An account's error names the account already; a folder's names only its folder.
+        log.error("%s", problem if problem.startswith(f"{name}: ") else f"{name}: {problem}")
     return EXIT_PARTIAL if failed else EXIT_OK
 
 

@@ -12,6 +12,7 @@ failures; the daemon reads that rather than knowing the classes.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 
 
@@ -77,7 +78,18 @@ class StateError(FatalError):
 
 
 class AlreadyRunning(FatalError):
-    """Another mailsyncd holds the state database (design invariant 7)."""
+    """Another mailsyncd holds the state database (design invariant 7).
+
+    ``holder`` is what the lock file says ("pid 123", or "pid 123 daemon" for ``mailsyncd
+    run``); ``daemon_pid`` is that pid when the holder is the daemon, else None.
+    """
+
+    def __init__(self, path: object, holder: str) -> None:
+        match = re.fullmatch(r"pid (\d+) daemon", holder)
+        self.daemon_pid = int(match.group(1)) if match else None
+        shown = holder.removesuffix(" daemon") or "another process"
+        super().__init__(f"another mailsyncd ({shown}) is using the state database "
+                         f"{path}; stop it first or point --config at another state")
 
 
 class StoreError(FolderError):

@@ -21,9 +21,7 @@ asynchronously into a worker thread.
 
 The rooms: ``daemon`` (life cycle, reload, run bookkeeping), ``jobs`` (one account's
 runs), ``watch`` (IDLE threads), ``schedule`` (triggers, jitter, backoff), ``signals``
-(the signal inbox), ``systemd`` (sd_notify, watchdog) and ``metrics``.
+(the signal inbox), ``systemd`` (sd_notify, watchdog), ``metrics``, and ``control``,
+with which ``mailsyncd sync`` asks a running daemon to sync now. Only ``daemon`` imports
+APScheduler, so ``control`` stays cheap to import.
 """
-
-from mailsyncd.service.daemon import run
-
-__all__ = ["run"]

@@ -23,7 +23,7 @@ from mailsyncd.errors import ConfigError, Interrupted, MailsyncError, Retry
 from mailsyncd.service.jobs import AccountJob
 from mailsyncd.service.metrics import Metrics
 from mailsyncd.service.schedule import Schedule, backoff_delay, human, schedule_for
-from mailsyncd.service.signals import SignalInbox
+from mailsyncd.service.signals import RELOAD, STOP, SYNC_NOW, SignalInbox
 from mailsyncd.service.systemd import notify, watchdog_interval
 from mailsyncd.service.watch import FolderWatch
 from mailsyncd.sources import imap
@@ -40,7 +40,11 @@ WORKERS = 32  # threads for syncs; one account never uses more than one
 def run(config: Config, idle_renew: float = imap.IDLE_RENEW) -> int:
     """``mailsyncd run``: holds the single-instance lock (invariant 7) for the daemon's
     life; a second daemon on the same state raises AlreadyRunning (exit 2)."""
-    with db.instance_lock(config.general.state):
+    # The lock names us a daemon, and `mailsyncd sync` then sends SYNC_NOW, whose default
+    # action would end us until the signal inbox is in place; the first runs at start
+    # answer a request made meanwhile.
+    signal.signal(SYNC_NOW, signal.SIG_IGN)
+    with db.instance_lock(config.general.state, daemon=True):
         return Daemon(config, idle_renew).run()
 
 
@@ -101,8 +105,10 @@ class Daemon:
         shown = ""
         while True:
             for signum in self.inbox.wait(tick):
-                if signum == signal.SIGHUP:
+                if signum == RELOAD:
                     self._reload()
+                elif signum == SYNC_NOW:
+                    self._sync_now()
                 else:
                     log.info("stopping on %s", signal.Signals(signum).name)
                     return
@@ -130,7 +136,7 @@ class Daemon:
         with self._busy:
             while self._active and time.monotonic() < deadline:
                 self._busy.wait(0.1)
-                if any(signum != signal.SIGHUP for signum in self.inbox.wait(0)):
+                if any(signum in STOP for signum in self.inbox.wait(0)):
                     log.warning("second stop signal: not waiting any longer")
                     break
             hung = sorted(self._syncing) if self._active else []
@@ -162,6 +168,7 @@ class Daemon:
     def _add(self, account: AccountConfig, schedule: Schedule) -> None:
         job = AccountJob(account, schedule)
         self.jobs[account.name] = job
+        self.metrics.known(account.name)
         self._schedule(job)
         self._start_watches(job)
 
@@ -184,6 +191,7 @@ class Daemon:
     def _remove(self, name: str) -> None:
         job = self.jobs.pop(name)
         job.remove()
+        self.metrics.forget(name)
         with contextlib.suppress(JobLookupError):
             self.scheduler.remove_job(_job_id(name))
 
@@ -243,10 +251,21 @@ class Daemon:
     def _push(self, job: AccountJob, folder: str) -> None:
         """From an IDLE thread: sync this folder soon, in the pool, never beside another
         run of the account."""
-        if self._stopping.is_set() or not job.request([folder]):
-            return
+        if not self._stopping.is_set() and job.request([folder]):
+            self._submit(job, folder)
+
+    def _sync_now(self) -> None:
+        """SYNC_NOW, from `mailsyncd sync`: every account, at once or right after its running
+        sync; an account that backs off is tried too, since a user asked."""
+        log.info("sync of every account asked for")
+        for job in self.jobs.values():
+            if job.request(None):
+                self._submit(job, "now")
+
+    def _submit(self, job: AccountJob, why: str) -> None:
+        """Drain the job in the pool; call only after ``job.request`` said True."""
         try:
-            self.scheduler.add_job(self._drain, args=[job], name=f"{job.account.name} {folder}",
+            self.scheduler.add_job(self._drain, args=[job], name=f"{job.account.name} {why}",
                                    misfire_grace_time=None)
         except Exception:
             job.release()

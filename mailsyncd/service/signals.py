@@ -15,7 +15,10 @@ from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any
 
-HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP = frozenset({signal.SIGTERM, signal.SIGINT})
+RELOAD = signal.SIGHUP
+SYNC_NOW = signal.SIGUSR1  # sent by `mailsyncd sync` while the daemon runs (service.control)
+HANDLED = (*STOP, RELOAD, SYNC_NOW)
 
 
 class SignalInbox:

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
 from mailsyncd.config import AccountConfig, parse_config
 from mailsyncd.errors import AccountError, AuthError, ConfigError, Interrupted, Retry
 from mailsyncd.service import schedule
 from mailsyncd.service.daemon import Daemon
 from mailsyncd.service.jobs import AccountJob
+from mailsyncd.service.metrics import Metrics
 from mailsyncd.service.schedule import BACKOFF_CAP, backoff_delay, jitter_for, reconnect_delay, schedule_for
 from mailsyncd.service.systemd import notify, watchdog_interval
 from mailsyncd.service.watch import FolderWatch
@@ -338,3 +340,22 @@ def test_each_error_class_says_how_soon_a_retry_helps() -> None:
     assert ConfigError(CONFIG, "account.password_file", "missing").retry is Retry.FINAL
     assert backoff_delay(60, 1, AccountError("x").retry) == 120
     assert backoff_delay(60, 1, AuthError("x").retry) == backoff_delay(60, 1, Retry.FINAL) == BACKOFF_CAP
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def test_metrics_start_at_zero_time_runs_and_include_the_process() -> None:
+    metrics = Metrics()
+    metrics.known("acct")
+    text = generate_latest(metrics.registry).decode()
+    for series in ("mailsyncd_messages_synced_total", "mailsyncd_bytes_synced_total", "mailsyncd_sync_errors_total"):
+        assert f'{series}{{account="acct"}} 0.0' in text.splitlines()
+    assert 'mailsyncd_sync_duration_seconds_count{account="acct"} 0.0' in text
+    assert "process_resident_memory_bytes" in text and "python_info" in text
+    metrics.ran("acct", 7.0)
+    text = generate_latest(metrics.registry).decode()
+    assert 'mailsyncd_sync_duration_seconds_bucket{account="acct",le="5.0"} 0.0' in text
+    assert 'mailsyncd_sync_duration_seconds_bucket{account="acct",le="15.0"} 1.0' in text
+    metrics.forget("acct")
+    assert 'account="acct"' not in generate_latest(metrics.registry).decode()
