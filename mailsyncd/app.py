@@ -1,26 +1,39 @@
 """Composition root: config -> state repository, store and source -> executor.
 
 ``sync`` on the command line and the daemon's scheduled jobs both call
-``App.sync_account``, so they behave the same way.
+``App.sync_account``, so they behave the same way; ``status`` and ``check`` get typed
+results from here too, and only format them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from types import TracebackType
 
 from sqlalchemy import Engine
 
 from mailsyncd.config import AccountConfig, Config
-from mailsyncd.domain import Mode, Policy, PopPolicy
+from mailsyncd.domain import (
+    AccountCheck,
+    AccountStatus,
+    FolderInfo,
+    ImapCheck,
+    Mode,
+    Policy,
+    PopCheck,
+    PopPolicy,
+    RunResult,
+)
 from mailsyncd.errors import Interrupted, MailsyncError
 from mailsyncd.fsio import make_private_dirs
-from mailsyncd.log import register_secret
 from mailsyncd.progress import Progress
-from mailsyncd.secrets import resolve_password
+from mailsyncd.secrets import password_for
 from mailsyncd.sources import imap, pop3
+from mailsyncd.sources.base import ImapSource
 from mailsyncd.state import db
 from mailsyncd.state.repo import StateRepo
 from mailsyncd.stores.base import Store
@@ -60,6 +73,41 @@ class App:
     def close(self) -> None:
         self.engine.dispose()
 
+    def __enter__(self) -> App:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+    def status(self) -> list[AccountStatus]:
+        """What the state database knows of each account, with its schedule when the config
+        still has it (an account removed from the config keeps its history)."""
+        configured = {account.name: account for account in self.config.accounts}
+        report = []
+        for entry in self.repo.status():
+            account = configured.get(entry.account)
+            if account is not None:
+                entry = dataclasses.replace(entry, configured=True,
+                                            schedule=account.cron or f"every {account.interval} s")
+            report.append(entry)
+        return report
+
+    @staticmethod
+    def check(account: AccountConfig) -> AccountCheck:
+        """Connect and log in as a sync would, and change nothing: no state database, no
+        store, and POP3's QUIT with nothing marked. Raises AccountError as a sync would."""
+        password = password_for(account)
+        if account.protocol == "pop3":
+            with pop3.connect(account, password) as pop_session:
+                messages, size = pop_session.stat()
+                pop_session.quit()
+            return PopCheck(account.name, messages, size, pop_session.login_method)
+        with imap.connect(account, password) as session:
+            listed, selected = _listing(account, session)
+        return ImapCheck(account.name, tuple(folder.name for folder in listed),
+                         tuple(folder.name for folder in selected))
+
     def sync_account(self, account: AccountConfig, folders: Sequence[str] = (),
                      progress: Progress | None = None, checkpoint: Checkpoint = no_checkpoint) -> Counts:
         """One pass over one account. Raises AccountError (recorded in the database) when
@@ -70,34 +118,40 @@ class App:
         store = open_store(account)
         recover(self.repo, store, account_id)
         run_id = self.repo.start_run(account_id)
+        counts = Counts()  # ours, so that a run cut short still records what it fetched
         try:
-            counts = self._sync(account, account_id, store, folders, progress, checkpoint)
+            self._sync(account, account_id, store, folders, progress, checkpoint, counts)
         except Interrupted as error:
-            self.repo.finish_run(run_id, "interrupted", 0, 0, str(error))
+            self.repo.finish_run(run_id, RunResult.INTERRUPTED, counts.fetched, counts.fetched_bytes, str(error))
             raise
         except MailsyncError as error:
-            self.repo.finish_run(run_id, "failed", 0, 0, str(error))
+            self.repo.finish_run(run_id, RunResult.FAILED, counts.fetched, counts.fetched_bytes, str(error))
             raise
-        self.repo.finish_run(run_id, "partial" if counts.errors else "ok", counts.fetched, counts.fetched_bytes,
-                             "; ".join(counts.errors) or None)
+        self.repo.finish_run(run_id, RunResult.PARTIAL if counts.errors else RunResult.OK, counts.fetched,
+                             counts.fetched_bytes, "; ".join(counts.errors) or None)
         log.info("%s: %s in %.1f s", account.name, counts.summary(), time.monotonic() - started)
         return counts
 
     def _sync(self, account: AccountConfig, account_id: int, store: Store, folders: Sequence[str],
-              progress: Progress, checkpoint: Checkpoint) -> Counts:
-        password = resolve_password(account.password, account.name, account.username)
-        register_secret(password.reveal())
+              progress: Progress, checkpoint: Checkpoint, counts: Counts) -> None:
+        password = password_for(account)
         if account.protocol == "pop3":
             pop_policy = PopPolicy(account.leave_on_server, account.delete_after_days,
                                    account.max_message_size)
             with pop3.connect(account, password) as pop_session:
-                return sync_pop(account.name, account_id, self.repo, store, pop_session, pop_policy, progress,
-                                self.clock(), checkpoint)
+                sync_pop(account.name, account_id, self.repo, store, pop_session, pop_policy, progress,
+                         self.clock(), checkpoint, counts=counts)
+            return
         policy = Policy(Mode(account.mode), account.max_message_size)
         with imap.connect(account, password) as session:
-            listed = session.list_folders()
-            selected = select_folders(listed, account.folders, account.exclude, folders)
-            counts = sync_folders(account.name, account_id, self.repo, store, session, selected, policy,
-                                  progress, checkpoint)
+            listed, selected = _listing(account, session, folders)
+            sync_folders(account.name, account_id, self.repo, store, session, selected, policy,
+                         progress, checkpoint, counts=counts)
         self.repo.mark_folders_absent(account_id, [folder.name for folder in listed])
-        return counts
+
+
+def _listing(account: AccountConfig, session: ImapSource,
+             only: Sequence[str] = ()) -> tuple[list[FolderInfo], list[FolderInfo]]:
+    """The server's folders, and those of them the account syncs (narrowed to ``only``)."""
+    listed = session.list_folders()
+    return listed, select_folders(listed, account.folders, account.exclude, only)

@@ -8,18 +8,22 @@ config and other fatal errors. Tracebacks only with --verbose.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from mailsyncd import __version__, shipped
 from mailsyncd import config as config_module
 from mailsyncd import log as log_setup
 from mailsyncd.app import App
 from mailsyncd.config import AccountConfig, Config, load_config
-from mailsyncd.errors import AccountError, FatalError, MailsyncError
+from mailsyncd.domain import AccountStatus, PopCheck, RunResult
+from mailsyncd.errors import AccountError, AlreadyRunning, FatalError, MailsyncError
 from mailsyncd.progress import Progress
 from mailsyncd.state import db
 
@@ -123,9 +127,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sync":
         return _sync(config, args)
     if args.command == "run":
-        from mailsyncd import service  # only the daemon needs APScheduler
+        from mailsyncd.service.daemon import run  # only the daemon needs APScheduler
 
-        return service.run(config)
+        return run(config)
     if args.command == "status":
         return _status(config, args.json)
     if args.command == "check":
@@ -151,94 +155,115 @@ def _sync(config: Config, args: argparse.Namespace) -> int:
     if sys.stdout.isatty() and not args.no_progress and not args.quiet:
         progress = log_setup.TerminalProgress(sys.stdout)
     failed = False
-    with db.instance_lock(config.general.state):
-        app = App.open(config)
+    with contextlib.ExitStack() as held:
         try:
-            for account in accounts:
-                try:
-                    counts = app.sync_account(account, args.folder, progress)
-                except AccountError as error:
-                    log.error("%s", error, exc_info=args.verbose)
-                    failed = True
-                    continue
-                failed = failed or bool(counts.errors)
-        finally:
-            app.close()
+            held.enter_context(db.instance_lock(config.general.state))
+        except AlreadyRunning as running:
+            if running.daemon_pid is None or args.folder:
+                raise  # the daemon syncs whole accounts only
+            return _sync_by_daemon(config, accounts, running.daemon_pid)
+        app = held.enter_context(App.open(config))
+        for account in accounts:
+            try:
+                counts = app.sync_account(account, args.folder, progress)
+            except AccountError as error:
+                log.error("%s", error, exc_info=args.verbose)
+                failed = True
+                continue
+            failed = failed or bool(counts.errors)
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _sync_by_daemon(config: Config, accounts: Sequence[AccountConfig], pid: int) -> int:
+    """``mailsyncd run`` holds the state database: it syncs, and this process reports."""
+    from mailsyncd.service.control import sync_by_daemon
+
+    log.info("mailsyncd run (pid %d) is running: asking it to sync now", pid)
+    with App.open(config) as app:
+        runs = sync_by_daemon(app, pid, [account.name for account in accounts])
+    failed = False
+    for name, run in sorted(runs.items()):
+        if run.result is RunResult.OK:
+            log.info("%s: synced by the daemon: %d new (%d bytes)", name, run.fetched, run.fetched_bytes)
+            continue
+        failed = True
+        problem = run.error or str(run.result)
+        # An account's error names the account already; a folder's names only its folder.
+        log.error("%s", problem if problem.startswith(f"{name}: ") else f"{name}: {problem}")
     return EXIT_PARTIAL if failed else EXIT_OK
 
 
 def _status(config: Config, as_json: bool) -> int:
-    engine = db.create(config.general.state)
-    try:
-        db.upgrade(engine)
-        from mailsyncd.state.repo import StateRepo
-
-        report = StateRepo(engine).status()
-    finally:
-        engine.dispose()
-    configured = {account.name: account for account in config.accounts}
-    for entry in report:
-        account = configured.get(entry["account"])
-        entry["configured"] = account is not None
-        if account is not None:
-            entry["schedule"] = account.cron or f"every {account.interval} s"
+    with App.open(config) as app:
+        report = app.status()
     if as_json:
-        json.dump(report, sys.stdout, indent=2)
+        json.dump([_status_json(entry) for entry in report], sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK
     if not report:
         print("no sync has run yet")
     for entry in report:
-        run = entry["last_run"] or {}
-        print(f"{entry['account']} ({entry['protocol']}): last run {run.get('finished') or 'never'} "
-              f"{run.get('result', '')}; last success {entry['last_success'] or 'never'}"
-              + (f"; error: {run['error']}" if run.get("error") else ""))
-        for folder in entry["folders"]:
-            counts = ", ".join(f"{count} {state}" for state, count in sorted(folder["messages"].items()))
-            note = "" if folder["on_server"] else " (gone from the server)"
-            error = f" error: {folder['last_error']}" if folder["last_error"] else ""
-            print(f"  {folder['name']}: {counts or 'empty'}; synced {folder['last_sync'] or 'never'}{note}{error}")
-        if entry["pop_messages"]:
-            print("  POP: " + ", ".join(f"{count} {state}" for state, count in sorted(entry["pop_messages"].items())))
+        run = entry.last_run
+        print(f"{entry.account} ({entry.protocol}): last run {_when(run.finished if run else None) or 'never'} "
+              f"{run.result if run else ''}; last success {_when(entry.last_success) or 'never'}"
+              + (f"; error: {run.error}" if run and run.error else ""))
+        for folder in entry.folders:
+            counts = ", ".join(f"{count} {state}" for state, count in sorted(folder.messages.items()))
+            note = "" if folder.on_server else " (gone from the server)"
+            error = f" error: {folder.last_error}" if folder.last_error else ""
+            print(f"  {folder.name}: {counts or 'empty'}; synced {_when(folder.last_sync) or 'never'}{note}{error}")
+        if entry.pop_messages:
+            print("  POP: " + ", ".join(f"{count} {state}" for state, count in sorted(entry.pop_messages.items())))
     return EXIT_OK
 
 
-def _check(config: Config) -> int:
-    from mailsyncd.secrets import resolve_password
-    from mailsyncd.sources import imap, pop3
-    from mailsyncd.sync.plan import select_folders
+def _when(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat(timespec="seconds")
 
+
+def _status_json(entry: AccountStatus) -> dict[str, Any]:
+    """One account for ``status --json``; these keys are an interface, kept stable."""
+    run = entry.last_run
+    report: dict[str, Any] = {
+        "account": entry.account, "protocol": entry.protocol,
+        "last_run": None if run is None else {
+            "started": _when(run.started), "finished": _when(run.finished), "result": str(run.result),
+            "fetched": run.fetched, "bytes": run.fetched_bytes, "error": run.error},
+        "last_success": _when(entry.last_success),
+        "folders": [{"name": folder.name, "path": folder.path, "last_sync": _when(folder.last_sync),
+                     "last_error": folder.last_error, "on_server": folder.on_server,
+                     "uidvalidity": folder.uidvalidity, "messages": dict(folder.messages)}
+                    for folder in entry.folders],
+        "pop_messages": dict(entry.pop_messages),
+        "configured": entry.configured,
+    }
+    if entry.schedule is not None:
+        report["schedule"] = entry.schedule
+    return report
+
+
+def _check(config: Config) -> int:
     failed = False
     for account in config.accounts:
         try:
-            password = resolve_password(account.password, account.name, account.username)
-            log_setup.register_secret(password.reveal())
-            if account.protocol == "pop3":
-                with pop3.connect(account, password) as pop_session:
-                    messages, size = pop_session.stat()
-                    pop_session.quit()  # nothing was marked, so QUIT changes nothing
-                print(f"{account.name}: ok, {messages} messages ({size} bytes) on the server, "
-                      f"logged in with {pop_session.login_method}")
-                continue
-            with imap.connect(account, password) as session:
-                listed = session.list_folders()
-            selected = select_folders(listed, account.folders, account.exclude)
-            print(f"{account.name}: ok, {len(listed)} folders, {len(selected)} selected: "
-                  + ", ".join(folder.name for folder in selected))
+            result = App.check(account)
         except AccountError as error:
             print(f"{account.name}: FAILED: {error}")
             failed = True
+            continue
+        if isinstance(result, PopCheck):
+            print(f"{account.name}: ok, {result.messages} messages ({result.size} bytes) on the server, "
+                  f"logged in with {result.login_method}")
+        else:
+            print(f"{account.name}: ok, {len(result.folders)} folders, {len(result.selected)} selected: "
+                  + ", ".join(result.selected))
     print(f"{config.path}: config ok, {len(config.accounts)} accounts")
     return EXIT_PARTIAL if failed else EXIT_OK
 
 
 def _db_upgrade(config: Config) -> int:
-    with db.instance_lock(config.general.state):
-        engine = db.create(config.general.state)
-        try:
-            db.upgrade(engine)
-        finally:
-            engine.dispose()
+    with db.instance_lock(config.general.state), App.open(config):
+        pass  # opening migrates to the newest schema
     print(f"state database is at the newest schema: {config.general.state}")
     return EXIT_OK
 

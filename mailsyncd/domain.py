@@ -209,3 +209,76 @@ class PopPlan:
     fetch: tuple[tuple[int, str, int], ...] = ()  # (message number, uidl, size)
     skip: tuple[tuple[int, str, int], ...] = ()
     delete: tuple[tuple[int, str], ...] = ()  # (message number, uidl); only durable copies
+
+
+# --- runs and status ---------------------------------------------------------------------
+
+
+class RunResult(StrEnum):
+    RUNNING = "running"  # started, not finished (or the process died)
+    OK = "ok"
+    PARTIAL = "partial"  # some folders failed; the others synced
+    FAILED = "failed"  # the account as a whole failed
+    INTERRUPTED = "interrupted"  # stopped at a safe point; what was written is recorded
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """One recorded run, as ``status`` shows it."""
+
+    started: datetime
+    finished: datetime | None
+    result: RunResult
+    fetched: int
+    fetched_bytes: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class FolderStatus:
+    name: str
+    path: str
+    last_sync: datetime | None
+    last_error: str | None
+    on_server: bool
+    uidvalidity: int | None
+    messages: Mapping[str, int]  # message state -> how many
+
+
+@dataclass(frozen=True)
+class AccountStatus:
+    """What the state database knows of one account, and whether the config still has it.
+
+    ``schedule`` is None when the account is not configured (any more).
+    """
+
+    account: str
+    protocol: str
+    last_run: RunStatus | None
+    last_success: datetime | None
+    folders: tuple[FolderStatus, ...]
+    pop_messages: Mapping[str, int]  # POP message state -> how many
+    configured: bool = False
+    schedule: str | None = None
+
+
+@dataclass(frozen=True)
+class ImapCheck:
+    """An IMAP account logged in and listed its folders; ``selected`` are those synced."""
+
+    account: str
+    folders: tuple[str, ...]
+    selected: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PopCheck:
+    """A POP3 account logged in; what STAT said, and how the login went."""
+
+    account: str
+    messages: int
+    size: int
+    login_method: str
+
+
+AccountCheck = ImapCheck | PopCheck

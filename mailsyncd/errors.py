@@ -5,15 +5,28 @@ a MessageError skips one message, a FolderError one folder, an AccountError one
 account, and a FatalError (config, state database, a second instance) stops the run.
 Only ``cli.py`` turns them into exit codes. Every message is one line a user can act
 on; it never carries a password.
+
+Each class also says, in ``retry``, how soon trying again is worth it, as isync grades its
+failures; the daemon reads that rather than knowing the classes.
 """
 
 from __future__ import annotations
+
+import re
+from enum import Enum
+
+
+class Retry(Enum):
+    TEMPORARY = "temporary"  # the network, a busy server: again soon, backing off step by step
+    WAIT = "wait"  # the server refused us (a login): soon would be refused again
+    FINAL = "final"  # only the user can mend it (the config, the state database)
 
 
 class MailsyncError(Exception):
     """Base of every error mailsyncd raises on purpose."""
 
     exit_code = 1
+    retry = Retry.TEMPORARY
 
 
 class MessageError(MailsyncError):
@@ -31,6 +44,8 @@ class AccountError(MailsyncError):
 class AuthError(AccountError):
     """The server refused the credentials; retrying soon will not help."""
 
+    retry = Retry.WAIT
+
 
 class Interrupted(MailsyncError):
     """The run was asked to stop (the daemon got SIGTERM); what was written is recorded."""
@@ -40,6 +55,7 @@ class FatalError(MailsyncError):
     """Nothing can go on: the whole run stops."""
 
     exit_code = 2
+    retry = Retry.FINAL
 
 
 class ConfigError(FatalError):
@@ -62,7 +78,18 @@ class StateError(FatalError):
 
 
 class AlreadyRunning(FatalError):
-    """Another mailsyncd holds the state database (design invariant 7)."""
+    """Another mailsyncd holds the state database (design invariant 7).
+
+    ``holder`` is what the lock file says ("pid 123", or "pid 123 daemon" for ``mailsyncd
+    run``); ``daemon_pid`` is that pid when the holder is the daemon, else None.
+    """
+
+    def __init__(self, path: object, holder: str) -> None:
+        match = re.fullmatch(r"pid (\d+) daemon", holder)
+        self.daemon_pid = int(match.group(1)) if match else None
+        shown = holder.removesuffix(" daemon") or "another process"
+        super().__init__(f"another mailsyncd ({shown}) is using the state database "
+                         f"{path}; stop it first or point --config at another state")
 
 
 class StoreError(FolderError):

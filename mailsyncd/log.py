@@ -1,9 +1,9 @@
 """Logging set-up, secret redaction and the terminal progress bar.
 
 Under systemd (JOURNAL_STREAM is set) the journal adds timestamps itself, so lines carry
-only the level and the message; elsewhere they get a timestamp. Every resolved secret is
-registered here and scrubbed from every record, as a last line of defence behind the
-rule that no code logs one (invariant 8).
+only the level and the message; elsewhere they get a timestamp. Every password that
+``secrets.password_for`` resolved is scrubbed from every record, as a last line of defence
+behind the rule that no code logs one (invariant 8).
 """
 
 from __future__ import annotations
@@ -15,22 +15,15 @@ import time
 from typing import TextIO
 
 from mailsyncd.progress import Progress
-
-_SECRETS: set[str] = set()
-
-
-def register_secret(value: str) -> None:
-    if len(value) >= 3:
-        _SECRETS.add(value)
+from mailsyncd.secrets import redact
 
 
 class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if _SECRETS:
-            message = record.getMessage()
-            for secret in tuple(_SECRETS):  # the daemon's threads may add to it meanwhile
-                message = message.replace(secret, "***")
-            record.msg, record.args = message, None
+        message = record.getMessage()
+        redacted = redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
         return True
 
 

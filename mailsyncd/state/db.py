@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 # The newest revision under migrations/versions. Checking it with one query lets every
 # start skip importing Alembic when the schema is current (a test keeps it in step).
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 
 
 def database_url(state: str) -> str:
@@ -123,12 +123,13 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 
 @contextlib.contextmanager
-def instance_lock(state: str) -> Iterator[None]:
+def instance_lock(state: str, daemon: bool = False) -> Iterator[None]:
     """Hold an exclusive, non-waiting lock beside the database (invariant 7).
 
     F_SETLK-style (LOCK_NB): a second instance fails at once with a clear message
     instead of queueing behind the first. The kernel drops the lock when the process
-    dies, so a kill -9 never leaves a stale lock behind.
+    dies, so a kill -9 never leaves a stale lock behind. The lock file names its holder's
+    pid, and whether it is the daemon, which `mailsyncd sync` may then ask to sync.
     """
     path = sqlite_path(database_url(state))
     if path is None:
@@ -141,13 +142,9 @@ def instance_lock(state: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise AlreadyRunning(
-                f"another mailsyncd ({holder}) is using the state database {path}; "
-                "stop it first or point --config at another state"
-            ) from None
+            raise AlreadyRunning(path, os.pread(fd, 64, 0).decode(errors="replace").strip()) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        os.pwrite(fd, f"pid {os.getpid()}{' daemon' if daemon else ''}".encode(), 0)
         yield
     finally:
         os.close(fd)

@@ -86,7 +86,7 @@ SYNC_RUNS = Table(
     Column("account_id", Integer, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False, index=True),
     Column("started", DateTime(timezone=True), nullable=False),
     Column("finished", DateTime(timezone=True)),
-    Column("result", String(10), nullable=False),  # running | ok | partial | failed
+    Column("result", String(16), nullable=False),  # domain.RunResult
     Column("fetched", Integer, nullable=False, default=0),
     Column("fetched_bytes", BigInteger, nullable=False, default=0),
     Column("error", Text),

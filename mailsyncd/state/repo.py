@@ -17,13 +17,17 @@ from sqlalchemy import Engine, bindparam, case, delete, func, insert, select, up
 from sqlalchemy.engine import Connection
 
 from mailsyncd.domain import (
+    AccountStatus,
     Flags,
     FolderInfo,
+    FolderStatus,
     MessageState,
     RecordedFolder,
     RecordedMessage,
     RecordedPop,
     RemoteMessage,
+    RunResult,
+    RunStatus,
     Stored,
 )
 from mailsyncd.state.models import ACCOUNTS, FOLDERS, MESSAGES
@@ -389,25 +393,27 @@ class StateRepo:
     def start_run(self, account_id: int) -> int:
         with self.engine.begin() as connection:
             return _new_id(connection.execute(insert(RUNS).values(
-                account_id=account_id, started=_now(), result="running", fetched=0, fetched_bytes=0,
+                account_id=account_id, started=_now(), result=RunResult.RUNNING, fetched=0, fetched_bytes=0,
             )))
 
-    def finish_run(self, run_id: int, result: str, fetched: int, fetched_bytes: int, error: str | None) -> None:
+    def finish_run(self, run_id: int, result: RunResult, fetched: int, fetched_bytes: int,
+                   error: str | None) -> None:
         with self.engine.begin() as connection:
             connection.execute(update(RUNS).where(RUNS.c.id == run_id).values(
                 finished=_now(), result=result, fetched=fetched, fetched_bytes=fetched_bytes, error=error))
 
-    def status(self) -> list[dict[str, Any]]:
-        """Per account: last run and per-folder counts, as plain data for `status`."""
+    def status(self) -> list[AccountStatus]:
+        """Per account, by name: the last run and per-folder counts. ``configured`` and
+        ``schedule`` are left for the caller, who has the config."""
         with self.engine.connect() as connection:
             return [self._account_status(connection, row) for row in
                     connection.execute(select(ACCOUNTS).order_by(ACCOUNTS.c.name))]
 
-    def _account_status(self, connection: Connection, account: Any) -> dict[str, Any]:
+    def _account_status(self, connection: Connection, account: Any) -> AccountStatus:
         run = connection.execute(select(RUNS).where(RUNS.c.account_id == account.id)
                                  .order_by(RUNS.c.id.desc()).limit(1)).first()
         last_ok = connection.execute(select(func.max(RUNS.c.finished)).where(
-            RUNS.c.account_id == account.id, RUNS.c.result == "ok")).scalar()
+            RUNS.c.account_id == account.id, RUNS.c.result == RunResult.OK)).scalar()
         counts = connection.execute(select(MESSAGES.c.folder_id, MESSAGES.c.state, func.count())
                                     .join(FOLDERS, FOLDERS.c.id == MESSAGES.c.folder_id)
                                     .where(FOLDERS.c.account_id == account.id)
@@ -415,23 +421,15 @@ class StateRepo:
         by_folder: dict[int, dict[str, int]] = {}
         for folder_id, state, count in counts:
             by_folder.setdefault(folder_id, {})[state] = count
-        folders = [
-            {"name": row.name, "path": row.path, "last_sync": _iso(row.last_sync), "last_error": row.last_error,
-             "on_server": row.on_server, "uidvalidity": row.uidvalidity, "messages": by_folder.get(row.id, {})}
+        folders = tuple(
+            FolderStatus(row.name, row.path, row.last_sync, row.last_error, row.on_server, row.uidvalidity,
+                         by_folder.get(row.id, {}))
             for row in connection.execute(select(FOLDERS).where(FOLDERS.c.account_id == account.id)
                                           .order_by(FOLDERS.c.name))
-        ]
+        )
         pop_counts = connection.execute(select(POP.c.state, func.count()).where(
             POP.c.account_id == account.id).group_by(POP.c.state)).all()
-        return {
-            "account": account.name, "protocol": account.protocol,
-            "last_run": None if run is None else {
-                "started": _iso(run.started), "finished": _iso(run.finished), "result": run.result,
-                "fetched": run.fetched, "bytes": run.fetched_bytes, "error": run.error},
-            "last_success": _iso(last_ok), "folders": folders,
-            "pop_messages": {str(state): int(count) for state, count in pop_counts},
-        }
-
-
-def _iso(when: datetime | None) -> str | None:
-    return None if when is None else when.isoformat(timespec="seconds")
+        last_run = None if run is None else RunStatus(run.started, run.finished, RunResult(run.result),
+                                                       run.fetched, run.fetched_bytes, run.error)
+        return AccountStatus(account.name, account.protocol, last_run, last_ok, folders,
+                             {str(state): int(count) for state, count in pop_counts})

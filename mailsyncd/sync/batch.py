@@ -112,12 +112,13 @@ def store_batch(effects: Effects, writer: FolderWriter, ledger: Ledger[Message],
         unfinished = [(message, reservation.location) for index, (message, reservation) in enumerate(reserved)
                       if index not in finished]
         ledger.finish(done, unfinished)
+        # Counted once recorded, also when the batch was cut short: the run records them.
+        size = sum(ledger.size(message) for message, _, _ in done)
+        claimed = len(finished) - len(written)
+        effects.counts.fetched += len(done)
+        effects.counts.fetched_bytes += size
+        effects.counts.adopted += claimed
         effects.checkpoint("recorded")
         if unfinished:
             ledger.forget([message for message, _ in unfinished])
-    size = sum(ledger.size(message) for message, _, _ in done)
-    effects.counts.fetched += len(done)
-    effects.counts.fetched_bytes += size
-    claimed = len(finished) - len(written)
-    effects.counts.adopted += claimed
     effects.progress.advance(len(done) + claimed, size)

@@ -202,9 +202,9 @@ class ImapLedger:
 
 def sync_folders(account: str, account_id: int, repo: StateRepo, store: Store, source: ImapSource,
                  selected: Sequence[FolderInfo], policy: Policy, progress: Progress,
-                 checkpoint: Checkpoint = no_checkpoint) -> Counts:
-    """Sync each selected folder; a FolderError spoils only its own folder."""
-    counts = Counts()
+                 checkpoint: Checkpoint = no_checkpoint, *, counts: Counts) -> None:
+    """Sync each selected folder; a FolderError spoils only its own folder. ``counts`` is
+    the caller's, so that it still holds what was done when an error escapes."""
     known = {folder.name: folder for folder in repo.folders(account_id)}
     folder_sync = FolderSync(account, repo, store, progress, checkpoint, counts, source, policy)
     for info in selected:
@@ -214,5 +214,4 @@ def sync_folders(account: str, account_id: int, repo: StateRepo, store: Store, s
             log.error("%s/%s: %s", account, info.name, error)
             counts.errors.append(f"{info.name}: {error}")
     repo.touch_folders(folder_sync.unchanged)
-    return counts
 

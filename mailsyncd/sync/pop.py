@@ -107,12 +107,11 @@ class PopSync(Effects):
 
 def sync_pop(account: str, account_id: int, repo: StateRepo, store: Store, source: Pop3Source,
              policy: PopPolicy, progress: Progress, now: datetime,
-             checkpoint: Checkpoint = no_checkpoint) -> Counts:
+             checkpoint: Checkpoint = no_checkpoint, *, counts: Counts) -> None:
     """One POP3 session's worth of work; ``now`` decides delete_after_days. Raises
-    AccountError when the session fails (nothing is then recorded deleted)."""
-    counts = Counts()
+    AccountError when the session fails (nothing is then recorded deleted); ``counts`` is
+    the caller's, so that it still holds what was done then."""
     PopSync(account, repo, store, progress, checkpoint, counts, account_id, source, policy).run(now)
-    return counts
 
 
 def _size(fetch: Fetch) -> int:

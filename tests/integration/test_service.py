@@ -431,3 +431,40 @@ def test_the_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
                           capture_output=True, text=True, check=False,
                           env=clean_env(XDG_RUNTIME_DIR=str(runtime), HOME=str(root / "home/user")))
     assert (done.returncode, done.stdout + done.stderr) == (0, "")
+
+
+# --- `mailsyncd sync` while the daemon runs ------------------------------------------------------
+
+
+def test_sync_while_the_daemon_runs_asks_it_and_reports_its_runs(
+        tmp_path: Path, dovecot: DovecotUser, daemons: list[Daemon]) -> None:
+    server = dovecot.server
+    store = tmp_path / "store"
+    config = write_accounts(
+        tmp_path,
+        account_toml(server, dovecot.user, dovecot.password, "acct", store, 'interval = "1h"'),
+        account_toml(server, dovecot.user, "not-the-password", "bad", tmp_path / "bad", 'interval = "1h"'))
+    server.append(dovecot.user, "INBOX", message("before the start"))
+    daemon = start(daemons, config)
+    daemon.wait_log("acct: 5 folders, 1 new")  # the first runs at start; the next in an hour
+    daemon.wait_log("bad: login refused")
+    server.append_many(dovecot.user, "INBOX", [message("asked for"), message("asked for too")])
+
+    asked = run_cli(config, "sync", "--account", "acct", timeout=60)
+    assert asked.returncode == 0, asked.stderr
+    assert "synced by the daemon: 2 new" in asked.stderr
+    assert stored(store) == 3  # stored by the daemon, before `sync` returned
+    daemon.wait_log("sync of every account asked for")
+
+    both = run_cli(config, "sync", timeout=60)
+    assert both.returncode == 1
+    errors = [line for line in both.stderr.splitlines() if "ERROR" in line.split()]
+    assert len(errors) == 1 and "bad: login refused" in errors[0], both.stderr  # tried again, though backing off
+    assert "acct: synced by the daemon: 0 new" in both.stderr
+
+    one_folder = run_cli(config, "sync", "--folder", "INBOX", timeout=30)
+    assert one_folder.returncode == 2  # the daemon syncs whole accounts only
+    assert f"another mailsyncd (pid {daemon.process.pid})" in one_folder.stderr
+    assert daemon.process.poll() is None
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log()

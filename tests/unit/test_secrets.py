@@ -14,8 +14,9 @@ import keyring.errors
 import pytest
 
 from mailsyncd import secrets
-from mailsyncd.config import PasswordSource
+from mailsyncd.config import PasswordSource, parse_config
 from mailsyncd.errors import SecretError
+from mailsyncd.log import RedactingFilter
 from mailsyncd.secrets import Secret, keyring_service, resolve_password
 
 SECRET = "hunter2-s3cret"
@@ -204,3 +205,32 @@ def test_keyring_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_inline() -> None:
     assert resolve("inline", SECRET) == SECRET
+
+
+# --- password_for: resolved and registered for redaction in one call ---------------------------
+
+
+def test_password_for_registers_the_password_for_redaction(tmp_path: Path) -> None:
+    password = "only-for-this-test-" + str(time.monotonic_ns())
+    config = parse_config(f"""
+[general]
+state = "{tmp_path / 'state.db'}"
+
+[[account]]
+name = "work"
+protocol = "imap"
+host = "imap.example.org"
+username = "me"
+password = "{password}"
+
+[account.store]
+format = "maildir"
+path = "{tmp_path / 'store'}"
+""", tmp_path / "config.toml")
+    record = logging.LogRecord("mailsyncd", logging.ERROR, __file__, 1, "login as %s with %s failed", ("me", password),
+                               None)
+    RedactingFilter().filter(record)
+    assert password in record.getMessage()  # not resolved yet: nothing to hide
+    assert secrets.password_for(config.accounts[0]).reveal() == password
+    RedactingFilter().filter(record)
+    assert record.getMessage() == "login as me with *** failed"

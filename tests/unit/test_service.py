@@ -13,21 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
-from mailsyncd import service
 from mailsyncd.config import AccountConfig, parse_config
-from mailsyncd.errors import AccountError, ConfigError, Interrupted
-from mailsyncd.service import (
-    BACKOFF_CAP,
-    AccountJob,
-    FolderWatch,
-    backoff_delay,
-    jitter_for,
-    notify,
-    reconnect_delay,
-    schedule_for,
-    watchdog_interval,
-)
+from mailsyncd.errors import AccountError, AuthError, ConfigError, Interrupted, Retry
+from mailsyncd.service import schedule
+from mailsyncd.service.daemon import Daemon
+from mailsyncd.service.jobs import AccountJob
+from mailsyncd.service.metrics import Metrics
+from mailsyncd.service.schedule import BACKOFF_CAP, backoff_delay, jitter_for, reconnect_delay, schedule_for
+from mailsyncd.service.systemd import notify, watchdog_interval
+from mailsyncd.service.watch import FolderWatch
 from mailsyncd.sources import imap
 
 CONFIG = Path("/etc/mailsyncd/config.toml")
@@ -66,14 +62,14 @@ def test_backoff_doubles_per_failure_and_stops_at_an_hour() -> None:
 
 
 def test_a_refused_login_backs_off_to_the_cap_at_once() -> None:
-    assert backoff_delay(10, 1, auth=True) == BACKOFF_CAP
-    assert backoff_delay(300, 1, auth=True) == BACKOFF_CAP
+    assert backoff_delay(10, 1, retry=Retry.WAIT) == BACKOFF_CAP
+    assert backoff_delay(300, 1, retry=Retry.WAIT) == BACKOFF_CAP
 
 
 def test_backoff_never_comes_sooner_than_the_schedule() -> None:
     daily = 86400
     assert backoff_delay(daily, 1) == daily
-    assert backoff_delay(daily, 1, auth=True) == daily
+    assert backoff_delay(daily, 1, retry=Retry.WAIT) == daily
     assert all(backoff_delay(600, n) >= 600 for n in range(0, 50))
 
 
@@ -258,7 +254,7 @@ def test_a_drain_that_blows_up_lets_the_next_request_run() -> None:
 
 def test_the_checkpoint_stops_only_at_a_write_and_only_when_stopping(tmp_path: Path) -> None:
     config = parse_config(f'[general]\nstate = "{tmp_path / "state.db"}"\n', tmp_path / "config.toml")
-    daemon = service.Daemon(config)
+    daemon = Daemon(config)
     for step in ("intent", "fetched", "write", "commit", "recorded", "flags", "remove"):
         daemon._checkpoint(step)  # not stopping: never raises
     daemon._stopping.set()
@@ -303,7 +299,7 @@ def test_without_idle_the_folder_is_left_to_polling(monkeypatch: pytest.MonkeyPa
 
 def test_a_lost_idle_connection_reconnects_and_catches_up(monkeypatch: pytest.MonkeyPatch,
                                                           caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(service, "RECONNECT_FIRST", 0.01)
+    monkeypatch.setattr(schedule, "RECONNECT_FIRST", 0.01)
     attempts: list[int] = []
 
     def watch_folder(*_args: Any) -> FakeWatcher:
@@ -336,3 +332,30 @@ def test_pushes_queued_during_a_failed_run_wait_for_the_retry() -> None:
     runs.retry_at = time.monotonic() + 60  # ...and the run fails
     assert runs.take(stopping=False) is None
     assert runs.request(None)  # the scheduled retry still runs
+
+
+def test_each_error_class_says_how_soon_a_retry_helps() -> None:
+    assert AccountError("connection refused").retry is Retry.TEMPORARY
+    assert AuthError("login refused").retry is Retry.WAIT
+    assert ConfigError(CONFIG, "account.password_file", "missing").retry is Retry.FINAL
+    assert backoff_delay(60, 1, AccountError("x").retry) == 120
+    assert backoff_delay(60, 1, AuthError("x").retry) == backoff_delay(60, 1, Retry.FINAL) == BACKOFF_CAP
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def test_metrics_start_at_zero_time_runs_and_include_the_process() -> None:
+    metrics = Metrics()
+    metrics.known("acct")
+    text = generate_latest(metrics.registry).decode()
+    for series in ("mailsyncd_messages_synced_total", "mailsyncd_bytes_synced_total", "mailsyncd_sync_errors_total"):
+        assert f'{series}{{account="acct"}} 0.0' in text.splitlines()
+    assert 'mailsyncd_sync_duration_seconds_count{account="acct"} 0.0' in text
+    assert "process_resident_memory_bytes" in text and "python_info" in text
+    metrics.ran("acct", 7.0)
+    text = generate_latest(metrics.registry).decode()
+    assert 'mailsyncd_sync_duration_seconds_bucket{account="acct",le="5.0"} 0.0' in text
+    assert 'mailsyncd_sync_duration_seconds_bucket{account="acct",le="15.0"} 1.0' in text
+    metrics.forget("acct")
+    assert 'account="acct"' not in generate_latest(metrics.registry).decode()

@@ -1,0 +1,78 @@
+"""Folder watches: one thread per folder in ``idle``, each on its own IMAP connection."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from mailsyncd.config import AccountConfig
+from mailsyncd.errors import MailsyncError, Retry
+from mailsyncd.secrets import password_for
+from mailsyncd.service.schedule import BACKOFF_CAP, RECONNECT_CAP, human, reconnect_delay
+from mailsyncd.sources import imap
+
+log = logging.getLogger(__name__)
+
+STABLE_CONNECTION = 60.0  # an IDLE connection that lived this long resets the reconnect backoff
+IDLE_SLICE = 1.0  # an IDLE thread notices a stop within this many seconds
+
+
+def open_watcher(account: AccountConfig, folder: str, renew: float) -> imap.IdleWatcher:
+    """The one place a watch connects and logs in; AccountError (or AuthError) if it cannot."""
+    return imap.watch_folder(account, password_for(account), folder, renew)
+
+
+class FolderWatch(threading.Thread):
+    """One folder watched with IDLE on its own connection; calls ``push(folder)`` on
+    every change and after every reconnect (changes made while it was away). Reconnects
+    with backoff; ends when the server has no IDLE, leaving the folder to polling."""
+
+    def __init__(self, account: AccountConfig, folder: str, push: Callable[[str], None], renew: float) -> None:
+        super().__init__(name=f"idle {account.name}/{folder}", daemon=True)
+        self.account = account
+        self.folder = folder
+        self.push = push
+        self.renew = renew
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        failures = 0
+        reconnect = False
+        while not self.halt.is_set():
+            started = time.monotonic()
+            try:
+                if not self._watch(reconnect):
+                    return
+            except MailsyncError as error:
+                if error.retry is Retry.TEMPORARY:
+                    failures = 1 if time.monotonic() - started > STABLE_CONNECTION else failures + 1
+                    delay = reconnect_delay(failures)
+                else:
+                    failures, delay = failures + 1, BACKOFF_CAP
+                reason = str(error)
+            except Exception as error:  # a bug: log it and keep watching (the account boundary)
+                log.exception("%s/%s: IDLE failed unexpectedly", self.account.name, self.folder)
+                failures, delay, reason = failures + 1, RECONNECT_CAP, type(error).__name__
+            if self.halt.is_set():
+                return
+            reconnect = True
+            log.warning("%s (IDLE on %s: next try in %s)", reason, self.folder, human(delay))
+            self.halt.wait(delay)
+
+    def _watch(self, catch_up: bool) -> bool:
+        """Watch until halted (True) or until the server turns out to lack IDLE (False)."""
+        with open_watcher(self.account, self.folder, self.renew) as watcher:
+            if not watcher.supports_idle:
+                log.warning("%s: %s does not support IDLE; %s is polled on the account's schedule instead",
+                            self.account.name, self.account.host, self.folder)
+                return False
+            log.info("%s/%s: watching with IDLE", self.account.name, self.folder)
+            if catch_up:
+                self.push(self.folder)
+            while not self.halt.is_set():
+                if watcher.wait(IDLE_SLICE):
+                    log.debug("%s/%s: IDLE reported a change", self.account.name, self.folder)
+                    self.push(self.folder)
+        return True
