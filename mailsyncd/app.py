@@ -98,7 +98,8 @@ class App:
                 return sync_pop(account.name, account_id, self.repo, store, pop_session, pop_policy, progress,
                                 self.clock(), checkpoint)
         policy = Policy(Mode(account.mode), account.max_message_size)
-        with imap.connect(account, password) as session:
+        deadline = None if account.timeout is None else time.monotonic() + account.timeout
+        with imap.connect(account, password, deadline) as session:
             listed = session.list_folders()
             selected = select_folders(listed, account.folders, account.exclude, folders)
             counts = sync_folders(account.name, account_id, self.repo, store, session, selected, policy,

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from mailsyncd.domain import FolderInfo, FolderSnapshot, PopListing, SnapshotBase
+from mailsyncd.errors import MessageError
 
 
 class ImapSource(Protocol):
@@ -22,8 +23,9 @@ class ImapSource(Protocol):
         selected for ``fetch``."""
         ...
 
-    def fetch(self, name: str, uids: Sequence[int]) -> dict[int, bytes]:
-        """Raw bodies of the selected folder; a UID expunged meanwhile is left out."""
+    def fetch(self, name: str, uids: Sequence[int]) -> dict[int, bytes | MessageError]:
+        """Raw bodies of the selected folder; a UID expunged meanwhile is left out, and
+        one whose body was refused (larger than the limit) maps to the error saying so."""
         ...
 
 

@@ -14,23 +14,26 @@ when the counts differ.
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import logging
 import select
 import socket
 import ssl
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from imapclient import IMAPClient
+from imapclient import IMAPClient, imap_utf7
 from imapclient import exceptions as imap_errors
+from imapclient.imapclient import _quote
 
 from mailsyncd.config import AccountConfig
 from mailsyncd.domain import FolderInfo, FolderSnapshot, RemoteMessage, SnapshotBase
-from mailsyncd.errors import AccountError, AuthError, FolderError
+from mailsyncd.errors import AccountError, AuthError, FolderError, MessageError
 from mailsyncd.secrets import Secret
+from mailsyncd.sources.tls import connecting, echoed, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -40,29 +43,14 @@ UID_CHUNK = 1000
 META = [b"UID", b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE"]
 MESSAGE_ID_FIELD = b"BODY[HEADER.FIELDS (MESSAGE-ID)]"
 TIMEOUT = 60.0
-
-
-def tls_context(account: AccountConfig) -> ssl.SSLContext:
-    """Verified TLS by default; ``tls_ca_file`` adds a trust anchor, it never removes one.
-
-    Where the system has a hashed CA directory, it is used instead of the CA bundle
-    file: OpenSSL then reads only the CA it needs, where loading the bundle costs about
-    50 ms, a third of a no-op sync. Verification is the same.
-    """
-    capath = ssl.get_default_verify_paths().capath
-    if capath and Path(capath).is_dir():
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
-        context.load_verify_locations(capath=capath)
-    else:
-        context = ssl.create_default_context()
-    if account.tls_ca_file is not None:
-        context.load_verify_locations(cafile=str(account.tls_ca_file))
-    if not account.tls_verify:
-        log.warning("%s: tls_verify = false: the server's certificate is not checked, so anyone on the path "
-                    "can read the password and the mail", account.name)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+# A literal's limit when max_message_size is unset: no literal larger than this is ever
+# read into memory, whatever the server announces.
+LITERAL_CEILING = 512 * 1024 * 1024
+# Announced sizes above this are lies; clamping them keeps sums within SQLite's integers.
+SIZE_CEILING = 1 << 40
+# Bytes of a literal that count as progress for the progress deadline (progress_timeout).
+PROGRESS_CHUNK = 64 * 1024
+MAX_LINE = 1_000_000  # bytes; imaplib's own limit for one line
 
 
 def _text(value: Any) -> str:
@@ -95,6 +83,163 @@ def _message_id(header: bytes | None) -> str | None:
     return text or None
 
 
+def _size(value: Any) -> int:
+    """An announced RFC822.SIZE as a sane integer: what arrives is checked again later."""
+    try:
+        return min(max(int(value), 0), SIZE_CEILING)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _decoded(name: bytes | str) -> str | None:
+    """A folder name from LIST decoded from modified UTF-7, or None when it is not that."""
+    if isinstance(name, str):
+        return name  # imapclient already turned a number-like name into text
+    try:
+        return str(imap_utf7.decode(name))
+    except ValueError:  # UnicodeDecodeError, binascii.Error
+        return None
+
+
+class _Client(IMAPClient):  # type: ignore[misc]  # imapclient ships no type hints
+    """IMAPClient that opens folders whose names are not modified UTF-7 by their bytes.
+
+    imapclient encodes every folder name it sends; ``raw_names`` maps the text such a
+    folder goes by (see ``ImapSession.list_folders``) back to the bytes the server uses.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.raw_names: dict[str, bytes] = {}
+        super().__init__(*args, **kwargs)
+
+    def _normalise_folder(self, folder_name: Any) -> Any:
+        raw = self.raw_names.get(folder_name) if isinstance(folder_name, str) else None
+        if raw is None:
+            return super()._normalise_folder(folder_name)
+        return _quote(raw.decode("ascii"))
+
+
+class _Refused(bytes):
+    """Stands for a literal over the limit, which was read and thrown away.
+
+    It holds no bytes but claims the announced length, which imapclient's parser checks.
+    """
+
+    reason: str
+    size: int
+
+    def __new__(cls, size: int, reason: str) -> _Refused:
+        refused = super().__new__(cls)
+        refused.size = size
+        refused.reason = reason
+        return refused
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class _NoProgress(imap_errors.IMAPClientAbortError):  # type: ignore[misc]
+    """The server stopped making progress (or the run's time was up): the connection is
+    in the middle of a response and cannot be used again."""
+
+
+class _ReadGuard:
+    """Takes over imaplib's ``read``, ``readline`` and ``send`` of one connection, which is
+    where every byte from the server enters, to enforce what no announcement can:
+
+    - no literal larger than the limit (``max_message_size``, else LITERAL_CEILING) is
+      held in memory: it is read in chunks and thrown away, the connection stays in
+      step, and the message's body becomes a ``_Refused``;
+    - progress: after a command is sent, every complete line and every PROGRESS_CHUNK
+      bytes of a literal must come within ``progress_timeout`` seconds of the last, so a
+      silent server and one that trickles bytes both end the session;
+    - the run's ``deadline``, if any.
+
+    IDLE's non-blocking reads (imapclient's ``idle_check``) are passed through untouched.
+    """
+
+    def __init__(self, client: IMAPClient, account: AccountConfig, deadline: float | None) -> None:
+        self._imap: Any = client._imap  # imaplib.IMAP4, whose attributes typeshed types loosely
+        self._host = account.host
+        self._limit = account.max_message_size or LITERAL_CEILING
+        self._limit_name = "max_message_size" if account.max_message_size else "the limit for one message"
+        self._progress_timeout = account.progress_timeout
+        self._deadline = deadline
+        self._last_progress = time.monotonic()
+        self._readline: Callable[[], bytes] = self._imap.readline
+        self._send: Callable[[bytes], None] = self._imap.send
+        self._imap.read = self.read
+        self._imap.readline = self.readline
+        self._imap.send = self.send
+
+    def send(self, data: bytes) -> None:
+        self._last_progress = time.monotonic()  # a new command: the server's turn starts now
+        self._send(data)
+
+    def readline(self) -> bytes:
+        if self._imap.sock.gettimeout() == 0.0:
+            return self._readline()
+        reader: io.BufferedReader = self._imap.file
+        parts: list[bytes] = []
+        length = 0
+        while True:
+            block = self._raw(lambda: reader.peek(1))
+            if not block:
+                break  # EOF: imaplib reports it
+            end = block.find(b"\n")
+            part = reader.read(end + 1 if end >= 0 else len(block))
+            parts.append(part)
+            length += len(part)
+            if end >= 0:
+                break
+            if length > MAX_LINE:
+                raise self._imap.abort(f"{self._host} sent a line of more than {MAX_LINE} bytes")
+        self._last_progress = time.monotonic()
+        return b"".join(parts)
+
+    def read(self, size: int) -> bytes:
+        keep = size <= self._limit
+        data = bytearray()
+        left = size
+        since_progress = 0
+        reader: io.BufferedReader = self._imap.file
+        while left:
+            chunk = self._raw(functools.partial(reader.read1, min(left, PROGRESS_CHUNK)))
+            if not chunk:
+                break  # EOF: the short literal fails the parse, the next read reports EOF
+            left -= len(chunk)
+            if keep:
+                data += chunk
+            since_progress += len(chunk)
+            if since_progress >= PROGRESS_CHUNK:
+                since_progress = 0
+                self._last_progress = time.monotonic()
+        self._last_progress = time.monotonic()
+        if not keep:
+            return _Refused(size, f"{self._host} sent {size} bytes, over {self._limit_name} ({self._limit} bytes)")
+        return bytes(data)
+
+    def _raw(self, reading: Callable[[], bytes]) -> bytes:
+        """One read from the socket, given only the time left until the nearer deadline."""
+        now = time.monotonic()
+        left = self._last_progress + self._progress_timeout - now
+        run_left = float("inf") if self._deadline is None else self._deadline - now
+        run_ends_first = run_left < left
+        left = min(left, run_left)
+        stalled = _NoProgress(
+            f"the run took longer than its timeout; {self._host} is left for the next run" if run_ends_first
+            else f"{self._host} made no progress for {self._progress_timeout} s (progress_timeout); "
+                 "giving up on the connection")
+        if left <= 0:
+            raise stalled
+        self._imap.sock.settimeout(left)
+        try:
+            return reading()
+        except TimeoutError:
+            # The socket cannot be read after a timeout, and the session is mid-response.
+            raise stalled from None
+
+
 @contextlib.contextmanager
 def _errors(account: str, host: str) -> Iterator[None]:
     """Library and socket errors become one clear line, scoped to the account."""
@@ -105,31 +250,34 @@ def _errors(account: str, host: str) -> Iterator[None]:
         reason = _text(error.args[0]) if error.args else "no reason given"
         if reason[:2] in ("b'", 'b"') and reason[-1:] == reason[1]:
             reason = reason[2:-1]
-        raise AuthError(f"{account}: login refused by {host}: {reason}") from error
-    except ssl.SSLCertVerificationError as error:
-        raise AccountError(f"{account}: TLS certificate of {host} not trusted: {error.verify_message}; "
-                           "set tls_ca_file if the server uses a private CA") from error
-    except ssl.SSLError as error:
-        raise AccountError(f"{account}: TLS with {host} failed: {error.reason or error}") from error
+        raise AuthError(f"{account}: login refused by {host}: {echoed(reason)}") from error
+    except _NoProgress as error:
+        raise AccountError(f"{account}: {error}") from error
     except (TimeoutError, OSError, imap_errors.IMAPClientAbortError) as error:
-        raise AccountError(f"{account}: connection to {host} failed: {error}") from error
+        raise AccountError(f"{account}: connection to {host} failed: {echoed(str(error))}") from error
     except imap_errors.IMAPClientError as error:
-        raise AccountError(f"{account}: {host} answered: {error}") from error
+        raise AccountError(f"{account}: {host} answered: {echoed(str(error))}") from error
 
 
-def connect(account: AccountConfig, password: Secret) -> ImapSession:
-    with _errors(account.name, account.host):
+def connect(account: AccountConfig, password: Secret, deadline: float | None = None) -> ImapSession:
+    """Connect, secure the connection as the account says, and log in.
+
+    ``deadline`` (a ``time.monotonic()`` value) ends the session with AccountError when
+    it is reached, wherever the session is: the whole-run ``timeout``.
+    """
+    with _errors(account.name, account.host), connecting(account):
         if account.security == "tls":
-            client = IMAPClient(account.host, account.port, ssl=True, ssl_context=tls_context(account),
-                                timeout=TIMEOUT)
+            client = _Client(account.host, account.port, ssl=True, ssl_context=tls_context(account),
+                             timeout=TIMEOUT)
         else:
-            client = IMAPClient(account.host, account.port, ssl=False, timeout=TIMEOUT)
-            if account.security == "starttls":
-                if not client.has_capability("STARTTLS"):
-                    client.shutdown()
-                    raise AccountError(f"{account.name}: {account.host} does not offer STARTTLS; "
-                                       "refusing to log in without TLS")
-                client.starttls(tls_context(account))
+            client = _Client(account.host, account.port, ssl=False, timeout=TIMEOUT)
+        _ReadGuard(client, account, deadline)
+        if account.security == "starttls":
+            if not client.has_capability("STARTTLS"):
+                client.shutdown()
+                raise AccountError(f"{account.name}: {account.host} does not offer STARTTLS; "
+                                   "refusing to log in without TLS")
+            client.starttls(tls_context(account))
         client.normalise_times = False
         try:
             if account.auth == "plain":
@@ -166,14 +314,41 @@ class ImapSession:
             self._client.shutdown()
 
     def list_folders(self) -> list[FolderInfo]:
+        """The server's folders. Names are decoded here rather than by imapclient, which
+        raises on the first name that is not valid modified UTF-7 and so loses them all;
+        such a name is kept as the server spelt it (see ``_Client``)."""
         with _errors(self._account, self._host):
-            listing = self._client.list_folders()
+            self._client.folder_encode = False
+            try:
+                listing = self._client.list_folders()
+            finally:
+                self._client.folder_encode = True
         folders = []
+        decoded = {_decoded(name) for _, _, name in listing} - {None}
         for attributes, delimiter, name in listing:
+            text = _decoded(name)
+            if text is None:
+                text = self._keep_undecodable(name, decoded)
+                if text is None:
+                    continue
             folders.append(FolderInfo(
-                name=_text(name), delimiter=_text(delimiter) if delimiter else None,
+                name=text, delimiter=_text(delimiter) if delimiter else None,
                 attributes=frozenset(_text(attribute) for attribute in attributes)))
         return folders
+
+    def _keep_undecodable(self, name: bytes, decoded: set[str | None]) -> str | None:
+        """The name a folder whose name is not modified UTF-7 goes by: its bytes as ASCII
+        text, mapped back to the same bytes whenever the folder is opened. Skipped (with
+        one line) when that text is also the decoded name of another folder."""
+        raw = _text(name)
+        if not name.isascii() or raw in decoded:
+            log.error("%s: folder %s on %s: the name is not valid modified UTF-7 (RFC 3501) and cannot be "
+                      "kept apart from the others; skipped", self._account, echoed(repr(raw)), self._host)
+            return None
+        log.warning("%s: folder %r on %s: the name is not valid modified UTF-7 (RFC 3501); synced under "
+                    "the name as the server spelt it", self._account, raw, self._host)
+        self._client.raw_names[raw] = name
+        return raw
 
     def snapshot(self, name: str, base: SnapshotBase | None) -> FolderSnapshot:
         with self._folder_errors(name):
@@ -229,10 +404,12 @@ class ImapSession:
         out = []
         for response in self._chunks(uids, data):
             for uid, item in response.items():
+                header = item.get(MESSAGE_ID_FIELD)
                 out.append(RemoteMessage(
-                    uid=uid, size=int(item.get(b"RFC822.SIZE", 0)), flags=_flags(item.get(b"FLAGS", ())),
+                    uid=uid, size=_size(item.get(b"RFC822.SIZE", 0)), flags=_flags(item.get(b"FLAGS", ())),
                     internaldate=_internaldate(item.get(b"INTERNALDATE")),
-                    message_id=_message_id(item.get(MESSAGE_ID_FIELD)) if with_message_id else None))
+                    message_id=_message_id(None if isinstance(header, _Refused) else header)
+                    if with_message_id else None))
         return tuple(sorted(out, key=lambda message: message.uid))
 
     def _flags_of(self, uids: Sequence[int]) -> dict[int, frozenset[str]]:
@@ -241,15 +418,23 @@ class ImapSession:
             changed.update((uid, _flags(item.get(b"FLAGS", ()))) for uid, item in response.items())
         return changed
 
-    def fetch(self, name: str, uids: Sequence[int]) -> dict[int, bytes]:
+    def fetch(self, name: str, uids: Sequence[int]) -> dict[int, bytes | MessageError]:
         """Bodies of the selected folder's messages, raw as the server sent them.
 
         BODY.PEEK[] leaves \\Seen alone. A UID that comes back without a body was
-        expunged meanwhile and is simply missing from the result.
+        expunged meanwhile and is simply missing from the result; one whose body was
+        over the size limit maps to the MessageError that reports it.
         """
         with self._folder_errors(name):
             response = self._client.fetch(list(uids), [b"BODY.PEEK[]"])
-        return {uid: item[b"BODY[]"] for uid, item in response.items() if item.get(b"BODY[]") is not None}
+        bodies: dict[int, bytes | MessageError] = {}
+        for uid, item in response.items():
+            body = item.get(b"BODY[]")
+            if isinstance(body, _Refused):
+                bodies[uid] = MessageError(f"{self._account}: folder {name!r}: UID {uid}: {body.reason}; skipped")
+            elif body is not None:
+                bodies[uid] = body
+        return bodies
 
     @contextlib.contextmanager
     def _folder_errors(self, name: str) -> Iterator[None]:
@@ -259,7 +444,8 @@ class ImapSession:
         except AccountError as error:
             if isinstance(error.__cause__, imap_errors.IMAPClientError) and not isinstance(
                     error.__cause__, imap_errors.IMAPClientAbortError):
-                raise FolderError(f"{self._account}: folder {name!r}: {error.__cause__}") from error
+                raise FolderError(f"{self._account}: folder {name!r}: {echoed(str(error.__cause__))}"
+                                  ) from error
             raise
 
 

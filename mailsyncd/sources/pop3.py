@@ -22,7 +22,6 @@ import io
 import logging
 import poplib
 import re
-import ssl
 from collections.abc import Iterator
 from types import TracebackType
 from typing import cast
@@ -31,7 +30,7 @@ from mailsyncd.config import AccountConfig
 from mailsyncd.domain import PopListing
 from mailsyncd.errors import AccountError, AuthError, MessageError
 from mailsyncd.secrets import Secret
-from mailsyncd.sources.imap import tls_context
+from mailsyncd.sources.tls import connecting, echoed, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class _ConnectionLost(Exception):
 def _reply(line: bytes | str) -> str:
     text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
     text = text.strip()
-    return text[4:].strip() or text if text.startswith("-ERR") else text
+    return echoed(text[4:].strip() or text if text.startswith("-ERR") else text)
 
 
 def _is_eof(error: poplib.error_proto) -> bool:
@@ -76,11 +75,6 @@ def _errors(account: str, host: str) -> Iterator[None]:
     """Library and socket errors become one clear line, scoped to the account."""
     try:
         yield
-    except ssl.SSLCertVerificationError as error:
-        raise AccountError(f"{account}: TLS certificate of {host} not trusted: {error.verify_message}; "
-                           "set tls_ca_file if the server uses a private CA") from error
-    except ssl.SSLError as error:
-        raise AccountError(f"{account}: TLS with {host} failed: {error.reason or error}") from error
     except _ConnectionLost as error:
         raise AccountError(f"{account}: connection to {host} lost: {error}") from error
     except (TimeoutError, OSError, EOFError) as error:
@@ -114,7 +108,7 @@ def connect(account: AccountConfig, password: Secret) -> Pop3Session:
     encrypted = account.security in ("tls", "starttls")
     if not encrypted and not account.allow_plaintext:
         raise AccountError(f'{account.name}: security = "plain" needs allow_plaintext = true')
-    with _errors(account.name, account.host):
+    with _errors(account.name, account.host), connecting(account):
         client: poplib.POP3
         if account.security == "tls":
             client = poplib.POP3_SSL(account.host, account.port, timeout=TIMEOUT,

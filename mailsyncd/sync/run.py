@@ -26,7 +26,7 @@ from mailsyncd.domain import (
     SnapshotBase,
     Stored,
 )
-from mailsyncd.errors import FolderError, MailsyncError
+from mailsyncd.errors import FolderError, MailsyncError, MessageError
 from mailsyncd.sources.base import ImapSource
 from mailsyncd.state.repo import KnownFolder, StateRepo, message_id_of
 from mailsyncd.stores.base import FolderWriter, Store
@@ -233,7 +233,7 @@ class FolderSync(Effects):
             self.progress.end_folder()
 
     def _prefetched(self, name: str, planned: Iterable[list[RemoteMessage]]
-                    ) -> Iterator[tuple[list[RemoteMessage], Future[dict[int, bytes]]]]:
+                    ) -> Iterator[tuple[list[RemoteMessage], Future[dict[int, bytes | MessageError]]]]:
         """Fetch batch k+1 on a helper thread while batch k is written: the network and
         the disk overlap. Only that thread uses the connection until it is joined, and
         at most two batches are in memory at once."""
@@ -257,7 +257,8 @@ class FolderSync(Effects):
                         pending.result()  # the connection is ours again only after this
 
     def _store_batch(self, folder_id: int, uidvalidity: int, writer: FolderWriter, batch: list[RemoteMessage],
-                     fetched: Future[dict[int, bytes]], pool: dict[tuple[str, int], list[RecordedMessage]]) -> None:
+                     fetched: Future[dict[int, bytes | MessageError]],
+                     pool: dict[tuple[str, int], list[RecordedMessage]]) -> None:
         intents = [(message, writer.reserve(message.flags)) for message in batch]
         self.repo.record_pending(folder_id, uidvalidity, intents)
         self.checkpoint("intent")
@@ -265,11 +266,17 @@ class FolderSync(Effects):
         self.checkpoint("fetched")
         done: list[tuple[RemoteMessage, Stored, str | None]] = []
         adopted: list[tuple[RemoteMessage, RecordedMessage, str]] = []
+        refused: list[RemoteMessage] = []
         try:
             for message, location in intents:
                 raw = bodies.pop(message.uid, None)
                 if raw is None:
                     continue  # expunged while we fetched: nothing to keep
+                if isinstance(raw, MessageError):
+                    log.error("%s", raw)
+                    self.counts.errors.append(str(raw))
+                    refused.append(message)
+                    continue
                 data = normalize(raw)
                 copies = pool.get((sha256(data), message.size)) if pool else None
                 if copies:
@@ -287,6 +294,9 @@ class FolderSync(Effects):
             finished = {message.uid for message, _, _ in done}
             self.repo.finish_batch(folder_id, uidvalidity, done, [m.uid for m in batch if m.uid not in finished],
                                    adopted)
+            # Recorded as skipped, so the next run lists it again and reports it again,
+            # rather than forgetting it or stopping at it.
+            self.repo.record_skipped(folder_id, uidvalidity, refused)
             self.checkpoint("recorded")
         size = sum(message.size for message, _, _ in done)
         self.counts.fetched += len(done)
