@@ -52,12 +52,15 @@ class _Link:
 
 
 class CutProxy:
-    """Forward 127.0.0.1:``port`` to ``target_host``:``target_port``, cutting on demand."""
+    """Forward ``listen_host``:``port`` to ``target_host``:``target_port``, cutting on demand.
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    Any 127.x.y.z address is loopback on Linux: listening on another one than the
+    server's gives a name its certificate does not hold."""
+
+    def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
         # Bound at once, so the port can go into client config before start().
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server((listen_host, 0))
         self.port: int = self._listener.getsockname()[1]
         self._links: set[_Link] = set()
         self._lock = threading.Lock()
