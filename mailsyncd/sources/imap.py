@@ -138,9 +138,10 @@ class _Refused(bytes):
         return self.size
 
 
-class _NoProgress(imap_errors.IMAPClientAbortError):  # type: ignore[misc]
+class _NoProgress(TimeoutError):
     """The server stopped making progress (or the run's time was up): the connection is
-    in the middle of a response and cannot be used again."""
+    in the middle of a response and cannot be used again. A TimeoutError, which imaplib
+    lets through as it is, where it would rewrap one of its own errors."""
 
 
 class _ReadGuard:
