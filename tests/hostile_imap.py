@@ -4,7 +4,8 @@ It speaks plain TCP on 127.0.0.1 and just enough of the protocol for a read-only
 CAPABILITY, LOGIN, LIST, EXAMINE/SELECT, UID SEARCH, UID FETCH, NOOP and LOGOUT. Folder
 names are the raw bytes LIST sends, and each message can lie: about its RFC822.SIZE
 (``announced``), or about its literal (``literal`` replaces the ``{n}`` line and the
-bytes sent after it, and the server then closes the connection).
+bytes sent after it, and the server then closes the connection); a folder can refuse
+to be opened, with a text of any length.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Message:
 @dataclass
 class Folder:
     messages: dict[int, Message] = field(default_factory=dict)
+    refusal: bytes | None = None  # EXAMINE is answered NO with this text
 
 
 _COMMAND = re.compile(rb"(\S+) (?:UID )?(\S+) ?(.*)", re.IGNORECASE)
@@ -96,8 +98,9 @@ class HostileImap:
                     return
                 if command in (b"EXAMINE", b"SELECT"):
                     selected = self.folders.get(args.strip(b'"'))
-                    if selected is None:
-                        sock.sendall(tag + b" NO no such folder\r\n")
+                    if selected is None or selected.refusal is not None:
+                        sock.sendall(tag + b" NO " + (selected.refusal if selected else b"no such folder")
+                                     + b"\r\n")
                         continue
                     sock.sendall(b"* %d EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT %d] ok\r\n"
                                  % (len(selected.messages), max(selected.messages, default=0) + 1))

@@ -103,3 +103,13 @@ def test_a_literal_announced_as_huge_allocates_nothing_and_ends_in_one_line(tmp_
             assert result.returncode == 1, result.stderr
             assert "MemoryError" not in result.stderr
             assert len(error_lines(result)) == 1, result.stderr
+
+
+def test_a_long_answer_from_the_server_is_cut_in_the_error_line(tmp_path: Path) -> None:
+    folders = {b"INBOX": Folder({1: message(1)}), b"Refused": Folder(refusal=b"[SERVERBUG] " + b"blah " * 2000)}
+    with HostileImap(folders) as server:
+        result = run_cli(config(tmp_path, server.port), "sync")
+    assert result.returncode == 1, result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1 and "[SERVERBUG] blah" in lines[0] and len(lines[0]) < 400, result.stderr
+    assert stored(tmp_path) == ["INBOX"]
