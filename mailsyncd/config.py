@@ -182,7 +182,7 @@ KEYS: tuple[Key, ...] = (
         '"archive" keeps local copies of mail deleted on the server; "mirror" deletes them too', "archive",
         choices=("archive", "mirror"), only=_IMAP),
     Key("account", "max_message_size", "size",
-        'skip (and report) larger messages, e.g. "50MB"; no limit if unset'),
+        'skip (and report) larger messages, e.g. "50MB"; if unset, IMAP still reads none over 512 MiB'),
     Key("account", "progress_timeout", "duration",
         "give up on a connection when the server sends no complete line and no 64 KiB of a message "
         'for this long (IMAP), e.g. "2m"', 120),
