@@ -91,14 +91,14 @@ class App:
               progress: Progress, checkpoint: Checkpoint) -> Counts:
         password = resolve_password(account.password, account.name, account.username)
         register_secret(password.reveal())
+        deadline = None if account.timeout is None else time.monotonic() + account.timeout
         if account.protocol == "pop3":
             pop_policy = PopPolicy(account.leave_on_server, account.delete_after_days,
                                    account.max_message_size)
-            with pop3.connect(account, password) as pop_session:
+            with pop3.connect(account, password, deadline) as pop_session:
                 return sync_pop(account.name, account_id, self.repo, store, pop_session, pop_policy, progress,
                                 self.clock(), checkpoint)
         policy = Policy(Mode(account.mode), account.max_message_size)
-        deadline = None if account.timeout is None else time.monotonic() + account.timeout
         with imap.connect(account, password, deadline) as session:
             listed = session.list_folders()
             selected = select_folders(listed, account.folders, account.exclude, folders)

@@ -185,9 +185,9 @@ KEYS: tuple[Key, ...] = (
         'skip (and report) larger messages, e.g. "50MB"; if unset, IMAP still reads none over 512 MiB'),
     Key("account", "progress_timeout", "duration",
         "give up on a connection when the server sends no complete line and no 64 KiB of a message "
-        'for this long (IMAP), e.g. "2m"', 120),
+        'for this long, e.g. "2m"', 120),
     Key("account", "timeout", "duration",
-        'end a run of this account that takes longer than this (IMAP), e.g. "1h"; no limit if unset'),
+        'end a run of this account that takes longer than this, e.g. "1h"; no limit if unset'),
     Key("account", "idle", "strings",
         "folders the daemon watches with IDLE, to fetch new mail at once", (), only=_IMAP),
     Key("account", "leave_on_server", "boolean",

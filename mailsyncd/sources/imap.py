@@ -14,8 +14,6 @@ when the counts differ.
 from __future__ import annotations
 
 import contextlib
-import functools
-import io
 import logging
 import select
 import socket
@@ -33,6 +31,7 @@ from mailsyncd.config import AccountConfig
 from mailsyncd.domain import FolderInfo, FolderSnapshot, RemoteMessage, SnapshotBase
 from mailsyncd.errors import AccountError, AuthError, FolderError, MessageError
 from mailsyncd.secrets import Secret
+from mailsyncd.sources.progress import GuardedReader, Stalled
 from mailsyncd.sources.tls import connecting, echoed, tls_context
 
 log = logging.getLogger(__name__)
@@ -48,8 +47,6 @@ TIMEOUT = 60.0
 LITERAL_CEILING = 512 * 1024 * 1024
 # Announced sizes above this are lies; clamping them keeps sums within SQLite's integers.
 SIZE_CEILING = 1 << 40
-# Bytes of a literal that count as progress for the progress deadline (progress_timeout).
-PROGRESS_CHUNK = 64 * 1024
 MAX_LINE = 1_000_000  # bytes; imaplib's own limit for one line
 
 
@@ -138,12 +135,6 @@ class _Refused(bytes):
         return self.size
 
 
-class _NoProgress(TimeoutError):
-    """The server stopped making progress (or the run's time was up): the connection is
-    in the middle of a response and cannot be used again. A TimeoutError, which imaplib
-    lets through as it is, where it would rewrap one of its own errors."""
-
-
 class _ReadGuard:
     """Takes over imaplib's ``read``, ``readline`` and ``send`` of one connection, which is
     where every byte from the server enters, to enforce what no announcement can:
@@ -151,10 +142,7 @@ class _ReadGuard:
     - no literal larger than the limit (``max_message_size``, else LITERAL_CEILING) is
       held in memory: it is read in chunks and thrown away, the connection stays in
       step, and the message's body becomes a ``_Refused``;
-    - progress: after a command is sent, every complete line and every PROGRESS_CHUNK
-      bytes of a literal must come within ``progress_timeout`` seconds of the last, so a
-      silent server and one that trickles bytes both end the session;
-    - the run's ``deadline``, if any.
+    - the progress deadline and the run's deadline (``GuardedReader``).
 
     IDLE's non-blocking reads (imapclient's ``idle_check``) are passed through untouched.
     """
@@ -164,9 +152,8 @@ class _ReadGuard:
         self._host = account.host
         self._limit = account.max_message_size or LITERAL_CEILING
         self._limit_name = "max_message_size" if account.max_message_size else "the limit for one message"
-        self._progress_timeout = account.progress_timeout
-        self._deadline = deadline
-        self._last_progress = time.monotonic()
+        self._reader = GuardedReader(lambda: (self._imap.file, self._imap.sock), account.host,
+                                     account.progress_timeout, deadline)
         self._readline: Callable[[], bytes] = self._imap.readline
         self._send: Callable[[bytes], None] = self._imap.send
         self._imap.read = self.read
@@ -174,71 +161,23 @@ class _ReadGuard:
         self._imap.send = self.send
 
     def send(self, data: bytes) -> None:
-        self._last_progress = time.monotonic()  # a new command: the server's turn starts now
+        self._reader.sent()
         self._send(data)
 
     def readline(self) -> bytes:
         if self._imap.sock.gettimeout() == 0.0:
             return self._readline()
-        reader: io.BufferedReader = self._imap.file
-        parts: list[bytes] = []
-        length = 0
-        while True:
-            block = self._raw(lambda: reader.peek(1))
-            if not block:
-                break  # EOF: imaplib reports it
-            end = block.find(b"\n")
-            part = reader.read(end + 1 if end >= 0 else len(block))
-            parts.append(part)
-            length += len(part)
-            if end >= 0:
-                break
-            if length > MAX_LINE:
-                raise self._imap.abort(f"{self._host} sent a line of more than {MAX_LINE} bytes")
-        self._last_progress = time.monotonic()
-        return b"".join(parts)
+        line = self._reader.readline(MAX_LINE + 1)
+        if len(line) > MAX_LINE:
+            raise self._imap.abort(f"{self._host} sent a line of more than {MAX_LINE} bytes")
+        return line
 
     def read(self, size: int) -> bytes:
-        keep = size <= self._limit
-        data = bytearray()
-        left = size
-        since_progress = 0
-        reader: io.BufferedReader = self._imap.file
-        while left:
-            chunk = self._raw(functools.partial(reader.read1, min(left, PROGRESS_CHUNK)))
-            if not chunk:
-                break  # EOF: the short literal fails the parse, the next read reports EOF
-            left -= len(chunk)
-            if keep:
-                data += chunk
-            since_progress += len(chunk)
-            if since_progress >= PROGRESS_CHUNK:
-                since_progress = 0
-                self._last_progress = time.monotonic()
-        self._last_progress = time.monotonic()
-        if not keep:
-            return _Refused(size, f"{self._host} sent {size} bytes, over {self._limit_name} ({self._limit} bytes)")
-        return bytes(data)
-
-    def _raw(self, reading: Callable[[], bytes]) -> bytes:
-        """One read from the socket, given only the time left until the nearer deadline."""
-        now = time.monotonic()
-        left = self._last_progress + self._progress_timeout - now
-        run_left = float("inf") if self._deadline is None else self._deadline - now
-        run_ends_first = run_left < left
-        left = min(left, run_left)
-        stalled = _NoProgress(
-            f"the run took longer than its timeout; {self._host} is left for the next run" if run_ends_first
-            else f"{self._host} made no progress for {self._progress_timeout} s (progress_timeout); "
-                 "giving up on the connection")
-        if left <= 0:
-            raise stalled
-        self._imap.sock.settimeout(left)
-        try:
-            return reading()
-        except TimeoutError:
-            # The socket cannot be read after a timeout, and the session is mid-response.
-            raise stalled from None
+        if size <= self._limit:
+            return self._reader.read(size)
+        for _ in self._reader.chunks(size):
+            pass  # thrown away: never more than one chunk in memory
+        return _Refused(size, f"{self._host} sent {size} bytes, over {self._limit_name} ({self._limit} bytes)")
 
 
 @contextlib.contextmanager
@@ -252,7 +191,7 @@ def _errors(account: str, host: str) -> Iterator[None]:
         if reason[:2] in ("b'", 'b"') and reason[-1:] == reason[1]:
             reason = reason[2:-1]
         raise AuthError(f"{account}: login refused by {host}: {echoed(reason)}") from error
-    except _NoProgress as error:
+    except Stalled as error:
         raise AccountError(f"{account}: {error}") from error
     except (TimeoutError, OSError, imap_errors.IMAPClientAbortError) as error:
         raise AccountError(f"{account}: connection to {host} failed: {echoed(str(error))}") from error

@@ -17,18 +17,21 @@ from tests.proxy import CutProxy
 BODY = b"".join(b"line %06d of a message large enough to need many packets\r\n" % n for n in range(4000))
 
 
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
 @pytest.mark.parametrize(("keys", "said"), [
     ('progress_timeout = "2s"', "made no progress for 2 s (progress_timeout)"),
     ('progress_timeout = "1h"\ntimeout = "4s"', "the run took longer than its timeout"),
 ])
 def test_a_trickling_server_ends_the_run_in_one_line_and_the_next_run_goes_on(
-        tmp_path: Path, dovecot: DovecotUser, keys: str, said: str) -> None:
+        tmp_path: Path, dovecot: DovecotUser, keys: str, said: str, protocol: str) -> None:
     server = dovecot.server
     server.append_many(dovecot.user, "INBOX", [b"Subject: big %d\r\n\r\n" % n + BODY for n in range(3)])
-    with CutProxy(server.host, server.imap_port) as proxy:
-        config = write_config(tmp_path, server, dovecot.user, dovecot.password, extra=keys)
+    tls_port, plain_port = ((server.imaps_port, server.imap_port) if protocol == "imap"
+                            else (server.pop3s_port, server.pop3_port))
+    with CutProxy(server.host, plain_port) as proxy:
+        config = write_config(tmp_path, server, dovecot.user, dovecot.password, protocol=protocol, extra=keys)
         config.write_text(config.read_text().replace(
-            f"port = {server.imaps_port}", f'port = {proxy.port}\nsecurity = "plain"\nallow_plaintext = true'))
+            f"port = {tls_port}", f'port = {proxy.port}\nsecurity = "plain"\nallow_plaintext = true'))
         # Login, listing and metadata pass at full speed; the bodies come at 64 bytes/s.
         proxy.trickle_after_bytes(30_000, 64)
         started = time.monotonic()
