@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mailsyncd.config import AccountConfig
 from mailsyncd.errors import AccountError
+from mailsyncd.sources.progress import Stalled
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def connecting(account: AccountConfig) -> Iterator[None]:
     """Socket and TLS errors while connecting become AccountError with one clear line."""
     try:
         yield
+    except Stalled:
+        raise  # the source words it: it is about the server's pace, not the connection
     except OSError as error:
         raise AccountError(connection_problem(account, error)) from error
 
@@ -99,7 +102,6 @@ def _certificate_problem(account: AccountConfig, error: ssl.SSLCertVerificationE
     hint = ("check that tls_ca_file is the CA that signed it" if account.tls_ca_file is not None
             else "set tls_ca_file if the server uses a private CA")
     return f"TLS certificate of {account.host} not trusted: {error.verify_message}; {hint}"
-
 
 
 def _certificate_names(account: AccountConfig) -> list[str]:
