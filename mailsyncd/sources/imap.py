@@ -135,6 +135,11 @@ class _Refused(bytes):
         return self.size
 
 
+class _CutShort(ConnectionError):
+    """The server closed the connection inside a refused literal. An OSError, which
+    imaplib lets through unchanged, so the line can say what was refused."""
+
+
 class _ReadGuard:
     """Takes over imaplib's ``read``, ``readline`` and ``send`` of one connection, which is
     where every byte from the server enters, to enforce what no announcement can:
@@ -175,9 +180,11 @@ class _ReadGuard:
     def read(self, size: int) -> bytes:
         if size <= self._limit:
             return self._reader.read(size)
-        for _ in self._reader.chunks(size):
-            pass  # thrown away: never more than one chunk in memory
-        return _Refused(size, f"{self._host} sent {size} bytes, over {self._limit_name} ({self._limit} bytes)")
+        over = f"{size} bytes, over {self._limit_name} ({self._limit} bytes)"
+        # Counted and thrown away: never more than one chunk in memory.
+        if sum(len(chunk) for chunk in self._reader.chunks(size)) < size:
+            raise _CutShort(f"{self._host} announced a message of {over}, and closed the connection")
+        return _Refused(size, f"{self._host} sent {over}")
 
 
 @contextlib.contextmanager

@@ -102,7 +102,8 @@ def test_a_literal_announced_as_huge_allocates_nothing_and_ends_in_one_line(tmp_
             result = run_cli(path, "sync")
             assert result.returncode == 1, result.stderr
             assert "MemoryError" not in result.stderr
-            assert len(error_lines(result)) == 1, result.stderr
+            lines = error_lines(result)
+            assert len(lines) == 1 and "announced a message of 99999999999 bytes" in lines[0], result.stderr
 
 
 def test_a_long_answer_from_the_server_is_cut_in_the_error_line(tmp_path: Path) -> None:
