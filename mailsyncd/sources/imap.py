@@ -289,8 +289,8 @@ class ImapSession:
         one line) when that text is also the decoded name of another folder."""
         raw = _text(name)
         if not name.isascii() or raw in decoded:
-            log.error("%s: folder %s on %s: the name is not valid modified UTF-7 (RFC 3501) and cannot be "
-                      "kept apart from the others; skipped", self._account, echoed(repr(raw)), self._host)
+            log.warning("%s: folder %s on %s: the name is not valid modified UTF-7 (RFC 3501) and cannot be "
+                        "kept apart from the others; skipped", self._account, echoed(repr(raw)), self._host)
             return None
         log.warning("%s: folder %r on %s: the name is not valid modified UTF-7 (RFC 3501); synced under "
                     "the name as the server spelt it", self._account, raw, self._host)

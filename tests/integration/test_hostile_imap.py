@@ -67,6 +67,19 @@ def test_a_folder_name_that_is_not_modified_utf7_is_synced_and_does_not_stop_the
             assert stored(tmp_path) == ["&&&-bad", "&&&-bad", "INBOX", "Other"]
 
 
+def test_a_bad_folder_name_that_would_take_another_folders_name_is_skipped_with_one_line(tmp_path: Path) -> None:
+    # "&-&-&--bad" is the valid spelling of "&&&-bad", the name the bad one would go by.
+    folders = {b"&&&-bad": Folder({1: message(1)}), b"&-&-&--bad": Folder({1: message(2)})}
+    with HostileImap(folders) as server:
+        result = run_cli(config(tmp_path, server.port), "sync")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "not valid modified UTF-7" in line]
+    assert len(lines) == 1 and lines[0].endswith("cannot be kept apart from the others; skipped"), result.stderr
+    assert stored(tmp_path) == ["&&&-bad"]
+    [kept] = [path for path in (tmp_path / "store").rglob("*") if path.parent.name == "new"]
+    assert b"<m2@hostile.test>" in kept.read_bytes()
+
+
 def test_an_absurd_announced_size_is_skipped_and_reported(tmp_path: Path) -> None:
     huge = message(2)
     huge.announced = 2 ** 70
