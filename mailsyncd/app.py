@@ -135,15 +135,16 @@ class App:
     def _sync(self, account: AccountConfig, account_id: int, store: Store, folders: Sequence[str],
               progress: Progress, checkpoint: Checkpoint, counts: Counts) -> None:
         password = password_for(account)
+        deadline = None if account.timeout is None else time.monotonic() + account.timeout
         if account.protocol == "pop3":
             pop_policy = PopPolicy(account.leave_on_server, account.delete_after_days,
                                    account.max_message_size)
-            with pop3.connect(account, password) as pop_session:
+            with pop3.connect(account, password, deadline) as pop_session:
                 sync_pop(account.name, account_id, self.repo, store, pop_session, pop_policy, progress,
                          self.clock(), checkpoint, counts=counts)
             return
         policy = Policy(Mode(account.mode), account.max_message_size)
-        with imap.connect(account, password) as session:
+        with imap.connect(account, password, deadline) as session:
             listed, selected = _listing(account, session, folders)
             sync_folders(account.name, account_id, self.repo, store, session, selected, policy,
                          progress, checkpoint, counts=counts)

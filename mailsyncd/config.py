@@ -182,7 +182,12 @@ KEYS: tuple[Key, ...] = (
         '"archive" keeps local copies of mail deleted on the server; "mirror" deletes them too', "archive",
         choices=("archive", "mirror"), only=_IMAP),
     Key("account", "max_message_size", "size",
-        'skip (and report) larger messages, e.g. "50MB"; no limit if unset'),
+        'skip (and report) larger messages, e.g. "50MB"; if unset, IMAP still reads none over 512 MiB'),
+    Key("account", "progress_timeout", "duration",
+        "give up on a connection when the server sends no complete line and no 64 KiB of a message "
+        'for this long, e.g. "2m"', 120),
+    Key("account", "timeout", "duration",
+        'end a run of this account that takes longer than this, e.g. "1h"; no limit if unset'),
     Key("account", "idle", "strings",
         "folders the daemon watches with IDLE, to fetch new mail at once", (), only=_IMAP),
     Key("account", "leave_on_server", "boolean",
@@ -253,6 +258,8 @@ class AccountConfig:
     exclude: tuple[str, ...] = ()
     mode: Literal["archive", "mirror"] = "archive"
     max_message_size: int | None = None
+    progress_timeout: int = 120
+    timeout: int | None = None
     idle: tuple[str, ...] = ()
     leave_on_server: bool = True
     delete_after_days: int | None = None
@@ -296,6 +303,11 @@ def load_config(path: Path) -> Config:
     except UnicodeDecodeError:
         raise ConfigError(path, "", "not UTF-8 text") from None
     config = parse_config(text, path)
+    for account in config.accounts:
+        # Checked here, not at the first connection, where it would read "[Errno 2]".
+        if account.tls_ca_file is not None and not account.tls_ca_file.is_file():
+            raise ConfigError(path, f'account "{account.name}".tls_ca_file',
+                              f"no such file: {account.tls_ca_file}")
     # A warning, not an error: the file may be private by other means (an encrypted home).
     if mode & 0o044 and any(account.password.kind == "inline" for account in config.accounts):
         log.warning("%s holds a password and other users can read it; run: chmod 600 %s", path, path)
@@ -436,8 +448,10 @@ def _convert(key: Key, raw: object, base: Path) -> Any:
             return size
         case "duration":
             seconds = parse_duration(_expect(raw, (str, int), 'a duration ("5m" or a number of seconds)'))
-            if seconds < MIN_INTERVAL:
-                raise ValueError(f"must be at least {MIN_INTERVAL}s")
+            # Only the schedule has a floor; a timeout may be short (tests, a local server).
+            low = MIN_INTERVAL if key.name == "interval" else 1
+            if seconds < low:
+                raise ValueError(f"must be at least {low}s")
             return seconds
         case "strings":
             items = _expect(raw, list, "an array of strings")

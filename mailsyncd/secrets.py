@@ -23,6 +23,8 @@ from mailsyncd.errors import SecretError
 log = logging.getLogger("mailsyncd.secrets")
 
 COMMAND_TIMEOUT = 30  # seconds; long enough for a pinentry prompt or a hardware token
+REDACT_WORD = 16  # characters: longer words of a command's error message may be secrets
+REDACT_LINE = 120  # characters of that message shown at most
 
 _REVEALED: set[str] = set()  # every password resolved so far, scrubbed from every log record
 
@@ -103,9 +105,19 @@ def _from_command(command: str, account: str) -> str:
     if process.returncode != 0:
         status = (f"was killed by signal {-process.returncode}" if process.returncode < 0
                   else f"exited with status {process.returncode}")
-        said = stderr.decode("utf-8", "replace").strip().split("\n", 1)[0][:200]
+        said = _redacted(stderr.decode("utf-8", "replace").strip().split("\n", 1)[0])
         raise SecretError(f'account "{account}": password_command {status}' + (f": {said}" if said else ""))
     return _first_line(stdout, account, "password_command printed")
+
+
+def _redacted(line: str) -> str:
+    """What may be shown of a failing command's message: a command may print a token
+    there, so every word that holds a digit or is longer than a plain word becomes
+    ``***``, and the line is cut short."""
+    words = ["***" if len(word) > REDACT_WORD or any(char.isdigit() for char in word) else word
+             for word in line.split()]
+    text = " ".join(words)
+    return text if len(text) <= REDACT_LINE else text[:REDACT_LINE] + "..."
 
 
 def _from_env(variable: str, account: str) -> str:

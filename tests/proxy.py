@@ -2,7 +2,8 @@
 
 Point the client at ``proxy.port`` instead of the server. ``cut_all()`` drops every current
 connection on both sides at once; ``cut_after_bytes(n)`` makes each later connection drop once n
-bytes have gone from the server to the client, i.e. in the middle of a response. TLS passes through
+bytes have gone from the server to the client, i.e. in the middle of a response;
+``trickle_after_bytes(n, rate)`` lets the rest through at ``rate`` bytes per second instead. TLS passes through
 untouched, so certificate checks behave exactly as they would against the server itself.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
 
@@ -18,9 +20,11 @@ from types import TracebackType
 class _Link:
     """One client connection and its upstream connection, pumped by two threads."""
 
-    def __init__(self, client: socket.socket, upstream: socket.socket, cut_after: int | None) -> None:
+    def __init__(self, client: socket.socket, upstream: socket.socket, cut_after: int | None,
+                 trickle: tuple[int, int] | None = None) -> None:
         self.client, self.upstream = client, upstream
         self.cut_after = cut_after
+        self.trickle = trickle  # (after this many bytes to the client, bytes per second)
         self.to_client = 0
         self._lock = threading.Lock()
         self._pumps_left = 2
@@ -52,16 +56,20 @@ class _Link:
 
 
 class CutProxy:
-    """Forward 127.0.0.1:``port`` to ``target_host``:``target_port``, cutting on demand."""
+    """Forward ``listen_host``:``port`` to ``target_host``:``target_port``, cutting on demand.
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    Any 127.x.y.z address is loopback on Linux: listening on another one than the
+    server's gives a name its certificate does not hold."""
+
+    def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
         # Bound at once, so the port can go into client config before start().
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server((listen_host, 0))
         self.port: int = self._listener.getsockname()[1]
         self._links: set[_Link] = set()
         self._lock = threading.Lock()
         self._cut_after: int | None = None
+        self._trickle: tuple[int, int] | None = None
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.connections = 0  # accepted so far, for tests that count reconnects
@@ -92,10 +100,17 @@ class CutProxy:
         with self._lock:
             self._cut_after = limit
 
+    def trickle_after_bytes(self, limit: int, rate: int) -> None:
+        """Each connection made from now on sends the server's bytes past ``limit`` to the
+        client at ``rate`` bytes per second, a few bytes at a time."""
+        with self._lock:
+            self._trickle = (limit, rate)
+
     def reset(self) -> None:
-        """Stop cutting new connections after a byte count; existing ones keep their limit."""
+        """Stop cutting or slowing new connections; existing ones keep their limits."""
         with self._lock:
             self._cut_after = None
+            self._trickle = None
 
     def __enter__(self) -> CutProxy:
         self.start()
@@ -127,7 +142,7 @@ class CutProxy:
             client.settimeout(None)
             upstream.settimeout(None)
             with self._lock:
-                link = _Link(client, upstream, self._cut_after)
+                link = _Link(client, upstream, self._cut_after, self._trickle)
                 self._links.add(link)
                 self.connections += 1
             self._spawn(self._pump, link, client, upstream, False)
@@ -150,6 +165,9 @@ class CutProxy:
                         link.cut()
                         break
                     link.to_client += len(data)
+                if to_client and link.trickle is not None:
+                    _trickle(link, sink, data)
+                    continue
                 sink.sendall(data)
         except OSError:
             link.cut()
@@ -157,3 +175,17 @@ class CutProxy:
             if link.pump_done():
                 with self._lock:
                     self._links.discard(link)
+
+
+def _trickle(link: _Link, sink: socket.socket, data: bytes) -> None:
+    """Send ``data`` on, slowed to the link's rate once its byte allowance is used up."""
+    assert link.trickle is not None
+    after, rate = link.trickle
+    fast = max(0, min(len(data), after - link.to_client))
+    sink.sendall(data[:fast])
+    link.to_client += fast
+    piece = max(1, rate // 8)
+    for start in range(fast, len(data), piece):
+        time.sleep(piece / rate)
+        sink.sendall(data[start:start + piece])
+        link.to_client += len(data[start:start + piece])

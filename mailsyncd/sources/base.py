@@ -11,6 +11,7 @@ from collections.abc import Generator, Iterable, Sequence
 from typing import Protocol
 
 from mailsyncd.domain import FolderInfo, FolderSnapshot, PopListing, SnapshotBase
+from mailsyncd.errors import MessageError
 
 
 class ImapSource(Protocol):
@@ -23,9 +24,10 @@ class ImapSource(Protocol):
         ...
 
     def fetch_ahead(self, name: str, batches: Iterable[Sequence[int]]
-                    ) -> Generator[dict[int, bytes], None, None]:
+                    ) -> Generator[dict[int, bytes | MessageError], None, None]:
         """Raw bodies of the selected folder, one dict per batch of UIDs, in order; a UID
-        expunged meanwhile is left out. The source may fetch the next batch while the
+        expunged meanwhile is left out, and one whose body was refused (larger than the
+        limit) maps to the error saying so. The source may fetch the next batch while the
         caller handles this one, so the caller uses the source for nothing else until the
         iterator is exhausted or closed (closing it waits for a fetch under way)."""
         ...

@@ -23,17 +23,19 @@ import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from imapclient import IMAPClient
+from imapclient import IMAPClient, imap_utf7
 from imapclient import exceptions as imap_errors
+from imapclient.imapclient import _quote
 
 from mailsyncd.config import AccountConfig
 from mailsyncd.domain import FolderInfo, FolderSnapshot, RemoteMessage, SnapshotBase
-from mailsyncd.errors import AccountError, AuthError, FolderError
+from mailsyncd.errors import AccountError, AuthError, FolderError, MessageError
 from mailsyncd.message import message_id
 from mailsyncd.secrets import Secret
+from mailsyncd.sources.progress import GuardedReader, Stalled
+from mailsyncd.sources.tls import connecting, echoed, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +46,12 @@ META = [b"UID", b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE"]
 MESSAGE_ID_FIELD = b"BODY[HEADER.FIELDS (MESSAGE-ID)]"
 TIMEOUT = 60.0
 IDLE_RENEW = 29 * 60.0  # RFC 2177: servers may drop an IDLE after 30 minutes, so re-issue it before
-
-
-def tls_context(account: AccountConfig) -> ssl.SSLContext:
-    """Verified TLS by default; ``tls_ca_file`` adds a trust anchor, it never removes one.
-
-    Where the system has a hashed CA directory, it is used instead of the CA bundle
-    file: OpenSSL then reads only the CA it needs, where loading the bundle costs about
-    50 ms, a third of a no-op sync. Verification is the same.
-    """
-    capath = ssl.get_default_verify_paths().capath
-    if capath and Path(capath).is_dir():
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
-        context.load_verify_locations(capath=capath)
-    else:
-        context = ssl.create_default_context()
-    if account.tls_ca_file is not None:
-        context.load_verify_locations(cafile=str(account.tls_ca_file))
-    if not account.tls_verify:
-        log.warning("%s: tls_verify = false: the server's certificate is not checked, so anyone on the path "
-                    "can read the password and the mail", account.name)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+# A literal's limit when max_message_size is unset: no literal larger than this is ever
+# read into memory, whatever the server announces.
+LITERAL_CEILING = 512 * 1024 * 1024
+# Announced sizes above this are lies; clamping them keeps sums within SQLite's integers.
+SIZE_CEILING = 1 << 40
+MAX_LINE = 1_000_000  # bytes; imaplib's own limit for one line
 
 
 def _text(value: Any) -> str:
@@ -91,6 +76,113 @@ def _internaldate(value: Any) -> datetime | None:
     return value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+def _size(value: Any) -> int:
+    """An announced RFC822.SIZE as a sane integer: what arrives is checked again later."""
+    try:
+        return min(max(int(value), 0), SIZE_CEILING)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _decoded(name: bytes | str) -> str | None:
+    """A folder name from LIST decoded from modified UTF-7, or None when it is not that."""
+    if isinstance(name, str):
+        return name  # imapclient already turned a number-like name into text
+    try:
+        return str(imap_utf7.decode(name))
+    except ValueError:  # UnicodeDecodeError, binascii.Error
+        return None
+
+
+class _Client(IMAPClient):  # type: ignore[misc]  # imapclient ships no type hints
+    """IMAPClient that opens folders whose names are not modified UTF-7 by their bytes.
+
+    imapclient encodes every folder name it sends; ``raw_names`` maps the text such a
+    folder goes by (see ``ImapSession.list_folders``) back to the bytes the server uses.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.raw_names: dict[str, bytes] = {}
+        super().__init__(*args, **kwargs)
+
+    def _normalise_folder(self, folder_name: Any) -> Any:
+        raw = self.raw_names.get(folder_name) if isinstance(folder_name, str) else None
+        if raw is None:
+            return super()._normalise_folder(folder_name)
+        return _quote(raw.decode("ascii"))
+
+
+class _Refused(bytes):
+    """Stands for a literal over the limit, which was read and thrown away.
+
+    It holds no bytes but claims the announced length, which imapclient's parser checks.
+    """
+
+    reason: str
+    size: int
+
+    def __new__(cls, size: int, reason: str) -> _Refused:
+        refused = super().__new__(cls)
+        refused.size = size
+        refused.reason = reason
+        return refused
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class _CutShort(ConnectionError):
+    """The server closed the connection inside a refused literal. An OSError, which
+    imaplib lets through unchanged, so the line can say what was refused."""
+
+
+class _ReadGuard:
+    """Takes over imaplib's ``read``, ``readline`` and ``send`` of one connection, which is
+    where every byte from the server enters, to enforce what no announcement can:
+
+    - no literal larger than the limit (``max_message_size``, else LITERAL_CEILING) is
+      held in memory: it is read in chunks and thrown away, the connection stays in
+      step, and the message's body becomes a ``_Refused``;
+    - the progress deadline and the run's deadline (``GuardedReader``).
+
+    IDLE's non-blocking reads (imapclient's ``idle_check``) are passed through untouched.
+    """
+
+    def __init__(self, client: IMAPClient, account: AccountConfig, deadline: float | None) -> None:
+        self._imap: Any = client._imap  # imaplib.IMAP4, whose attributes typeshed types loosely
+        self._host = account.host
+        self._limit = account.max_message_size or LITERAL_CEILING
+        self._limit_name = "max_message_size" if account.max_message_size else "the limit for one message"
+        self._reader = GuardedReader(lambda: (self._imap.file, self._imap.sock), account.host,
+                                     account.progress_timeout, deadline)
+        self._readline: Callable[[], bytes] = self._imap.readline
+        self._send: Callable[[bytes], None] = self._imap.send
+        self._imap.read = self.read
+        self._imap.readline = self.readline
+        self._imap.send = self.send
+
+    def send(self, data: bytes) -> None:
+        self._reader.sent()
+        self._send(data)
+
+    def readline(self) -> bytes:
+        if self._imap.sock.gettimeout() == 0.0:
+            return self._readline()
+        line = self._reader.readline(MAX_LINE + 1)
+        if len(line) > MAX_LINE:
+            raise self._imap.abort(f"{self._host} sent a line of more than {MAX_LINE} bytes")
+        return line
+
+    def read(self, size: int) -> bytes:
+        if size <= self._limit:
+            return self._reader.read(size)
+        over = f"{size} bytes, over {self._limit_name} ({self._limit} bytes)"
+        # Counted and thrown away: never more than one chunk in memory.
+        if sum(len(chunk) for chunk in self._reader.chunks(size)) < size:
+            raise _CutShort(f"{self._host} announced a message of {over}, and closed the connection")
+        return _Refused(size, f"{self._host} sent {over}")
+
+
 @contextlib.contextmanager
 def _errors(account: str, host: str) -> Iterator[None]:
     """Library and socket errors become one clear line, scoped to the account."""
@@ -101,31 +193,34 @@ def _errors(account: str, host: str) -> Iterator[None]:
         reason = _text(error.args[0]) if error.args else "no reason given"
         if reason[:2] in ("b'", 'b"') and reason[-1:] == reason[1]:
             reason = reason[2:-1]
-        raise AuthError(f"{account}: login refused by {host}: {reason}") from error
-    except ssl.SSLCertVerificationError as error:
-        raise AccountError(f"{account}: TLS certificate of {host} not trusted: {error.verify_message}; "
-                           "set tls_ca_file if the server uses a private CA") from error
-    except ssl.SSLError as error:
-        raise AccountError(f"{account}: TLS with {host} failed: {error.reason or error}") from error
+        raise AuthError(f"{account}: login refused by {host}: {echoed(reason)}") from error
+    except Stalled as error:
+        raise AccountError(f"{account}: {error}") from error
     except (TimeoutError, OSError, imap_errors.IMAPClientAbortError) as error:
-        raise AccountError(f"{account}: connection to {host} failed: {error}") from error
+        raise AccountError(f"{account}: connection to {host} failed: {echoed(str(error))}") from error
     except imap_errors.IMAPClientError as error:
-        raise AccountError(f"{account}: {host} answered: {error}") from error
+        raise AccountError(f"{account}: {host} answered: {echoed(str(error))}") from error
 
 
-def connect(account: AccountConfig, password: Secret) -> ImapSession:
-    with _errors(account.name, account.host):
+def connect(account: AccountConfig, password: Secret, deadline: float | None = None) -> ImapSession:
+    """Connect, secure the connection as the account says, and log in.
+
+    ``deadline`` (a ``time.monotonic()`` value) ends the session with AccountError when
+    it is reached, wherever the session is: the whole-run ``timeout``.
+    """
+    with _errors(account.name, account.host), connecting(account):
         if account.security == "tls":
-            client = IMAPClient(account.host, account.port, ssl=True, ssl_context=tls_context(account),
-                                timeout=TIMEOUT)
+            client = _Client(account.host, account.port, ssl=True, ssl_context=tls_context(account),
+                             timeout=TIMEOUT)
         else:
-            client = IMAPClient(account.host, account.port, ssl=False, timeout=TIMEOUT)
-            if account.security == "starttls":
-                if not client.has_capability("STARTTLS"):
-                    client.shutdown()
-                    raise AccountError(f"{account.name}: {account.host} does not offer STARTTLS; "
-                                       "refusing to log in without TLS")
-                client.starttls(tls_context(account))
+            client = _Client(account.host, account.port, ssl=False, timeout=TIMEOUT)
+        _ReadGuard(client, account, deadline)
+        if account.security == "starttls":
+            if not client.has_capability("STARTTLS"):
+                client.shutdown()
+                raise AccountError(f"{account.name}: {account.host} does not offer STARTTLS; "
+                                   "refusing to log in without TLS")
+            client.starttls(tls_context(account))
         client.normalise_times = False
         try:
             if account.auth == "plain":
@@ -162,14 +257,41 @@ class ImapSession:
             self._client.shutdown()
 
     def list_folders(self) -> list[FolderInfo]:
+        """The server's folders. Names are decoded here rather than by imapclient, which
+        raises on the first name that is not valid modified UTF-7 and so loses them all;
+        such a name is kept as the server spelt it (see ``_Client``)."""
         with _errors(self._account, self._host):
-            listing = self._client.list_folders()
+            self._client.folder_encode = False
+            try:
+                listing = self._client.list_folders()
+            finally:
+                self._client.folder_encode = True
         folders = []
+        decoded = {_decoded(name) for _, _, name in listing} - {None}
         for attributes, delimiter, name in listing:
+            text = _decoded(name)
+            if text is None:
+                text = self._keep_undecodable(name, decoded)
+                if text is None:
+                    continue
             folders.append(FolderInfo(
-                name=_text(name), delimiter=_text(delimiter) if delimiter else None,
+                name=text, delimiter=_text(delimiter) if delimiter else None,
                 attributes=frozenset(_text(attribute) for attribute in attributes)))
         return folders
+
+    def _keep_undecodable(self, name: bytes, decoded: set[str | None]) -> str | None:
+        """The name a folder whose name is not modified UTF-7 goes by: its bytes as ASCII
+        text, mapped back to the same bytes whenever the folder is opened. Skipped (with
+        one line) when that text is also the decoded name of another folder."""
+        raw = _text(name)
+        if not name.isascii() or raw in decoded:
+            log.warning("%s: folder %s on %s: the name is not valid modified UTF-7 (RFC 3501) and cannot be "
+                        "kept apart from the others; skipped", self._account, echoed(repr(raw)), self._host)
+            return None
+        log.warning("%s: folder %r on %s: the name is not valid modified UTF-7 (RFC 3501); synced under "
+                    "the name as the server spelt it", self._account, raw, self._host)
+        self._client.raw_names[raw] = name
+        return raw
 
     def snapshot(self, name: str, base: SnapshotBase | None) -> FolderSnapshot:
         with self._folder_errors(name):
@@ -225,10 +347,11 @@ class ImapSession:
         out = []
         for response in self._chunks(uids, data):
             for uid, item in response.items():
+                header = item.get(MESSAGE_ID_FIELD)
                 out.append(RemoteMessage(
-                    uid=uid, size=int(item.get(b"RFC822.SIZE", 0)), flags=_flags(item.get(b"FLAGS", ())),
+                    uid=uid, size=_size(item.get(b"RFC822.SIZE", 0)), flags=_flags(item.get(b"FLAGS", ())),
                     internaldate=_internaldate(item.get(b"INTERNALDATE")),
-                    message_id=message_id(item.get(MESSAGE_ID_FIELD) or b"") if with_message_id else None))
+                    message_id=message_id(header) if with_message_id and isinstance(header, bytes) else None))
         return tuple(sorted(out, key=lambda message: message.uid))
 
     def _flags_of(self, uids: Sequence[int]) -> dict[int, frozenset[str]]:
@@ -237,18 +360,26 @@ class ImapSession:
             changed.update((uid, _flags(item.get(b"FLAGS", ()))) for uid, item in response.items())
         return changed
 
-    def fetch(self, name: str, uids: Sequence[int]) -> dict[int, bytes]:
+    def fetch(self, name: str, uids: Sequence[int]) -> dict[int, bytes | MessageError]:
         """Bodies of the selected folder's messages, raw as the server sent them.
 
         BODY.PEEK[] leaves \\Seen alone. A UID that comes back without a body was
-        expunged meanwhile and is simply missing from the result.
+        expunged meanwhile and is simply missing from the result; one whose body was
+        over the size limit maps to the MessageError that reports it.
         """
         with self._folder_errors(name):
             response = self._client.fetch(list(uids), [b"BODY.PEEK[]"])
-        return {uid: item[b"BODY[]"] for uid, item in response.items() if item.get(b"BODY[]") is not None}
+        bodies: dict[int, bytes | MessageError] = {}
+        for uid, item in response.items():
+            body = item.get(b"BODY[]")
+            if isinstance(body, _Refused):
+                bodies[uid] = MessageError(f"{self._account}: folder {name!r}: UID {uid}: {body.reason}; skipped")
+            elif body is not None:
+                bodies[uid] = body
+        return bodies
 
     def fetch_ahead(self, name: str, batches: Iterable[Sequence[int]]
-                    ) -> Generator[dict[int, bytes], None, None]:
+                    ) -> Generator[dict[int, bytes | MessageError], None, None]:
         """``fetch`` for each batch of UIDs in turn, batch k+1 on a helper thread while
         the caller writes batch k: the network and the disk overlap, and at most two
         batches are in memory at once. Only that thread uses the connection until it is
@@ -288,7 +419,8 @@ class ImapSession:
         except AccountError as error:
             if isinstance(error.__cause__, imap_errors.IMAPClientError) and not isinstance(
                     error.__cause__, imap_errors.IMAPClientAbortError):
-                raise FolderError(f"{self._account}: folder {name!r}: {error.__cause__}") from error
+                raise FolderError(f"{self._account}: folder {name!r}: {echoed(str(error.__cause__))}"
+                                  ) from error
             raise
 
 

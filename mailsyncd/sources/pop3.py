@@ -22,17 +22,18 @@ import io
 import logging
 import poplib
 import re
-import ssl
+import socket
 from collections.abc import Iterator
 from types import TracebackType
-from typing import cast
+from typing import Any, cast
 
 from mailsyncd.config import AccountConfig
 from mailsyncd.domain import PopListing
 from mailsyncd.errors import AccountError, AuthError, MessageError
 from mailsyncd.message import to_lf
 from mailsyncd.secrets import Secret
-from mailsyncd.sources.imap import tls_context
+from mailsyncd.sources.progress import GuardedReader, Stalled
+from mailsyncd.sources.tls import connecting, echoed, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class _ConnectionLost(Exception):
 def _reply(line: bytes | str) -> str:
     text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
     text = text.strip()
-    return text[4:].strip() or text if text.startswith("-ERR") else text
+    return echoed(text[4:].strip() or text if text.startswith("-ERR") else text)
 
 
 def _is_eof(error: poplib.error_proto) -> bool:
@@ -77,11 +78,8 @@ def _errors(account: str, host: str) -> Iterator[None]:
     """Library and socket errors become one clear line, scoped to the account."""
     try:
         yield
-    except ssl.SSLCertVerificationError as error:
-        raise AccountError(f"{account}: TLS certificate of {host} not trusted: {error.verify_message}; "
-                           "set tls_ca_file if the server uses a private CA") from error
-    except ssl.SSLError as error:
-        raise AccountError(f"{account}: TLS with {host} failed: {error.reason or error}") from error
+    except Stalled as error:
+        raise AccountError(f"{account}: {error}") from error
     except _ConnectionLost as error:
         raise AccountError(f"{account}: connection to {host} lost: {error}") from error
     except (TimeoutError, OSError, EOFError) as error:
@@ -105,17 +103,19 @@ def _capabilities(client: poplib.POP3) -> dict[str, list[str]] | None:
         return None
 
 
-def connect(account: AccountConfig, password: Secret) -> Pop3Session:
+def connect(account: AccountConfig, password: Secret, deadline: float | None = None) -> Pop3Session:
     """Connect, secure the connection as the account says, and log in.
 
     TLS is verified (``tls_context``). The password never crosses an unencrypted
     connection unless the account has ``allow_plaintext``; even then APOP is used when
-    the server offers it, so the password itself is not sent.
+    the server offers it, so the password itself is not sent. From then on the server
+    is read under deadlines (``progress_timeout``, and ``deadline``, a
+    ``time.monotonic()`` value, for the run's ``timeout``).
     """
     encrypted = account.security in ("tls", "starttls")
     if not encrypted and not account.allow_plaintext:
         raise AccountError(f'{account.name}: security = "plain" needs allow_plaintext = true')
-    with _errors(account.name, account.host):
+    with _errors(account.name, account.host), connecting(account):
         client: poplib.POP3
         if account.security == "tls":
             client = poplib.POP3_SSL(account.host, account.port, timeout=TIMEOUT,
@@ -131,12 +131,39 @@ def connect(account: AccountConfig, password: Secret) -> Pop3Session:
                 client.stls(tls_context(account))
                 # RFC 2595: what the server said before TLS is forgotten.
             method = _login(client, account, password, encrypted)
+            _guard(client, account, deadline)
             capabilities = _capabilities(client)
         except BaseException:
             with contextlib.suppress(Exception):
                 client.close()
             raise
     return Pop3Session(client, account.name, account.host, capabilities, method)
+
+
+def _guard(client: poplib.POP3, account: AccountConfig, deadline: float | None) -> None:
+    """Every later read of ``client`` (poplib's and ours) goes through a GuardedReader,
+    and every command sent restarts its progress clock. Installed after the login, when
+    no STLS can replace the socket any more."""
+    file, sock = cast(io.BufferedReader, client.file), client.sock
+    reader = GuardedReader(lambda: (file, sock), account.host, account.progress_timeout, deadline)
+    wired = cast(Any, client)  # poplib declares the attributes as the plain types they replace
+    wired.file = reader
+    wired.sock = _Sending(sock, reader)
+
+
+class _Sending:
+    """A socket whose ``sendall`` tells the reader that the server's turn starts."""
+
+    def __init__(self, sock: socket.socket, reader: GuardedReader) -> None:
+        self._sock = sock
+        self._reader = reader
+
+    def sendall(self, data: bytes) -> None:
+        self._reader.sent()
+        self._sock.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 def _login(client: poplib.POP3, account: AccountConfig, password: Secret, encrypted: bool) -> str:

@@ -22,7 +22,7 @@ from mailsyncd.domain import (
     SnapshotBase,
     Stored,
 )
-from mailsyncd.errors import FolderError, MailsyncError
+from mailsyncd.errors import FolderError, MailsyncError, MessageError
 from mailsyncd.message import digest, to_lf
 from mailsyncd.progress import Progress
 from mailsyncd.sources.base import ImapSource
@@ -163,9 +163,10 @@ class ImapLedger:
     folder: FolderSync
     folder_id: int
     uidvalidity: int
-    fetched: Iterator[dict[int, bytes]]  # one dict of bodies per planned batch, in order
+    fetched: Iterator[dict[int, bytes | MessageError]]  # one dict of bodies per planned batch, in order
     pool: dict[tuple[str, int], list[RecordedMessage]]
     adopted: list[tuple[RemoteMessage, RecordedMessage, str]] = field(default_factory=list)
+    refused: list[RemoteMessage] = field(default_factory=list)  # bodies over the limit, in this batch
 
     def size(self, message: RemoteMessage) -> int:
         return message.size
@@ -181,6 +182,13 @@ class ImapLedger:
         self.folder.checkpoint("fetched")
         for message in messages:
             raw = bodies.pop(message.uid, None)
+            if isinstance(raw, MessageError):
+                # Larger on the wire than any limit allows: not stored, reported, and
+                # recorded as skipped once its intent is dropped (``forget``).
+                log.error("%s", raw)
+                self.folder.counts.errors.append(str(raw))
+                self.refused.append(message)
+                raw = None
             yield None if raw is None else to_lf(raw)
 
     def claim(self, message: RemoteMessage, data: bytes) -> bool:
@@ -198,6 +206,10 @@ class ImapLedger:
 
     def forget(self, unfinished: Sequence[RemoteMessage]) -> None:
         self.folder.repo.forget(self.folder_id, self.uidvalidity, [message.uid for message in unfinished])
+        refused, self.refused = self.refused, []
+        # Recorded as skipped, so the next run lists it again and reports it again,
+        # rather than forgetting it or stopping at it.
+        self.folder.repo.record_skipped(self.folder_id, self.uidvalidity, refused)
 
 
 def sync_folders(account: str, account_id: int, repo: StateRepo, store: Store, source: ImapSource,

@@ -74,6 +74,13 @@ def test_failing_command_shows_status_and_stderr_but_never_stdout() -> None:
     assert message == 'account "work": password_command exited with status 1: gpg: decryption failed'
 
 
+def test_failing_command_shows_no_token_it_printed_on_stderr() -> None:
+    token = "ya29.a0AfH6SMBx7Qk2"
+    message = failure("command", f"echo 'oauth: refresh failed for token {token}' >&2; "
+                                 "echo 'second line: aGVsbG8gd29ybGQgdG9rZW4=' >&2; exit 4")
+    assert message == 'account "work": password_command exited with status 4: oauth: refresh failed for token ***'
+
+
 def test_failing_command_without_stderr() -> None:
     assert failure("command", f"echo {SECRET}; exit 3").endswith("password_command exited with status 3")
 
