@@ -236,12 +236,15 @@ class DeletionLimit:
         return deletions <= self.count or deletions * 100 <= self.percent * folder_size
 
 
+DEFAULT_MAX_DELETIONS = DeletionLimit()
+
+
 @dataclass(frozen=True)
 class TwoWayPolicy:
     """``allow_deletions`` names the folders whose guard the user lifted for one pass."""
 
     expunge: Expunge = Expunge.OWN
-    max_deletions: DeletionLimit = DeletionLimit()
+    max_deletions: DeletionLimit = DEFAULT_MAX_DELETIONS
     allow_deletions: frozenset[str] = frozenset()
 
 
