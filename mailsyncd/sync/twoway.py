@@ -126,15 +126,14 @@ def merge_flags(base: Flags, local: Flags, remote: Flags) -> FlagMerge:
     return FlagMerge(frozenset(add), frozenset(remove), None if new_local == local else new_local, merged)
 
 
-def first_merge(local: Flags, remote: Flags) -> FlagMerge:
-    """No base (a first pairing): the union of both sides, except that a \\Deleted on one
-    side does not spread; it is cleared there instead, so no deletion follows from it."""
+def first_base(local: Flags, remote: Flags) -> Flags:
+    """The base a first pairing (no recorded base) is merged against, chosen so the merge
+    takes the union of both sides, except that a \\Deleted on one side does not spread
+    (it is cleared there instead, so no deletion follows from it). An executor that pairs
+    a downloaded message with an existing file by hash records this base too."""
     local, remote = holdable(local), canonical(remote)
-    deleted = DELETED in local and DELETED in remote
-    merged = (remote | local) - ({DELETED} if not deleted else set())
-    new_local = merged & HOLDABLE_FLAGS
-    return FlagMerge(frozenset(local - remote - {DELETED}), frozenset(remote & {DELETED}) - merged,
-                     None if new_local == local else new_local, frozenset(merged))
+    deleted = frozenset({DELETED}) & (local | remote)
+    return (remote - HOLDABLE_FLAGS) | (local & remote) | deleted
 
 
 def needs_content(folder: TwoWayFolder) -> frozenset[str]:
@@ -235,7 +234,7 @@ def plan_folder(folder: TwoWayFolder, policy: TwoWayPolicy) -> TwoWayPlan:
             server_vanished.append(ServerVanished(pair, file))
         elif DELETED in holdable(file.flags) and DELETED not in canonical(pair.flags):
             # Trashed here (T) since the last sync: a deletion, unless the server changed it.
-            if _changed_beyond_deletion(pair.flags, remote):
+            if _changed_not_deleted(pair.flags, remote):
                 conflicts.append(Conflict(uid, pair.unique, "trashed here but changed on the server since the "
                                                             "last sync: kept, and its T flag cleared"))
                 merge = merge_flags(pair.flags, file.flags - {DELETED}, remote)
@@ -254,7 +253,8 @@ def plan_folder(folder: TwoWayFolder, policy: TwoWayPolicy) -> TwoWayPlan:
                 if unique not in paired_uniques]
     matched, leftover_local, leftover_remote = _pair_by_content(appeared, unpaired_remote)
     for candidate, message in matched:
-        changes.collect(message.uid, candidate.local.unique, first_merge(candidate.local.flags, message.flags),
+        base = first_base(candidate.local.flags, message.flags)
+        changes.collect(message.uid, candidate.local.unique, merge_flags(base, candidate.local.flags, message.flags),
                         None)
     new_pairs = tuple(NewPair(message.uid, candidate.local.unique, message.size, candidate.content.sha256,
                               message.message_id) for candidate, message in matched)
@@ -279,10 +279,11 @@ def _emptied(folder: TwoWayFolder, pairs: Mapping[int, RecordedPair], remote_fla
     return None
 
 
-def _changed_beyond_deletion(base: Flags, remote: Flags) -> bool:
-    """Did the server change the message since the base, other than marking it deleted
-    (a deletion on both sides is no conflict)?"""
-    return canonical(remote) - {DELETED} != canonical(base) - {DELETED}
+def _changed_not_deleted(base: Flags, flags: Flags) -> bool:
+    """Did one side change a message since the base without deleting it too? Only such
+    a change keeps a message the other side deleted (deleted on both sides is no conflict)."""
+    base, flags = canonical(base), canonical(flags)
+    return DELETED not in flags and flags != base - {DELETED}
 
 
 def _content(file: LocalMessage) -> LocalContent:
@@ -400,7 +401,7 @@ def settle(plan: TwoWayPlan, policy: TwoWayPolicy) -> TwoWayPlan:
     conflicts: list[Conflict] = []
     for vanished in plan.local_vanished:
         pair, remote = vanished.pair, vanished.remote_flags
-        if _changed_beyond_deletion(pair.flags, remote):
+        if _changed_not_deleted(pair.flags, remote):
             conflicts.append(Conflict(pair.uid, pair.unique, "deleted here but changed on the server since the "
                                                              "last sync: downloaded again"))
             downloads.append(Download(RemoteMessage(pair.uid, pair.size or 0, remote, message_id=pair.message_id),
@@ -413,10 +414,10 @@ def settle(plan: TwoWayPlan, policy: TwoWayPolicy) -> TwoWayPlan:
                                                              remote | {DELETED}), pair.flags)
     for expunged in plan.server_vanished:
         pair, file = expunged.pair, expunged.local
-        if holdable(file.flags) - {DELETED} != holdable(pair.flags) - {DELETED}:
+        if _changed_not_deleted(holdable(pair.flags), file.flags):
             conflicts.append(Conflict(pair.uid, pair.unique, "expunged on the server but changed here since "
                                                              "the last sync: uploaded again"))
-            appends.append(Append(file.unique, holdable(file.flags) - {DELETED}, file.mtime_ns, _content(file),
+            appends.append(Append(file.unique, holdable(file.flags), file.mtime_ns, _content(file),
                                   restores=pair.uid))
         else:
             removals.append(LocalRemoval(pair.uid, pair.unique))
