@@ -313,6 +313,16 @@ class TwoWayFolder:
 
 
 @dataclass(frozen=True)
+class FlagMerge:
+    """The outcome of one three-way flag merge: what to write each way, and the new base."""
+
+    add: Flags  # to the server (+FLAGS.SILENT)
+    remove: Flags  # from the server (-FLAGS.SILENT)
+    local: Flags | None  # the file's new flags; None when its letters are already right
+    base: Flags
+
+
+@dataclass(frozen=True)
 class FlagPush:
     """UID STORE +FLAGS.SILENT ``add`` and -FLAGS.SILENT ``remove``; never a replace."""
 
@@ -369,10 +379,7 @@ class LocalMove:
     uid: int
     target: str
     unique: str  # the file, now in target
-    add: Flags
-    remove: Flags
-    local_flags: Flags | None  # None: the file's letters are already right
-    base: Flags
+    flags: FlagMerge
 
 
 @dataclass(frozen=True)
@@ -384,10 +391,20 @@ class ServerMove:
     unique: str
     target: str
     target_uid: int
-    add: Flags
-    remove: Flags
-    local_flags: Flags | None
-    base: Flags
+    flags: FlagMerge
+
+
+@dataclass(frozen=True)
+class Rejoin:
+    """The user moved a message into this folder while another client moved it into
+    ``target``: the server's folder wins (other machines may already show it there), so
+    the file ``unique`` is renamed into target (if it is not there) and paired with
+    ``target_uid``; neither side gets a second copy."""
+
+    unique: str
+    target: str
+    target_uid: int
+    flags: FlagMerge
 
 
 @dataclass(frozen=True)
@@ -483,7 +500,7 @@ class GuardStop:
 @dataclass(frozen=True)
 class TwoWayPlan:
     """What one pass does to one folder, grouped in the order it must be carried out
-    (sync/twoway.py says how each group is executed and recorded). The four candidate
+    (sync/twoway.py says how each group is executed and recorded). The candidate
     fields are open questions between folders; ``settle`` turns what no move claimed
     into deletions, removals, appends and downloads."""
 
@@ -501,6 +518,7 @@ class TwoWayPlan:
     # 2. moves out of this folder
     local_moves: tuple[LocalMove, ...] = ()
     server_moves: tuple[ServerMove, ...] = ()
+    rejoins: tuple[Rejoin, ...] = ()
     # 3. new messages each way
     downloads: tuple[Download, ...] = ()
     appends: tuple[Append, ...] = ()
@@ -515,12 +533,13 @@ class TwoWayPlan:
     local_appeared: tuple[LocalAppeared, ...] = ()
     server_vanished: tuple[ServerVanished, ...] = ()
     server_appeared: tuple[ServerAppeared, ...] = ()
+    vanished_both: tuple[RecordedPair, ...] = ()  # also in forget; a move on each side may rejoin them
 
     @property
     def empty(self) -> bool:
         """Nothing to write on either side (a guard stop is not empty: it must be told)."""
         return self.stop is None and not any((
             self.push_flags, self.pull_flags, self.rebase, self.relink, self.new_pairs, self.local_moves,
-            self.server_moves, self.downloads, self.appends, self.push_deletions, self.local_removals,
+            self.server_moves, self.rejoins, self.downloads, self.appends, self.push_deletions, self.local_removals,
             self.forget, self.conflicts, self.local_vanished, self.local_appeared, self.server_vanished,
-            self.server_appeared))
+            self.server_appeared, self.vanished_both))

@@ -31,6 +31,7 @@ can finish or undo it:
 2. Moves. ``local_moves``: intent, UID MOVE (or UID COPY + \\Deleted + UID EXPUNGE of that
    UID), the new UID from COPYUID, flag writes on it, record the pair in the target.
    ``server_moves``: intent, rename the file into the target folder, flag writes, record.
+   ``rejoins``: the same from the folder the file is in (no rename when it is the target).
 3. New messages each way, downloads first. ``downloads``: the existing fetch path (intent,
    fetch, durable write, record); a download whose bytes hash like a file in
    ``adopt_pool`` records that pair instead of storing, and that file's append is dropped.
@@ -58,6 +59,7 @@ from mailsyncd.domain import (
     Conflict,
     Download,
     Expunge,
+    FlagMerge,
     FlagPull,
     FlagPush,
     Flags,
@@ -72,6 +74,7 @@ from mailsyncd.domain import (
     PushDeletion,
     Rebase,
     RecordedPair,
+    Rejoin,
     Relink,
     RemoteMessage,
     ServerAppeared,
@@ -102,16 +105,6 @@ def canonical(flags: Iterable[str]) -> Flags:
 def holdable(flags: Iterable[str]) -> Flags:
     """The part of ``flags`` a Maildir file name can show."""
     return canonical(flags) & HOLDABLE_FLAGS
-
-
-@dataclasses.dataclass(frozen=True)
-class FlagMerge:
-    """The outcome of one three-way merge: what to write each way, and the new base."""
-
-    add: Flags  # to the server
-    remove: Flags  # from the server
-    local: Flags | None  # the file's new flags; None when they stay as they are
-    base: Flags
 
 
 def merge_flags(base: Flags, local: Flags, remote: Flags) -> FlagMerge:
@@ -219,7 +212,7 @@ def plan_folder(folder: TwoWayFolder, policy: TwoWayPolicy) -> TwoWayPlan:
     changes = _Changes()
     deletions: list[PushDeletion] = []
     conflicts: list[Conflict] = []
-    forget: list[int] = []
+    forget: list[RecordedPair] = []
     local_vanished: list[LocalVanished] = []
     server_vanished: list[ServerVanished] = []
     for uid, pair in sorted(pairs.items()):
@@ -227,7 +220,7 @@ def plan_folder(folder: TwoWayFolder, policy: TwoWayPolicy) -> TwoWayPlan:
         remote = remote_flags.get(uid)
         if file is None:
             if remote is None:
-                forget.append(uid)
+                forget.append(pair)
             else:
                 local_vanished.append(LocalVanished(pair, remote))
         elif remote is None:
@@ -259,7 +252,8 @@ def plan_folder(folder: TwoWayFolder, policy: TwoWayPolicy) -> TwoWayPlan:
     new_pairs = tuple(NewPair(message.uid, candidate.local.unique, message.size, candidate.content.sha256,
                               message.message_id) for candidate, message in matched)
     return changes.into(dataclasses.replace(
-        plan, new_pairs=new_pairs, push_deletions=tuple(deletions), forget=tuple(forget),
+        plan, new_pairs=new_pairs, push_deletions=tuple(deletions), forget=tuple(pair.uid for pair in forget),
+        vanished_both=tuple(forget),
         conflicts=tuple(conflicts), local_vanished=tuple(local_vanished), local_appeared=tuple(leftover_local),
         server_vanished=tuple(server_vanished),
         server_appeared=tuple(ServerAppeared(message) for message in leftover_remote)))
@@ -321,10 +315,12 @@ def pair_moves(plans: Mapping[str, TwoWayPlan]) -> dict[str, TwoWayPlan]:
     renamed the file). Server side: an expunged UID whose file is still here and a new
     server message with the same Message-ID and size are a ``ServerMove`` (rename the
     file), or a ``Relink`` in one folder. The same folder is preferred; flags are merged
-    against the pair's base as for any other message."""
+    against the pair's base as for any other message. A message moved on both sides (to
+    one folder or to two) is a ``Rejoin``: the server's folder wins, and nothing is copied."""
     changes = {name: _Changes() for name in plans}
     local_moves: dict[str, list[LocalMove]] = defaultdict(list)
     server_moves: dict[str, list[ServerMove]] = defaultdict(list)
+    rejoins: dict[str, list[Rejoin]] = defaultdict(list)
     claimed: set[int] = set()  # id() of the candidates a move used, on both ends
 
     files: dict[str, list[tuple[str, LocalAppeared]]] = defaultdict(list)
@@ -335,6 +331,21 @@ def pair_moves(plans: Mapping[str, TwoWayPlan]) -> dict[str, TwoWayPlan]:
         for arrived in plans[name].server_appeared:
             if arrived.remote.message_id:
                 arrivals[(arrived.remote.message_id, arrived.remote.size)].append((name, arrived))
+
+    # A message moved on both sides: found again by hash here and by Message-ID there.
+    for name in sorted(plans):
+        for pair in plans[name].vanished_both:
+            key = (pair.message_id, pair.size) if pair.message_id and pair.size is not None else None
+            free_files = [entry for entry in files.get(pair.sha256, []) if id(entry[1]) not in claimed] \
+                if pair.sha256 else []
+            free_arrivals = [entry for entry in arrivals.get(key, []) if id(entry[1]) not in claimed] \
+                if key else []
+            if not (free_files and free_arrivals):
+                continue
+            (here, appeared), (target, arrived) = free_files[0], free_arrivals[0]
+            claimed.update((id(appeared), id(arrived)))
+            merge = merge_flags(pair.flags, appeared.local.flags, arrived.remote.flags)
+            rejoins[here].append(Rejoin(appeared.local.unique, target, arrived.remote.uid, merge))
 
     for name in sorted(plans):
         for vanished in plans[name].local_vanished:
@@ -349,8 +360,7 @@ def pair_moves(plans: Mapping[str, TwoWayPlan]) -> dict[str, TwoWayPlan]:
                 changes[name].relink.append(Relink(pair.uid, pair.uid, pair.unique, appeared.local.unique))
                 changes[name].collect(pair.uid, appeared.local.unique, merge, pair.flags)
             else:
-                local_moves[name].append(LocalMove(pair.uid, target, appeared.local.unique, merge.add,
-                                                   merge.remove, merge.local, merge.base))
+                local_moves[name].append(LocalMove(pair.uid, target, appeared.local.unique, merge))
         for expunged in plans[name].server_vanished:
             pair = expunged.pair
             key = (pair.message_id, pair.size) if pair.message_id and pair.size is not None else None
@@ -364,15 +374,14 @@ def pair_moves(plans: Mapping[str, TwoWayPlan]) -> dict[str, TwoWayPlan]:
                 changes[name].relink.append(Relink(pair.uid, arrived.remote.uid, pair.unique, pair.unique))
                 changes[name].collect(arrived.remote.uid, pair.unique, merge, pair.flags)
             else:
-                server_moves[name].append(ServerMove(pair.uid, pair.unique, target, arrived.remote.uid,
-                                                     merge.add, merge.remove, merge.local, merge.base))
+                server_moves[name].append(ServerMove(pair.uid, pair.unique, target, arrived.remote.uid, merge))
 
     def unclaimed(candidates: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
         return tuple(candidate for candidate in candidates if id(candidate) not in claimed)
 
     return {name: changes[name].into(dataclasses.replace(
         plan, local_moves=plan.local_moves + tuple(local_moves[name]),
-        server_moves=plan.server_moves + tuple(server_moves[name]),
+        server_moves=plan.server_moves + tuple(server_moves[name]), rejoins=plan.rejoins + tuple(rejoins[name]),
         local_vanished=unclaimed(plan.local_vanished), local_appeared=unclaimed(plan.local_appeared),
         server_vanished=unclaimed(plan.server_vanished), server_appeared=unclaimed(plan.server_appeared),
     )) for name, plan in plans.items()}
@@ -433,7 +442,7 @@ def settle(plan: TwoWayPlan, policy: TwoWayPolicy) -> TwoWayPlan:
         plan, downloads=plan.downloads + tuple(downloads), appends=plan.appends + tuple(appends),
         adopt_pool=plan.adopt_pool + pool, push_deletions=plan.push_deletions + tuple(deletions),
         local_removals=plan.local_removals + tuple(removals), conflicts=plan.conflicts + tuple(conflicts),
-        local_vanished=(), local_appeared=(), server_vanished=(), server_appeared=()))
+        local_vanished=(), local_appeared=(), server_vanished=(), server_appeared=(), vanished_both=()))
 
 
 def guard(plan: TwoWayPlan, folder_size: int, policy: TwoWayPolicy) -> TwoWayPlan:
@@ -466,4 +475,5 @@ def plan_account(folders: Iterable[TwoWayFolder], policy: TwoWayPolicy) -> dict[
     return {name: dataclasses.replace(
         plan, local_moves=tuple(move for move in plan.local_moves if move.target not in stopped),
         server_moves=tuple(move for move in plan.server_moves if move.target not in stopped),
+        rejoins=tuple(rejoin for rejoin in plan.rejoins if rejoin.target not in stopped),
     ) for name, plan in plans.items()}

@@ -9,6 +9,7 @@ changed on the other is kept; an incremental snapshot plans like a full one.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import hashlib
@@ -30,6 +31,7 @@ from mailsyncd.domain import (
     RecordedPair,
     RecordedPairs,
     RemoteMessage,
+    ServerMove,
     TwoWayFolder,
     TwoWayPlan,
     TwoWayPolicy,
@@ -140,7 +142,7 @@ def apply(world: World, plans: dict[str, TwoWayPlan]) -> World:
         for push in plan.push_flags:
             sha, flags = server[push.uid]
             assert not push.add & push.remove
-            server[push.uid] = (sha, (flags | push.add) - push.remove)
+            server[push.uid] = (sha, store(flags, push.add, push.remove))
         for pull in plan.pull_flags:
             local[pull.unique] = (local[pull.unique][0], pull.flags)
         for rebase in plan.rebase:
@@ -149,20 +151,22 @@ def apply(world: World, plans: dict[str, TwoWayPlan]) -> World:
         for local_move in plan.local_moves:
             sha, flags = server.pop(local_move.uid)
             uid = world.uid()
-            world.server[local_move.target][uid] = (sha, (flags | local_move.add) - local_move.remove)
-            if local_move.local_flags is not None:
-                world.local[local_move.target][local_move.unique] = (sha, local_move.local_flags)
+            world.server[local_move.target][uid] = (sha, store(flags, local_move.flags.add, local_move.flags.remove))
+            if local_move.flags.local is not None:
+                world.local[local_move.target][local_move.unique] = (sha, local_move.flags.local)
             world.pairs[local_move.target][uid] = dataclasses.replace(
-                pairs.pop(local_move.uid), uid=uid, unique=local_move.unique, flags=local_move.base)
-        for server_move in plan.server_moves:
-            sha, flags = local.pop(server_move.unique)
-            world.local[server_move.target][server_move.unique] = (
-                sha, flags if server_move.local_flags is None else server_move.local_flags)
-            target_sha, target_flags = world.server[server_move.target][server_move.target_uid]
-            world.server[server_move.target][server_move.target_uid] = (
-                target_sha, (target_flags | server_move.add) - server_move.remove)
-            world.pairs[server_move.target][server_move.target_uid] = dataclasses.replace(
-                pairs.pop(server_move.uid), uid=server_move.target_uid, flags=server_move.base)
+                pairs.pop(local_move.uid), uid=uid, unique=local_move.unique, flags=local_move.flags.base)
+        for move in (*plan.server_moves, *plan.rejoins):  # the file follows the server's message
+            sha, flags = local.pop(move.unique)
+            world.local[move.target][move.unique] = (sha, flags if move.flags.local is None else move.flags.local)
+            target_sha, target_flags = world.server[move.target][move.target_uid]
+            world.server[move.target][move.target_uid] = (
+                target_sha, store(target_flags, move.flags.add, move.flags.remove))
+            meta = world.contents[sha]
+            if isinstance(move, ServerMove):
+                del pairs[move.uid]
+            world.pairs[move.target][move.target_uid] = RecordedPair(
+                move.target_uid, move.unique, move.flags.base, meta.server_size, sha, meta.message_id)
         # 3. new messages each way, downloads first
         adopted: set[str] = set()
         for download in plan.downloads:
@@ -201,6 +205,11 @@ def apply(world: World, plans: dict[str, TwoWayPlan]) -> World:
         for uid in plan.forget:
             del pairs[uid]
     return world
+
+
+def store(flags: Flags, add: Flags, remove: Flags) -> Flags:
+    """UID STORE +FLAGS.SILENT then -FLAGS.SILENT: what else the message has stays."""
+    return (flags | add) - remove
 
 
 def sync(world: World, policy: TwoWayPolicy = OPEN) -> tuple[World, dict[str, TwoWayPlan]]:
@@ -290,6 +299,24 @@ def test_a_pass_then_another_plans_nothing(world: World, expunge: Expunge) -> No
     server, local = holdable_view(after)
     if expunge == Expunge.OWN:  # with "never", a file deleted here stays on the server, marked
         assert server == local
+    before, now = copies(world), copies(after)
+    for sha, (on_server, here) in now.items():  # nothing is copied twice by the pass...
+        if world.contents[sha].message_id is None:
+            continue  # ...except a message with no Message-ID moved on both sides: the server's copy is new
+        assert on_server <= max(before.get(sha, (0, 0))) and here <= max(before.get(sha, (0, 0)))
+    for sha, (on_server, here) in copies(world, live=True).items():  # what neither side deleted stays
+        if on_server and here:
+            assert all(now.get(sha, (0, 0)))
+
+
+def copies(world: World, live: bool = False) -> dict[str, tuple[int, int]]:
+    """Per content: how many copies the server and the Maildir hold, over all folders;
+    ``live`` leaves out the copies marked deleted (T, \\Deleted)."""
+    server = collections.Counter(sha for name in FOLDERS for sha, flags in world.server[name].values()
+                                 if not (live and DELETED in flags))
+    local = collections.Counter(sha for name in FOLDERS for sha, flags in world.local[name].values()
+                                if not (live and DELETED in flags))
+    return {sha: (server[sha], local[sha]) for sha in server | local}
 
 
 @settings(max_examples=200, deadline=None)
@@ -526,6 +553,29 @@ def test_a_message_moved_on_the_server_is_renamed_here_not_downloaded() -> None:
     assert (move.uid, move.unique, move.target) == (uid, pair.unique, "Archive")
     assert not any(plan.downloads or plan.local_removals or plan.appends for plan in plans.values())
     assert pair.unique in after.local["Archive"] and pair.unique not in after.local["INBOX"]
+
+
+@pytest.mark.parametrize("server_folder", ["Archive", "Sent"])
+def test_a_message_moved_on_both_sides_ends_in_the_servers_folder_once(server_folder: str) -> None:
+    world = synced(("INBOX", 3))
+    uid, pair = next(iter(world.pairs["INBOX"].items()))
+    sha, _ = world.local["INBOX"].pop(pair.unique)
+    world.local["Archive"]["moved.1"] = (sha, frozenset({"\\Seen", "\\Flagged"}))
+    new_uid = world.uid()
+    world.server[server_folder][new_uid] = (world.server["INBOX"].pop(uid)[0], frozenset({"\\Seen", "$Label"}))
+    after, plans = sync(world)
+    if server_folder == "Archive":  # one folder: paired there by content, as on a first sync
+        assert [(new.uid, new.unique) for new in plans["Archive"].new_pairs] == [(new_uid, "moved.1")]
+    else:
+        (rejoin,) = plans["Archive"].rejoins
+        assert (rejoin.unique, rejoin.target, rejoin.target_uid) == ("moved.1", server_folder, new_uid)
+    assert not any(plan.downloads or plan.appends or plan.push_deletions or plan.local_removals
+                   for plan in plans.values())
+    expected = {"\\Seen", "\\Flagged"}
+    assert after.local[server_folder]["moved.1"] == (sha, expected)
+    assert after.server[server_folder][new_uid] == (sha, expected | {"$Label"})
+    assert [pair.unique for pair in after.pairs[server_folder].values()] == ["moved.1"]
+    assert busy(plan_account(inputs(after), OPEN)) == {}
 
 
 def test_a_file_renamed_by_a_reader_is_the_same_message() -> None:
