@@ -27,14 +27,16 @@ can finish or undo it:
    (with UNCHANGEDSINCE under CONDSTORE; a MODIFIED UID keeps its old base and is merged
    again next pass). ``pull_flags``: rename the file to the new info letters, keeping
    letters mailsyncd does not know. ``rebase``: record the new base of each UID whose
-   writes were confirmed. ``relink`` and ``new_pairs``: record only.
+   writes were confirmed. ``relink`` and ``new_pairs`` are records only, made before the
+   rebases (which name the new UIDs).
 2. Moves. ``local_moves``: intent, UID MOVE (or UID COPY + \\Deleted + UID EXPUNGE of that
    UID), the new UID from COPYUID, flag writes on it, record the pair in the target.
    ``server_moves``: intent, rename the file into the target folder, flag writes, record.
    ``rejoins``: the same from the folder the file is in (no rename when it is the target).
 3. New messages each way, downloads first. ``downloads``: the existing fetch path (intent,
    fetch, durable write, record); a download whose bytes hash like a file in
-   ``adopt_pool`` records that pair instead of storing, and that file's append is dropped.
+   ``adopt_pool`` records that pair instead of storing (base: ``first_base``, so the next
+   pass takes the union of their flags), and that file's append is dropped.
    ``appends``: intent (SHA-256, Message-ID, size, the folder's UIDNEXT) committed, then
    APPEND with the flags and INTERNALDATE = mtime, the UID from APPENDUID, record.
    A restoring download or append moves the conflicted pair to the new file or UID.
@@ -315,8 +317,10 @@ def pair_moves(plans: Mapping[str, TwoWayPlan]) -> dict[str, TwoWayPlan]:
     renamed the file). Server side: an expunged UID whose file is still here and a new
     server message with the same Message-ID and size are a ``ServerMove`` (rename the
     file), or a ``Relink`` in one folder. The same folder is preferred; flags are merged
-    against the pair's base as for any other message. A message moved on both sides (to
-    one folder or to two) is a ``Rejoin``: the server's folder wins, and nothing is copied."""
+    against the pair's base as for any other message. A message moved on both sides into
+    two different folders is a ``Rejoin``: the server's folder wins, and nothing is copied.
+    (Moved on both sides into one folder, ``plan_folder`` already paired it there by
+    content, as on a first sync.)"""
     changes = {name: _Changes() for name in plans}
     local_moves: dict[str, list[LocalMove]] = defaultdict(list)
     server_moves: dict[str, list[ServerMove]] = defaultdict(list)
@@ -324,7 +328,7 @@ def pair_moves(plans: Mapping[str, TwoWayPlan]) -> dict[str, TwoWayPlan]:
     claimed: set[int] = set()  # id() of the candidates a move used, on both ends
 
     files: dict[str, list[tuple[str, LocalAppeared]]] = defaultdict(list)
-    arrivals: dict[tuple[str, int], list[tuple[str, ServerAppeared]]] = defaultdict(list)
+    arrivals: dict[tuple[str, int] | None, list[tuple[str, ServerAppeared]]] = defaultdict(list)
     for name in sorted(plans):
         for appeared in plans[name].local_appeared:
             files[appeared.content.sha256].append((name, appeared))
@@ -335,11 +339,8 @@ def pair_moves(plans: Mapping[str, TwoWayPlan]) -> dict[str, TwoWayPlan]:
     # A message moved on both sides: found again by hash here and by Message-ID there.
     for name in sorted(plans):
         for pair in plans[name].vanished_both:
-            key = (pair.message_id, pair.size) if pair.message_id and pair.size is not None else None
-            free_files = [entry for entry in files.get(pair.sha256, []) if id(entry[1]) not in claimed] \
-                if pair.sha256 else []
-            free_arrivals = [entry for entry in arrivals.get(key, []) if id(entry[1]) not in claimed] \
-                if key else []
+            free_files = _free(files.get(pair.sha256 or "", []), claimed)
+            free_arrivals = _free(arrivals.get(_server_key(pair), []), claimed)
             if not (free_files and free_arrivals):
                 continue
             (here, appeared), (target, arrived) = free_files[0], free_arrivals[0]
@@ -350,7 +351,7 @@ def pair_moves(plans: Mapping[str, TwoWayPlan]) -> dict[str, TwoWayPlan]:
     for name in sorted(plans):
         for vanished in plans[name].local_vanished:
             pair = vanished.pair
-            found = _take(files.get(pair.sha256, []) if pair.sha256 else [], name, claimed)
+            found = _take(files.get(pair.sha256 or "", []), name, claimed)
             if found is None:
                 continue
             target, appeared = found
@@ -363,8 +364,7 @@ def pair_moves(plans: Mapping[str, TwoWayPlan]) -> dict[str, TwoWayPlan]:
                 local_moves[name].append(LocalMove(pair.uid, target, appeared.local.unique, merge))
         for expunged in plans[name].server_vanished:
             pair = expunged.pair
-            key = (pair.message_id, pair.size) if pair.message_id and pair.size is not None else None
-            arrival = _take(arrivals.get(key, []) if key else [], name, claimed)
+            arrival = _take(arrivals.get(_server_key(pair), []), name, claimed)
             if arrival is None:
                 continue
             target, arrived = arrival
@@ -387,10 +387,18 @@ def pair_moves(plans: Mapping[str, TwoWayPlan]) -> dict[str, TwoWayPlan]:
     )) for name, plan in plans.items()}
 
 
-def _take(candidates: list[tuple[str, Candidate]], folder: str, claimed: set[int]
-                     ) -> tuple[str, Candidate] | None:
+def _server_key(pair: RecordedPair) -> tuple[str, int] | None:
+    """How a server message is recognised without its bytes: Message-ID and size."""
+    return (pair.message_id, pair.size) if pair.message_id and pair.size is not None else None
+
+
+def _free(candidates: list[tuple[str, Candidate]], claimed: set[int]) -> list[tuple[str, Candidate]]:
+    return [(name, candidate) for name, candidate in candidates if id(candidate) not in claimed]
+
+
+def _take(candidates: list[tuple[str, Candidate]], folder: str, claimed: set[int]) -> tuple[str, Candidate] | None:
     """The first unclaimed candidate, one in ``folder`` first; it is marked claimed."""
-    free = [(name, candidate) for name, candidate in candidates if id(candidate) not in claimed]
+    free = _free(candidates, claimed)
     chosen = next((entry for entry in free if entry[0] == folder), free[0] if free else None)
     if chosen is not None:
         claimed.add(id(chosen[1]))
