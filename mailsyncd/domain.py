@@ -217,6 +217,12 @@ class PopPlan:
 # The values the two-way planner (sync/twoway.py) reads and returns. Flags are IMAP flag
 # names throughout; the six a Maildir can hold are spelt as in HOLDABLE_FLAGS.
 
+# The Maildir info letters and the IMAP flags they stand for (P is the $Forwarded keyword).
+MAILDIR_LETTERS: Mapping[str, str] = {
+    "D": "\\Draft", "F": "\\Flagged", "P": "$Forwarded", "R": "\\Answered", "S": "\\Seen", "T": "\\Deleted",
+}
+HOLDABLE_FLAGS: Flags = frozenset(MAILDIR_LETTERS.values())
+
 
 class Expunge(StrEnum):
     NEVER = "never"  # a local deletion only sets \Deleted on the server

@@ -57,6 +57,7 @@ from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
 from mailsyncd.domain import (
+    HOLDABLE_FLAGS,
     Append,
     Conflict,
     Download,
@@ -89,12 +90,6 @@ from mailsyncd.domain import (
 
 DELETED = "\\Deleted"
 Candidate = TypeVar("Candidate")
-
-# The Maildir info letters and the IMAP flags they stand for (P is the $Forwarded keyword).
-MAILDIR_LETTERS: Mapping[str, str] = {
-    "D": "\\Draft", "F": "\\Flagged", "P": "$Forwarded", "R": "\\Answered", "S": "\\Seen", "T": DELETED,
-}
-HOLDABLE_FLAGS: Flags = frozenset(MAILDIR_LETTERS.values())
 _CANONICAL = {flag.lower(): flag for flag in HOLDABLE_FLAGS}
 
 

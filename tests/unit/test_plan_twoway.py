@@ -20,6 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailsyncd.domain import (
+    HOLDABLE_FLAGS,
+    MAILDIR_LETTERS,
     NO_FLAGS,
     DeletionLimit,
     Expunge,
@@ -36,9 +38,9 @@ from mailsyncd.domain import (
     TwoWayPlan,
     TwoWayPolicy,
 )
+from mailsyncd.stores.maildir import flags_from_name, info_letters
 from mailsyncd.sync.twoway import (
     DELETED,
-    HOLDABLE_FLAGS,
     first_base,
     holdable,
     merge_flags,
@@ -343,6 +345,11 @@ def test_losing_the_state_pairs_by_content_and_converges(world: World) -> None:
         after, plans = sync(after)
         assert not any(plan.downloads or plan.appends or plan.push_deletions for plan in plans.values())
     assert busy(plan_account(inputs(after), OPEN)) == {}
+
+
+@pytest.mark.parametrize(("letter", "flag"), sorted(MAILDIR_LETTERS.items()))
+def test_the_letters_are_the_ones_the_maildir_store_writes(letter: str, flag: str) -> None:
+    assert (flags_from_name(f"1.M1P1.host:2,{letter}"), info_letters(frozenset({flag}))) == ({flag}, letter)
 
 
 @settings(max_examples=300, deadline=None)
