@@ -21,6 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
+from mailsyncd.domain import DEFAULT_MAX_DELETIONS, DeletionLimit
 from mailsyncd.errors import ConfigError
 
 log = logging.getLogger("mailsyncd.config")
@@ -29,7 +30,7 @@ PasswordKind = Literal["command", "env", "file", "keyring", "inline"]
 Section = Literal["general", "account", "account.store"]
 KeyType = Literal[
     "string", "boolean", "integer", "port", "path", "database", "size", "duration", "strings", "choice",
-    "table",
+    "table", "limit",
 ]
 
 MIN_INTERVAL = 10  # seconds; anything faster hammers the server for no gain
@@ -108,6 +109,27 @@ def parse_duration(text: str | int) -> int:
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
+_LIMIT_PART = re.compile(r"(\d+)(%?)", re.ASCII)
+
+
+def parse_deletion_limit(text: str | int) -> DeletionLimit:
+    """Read "50", "25%" or "50,25%" (the larger of the two) as a deletion limit.
+
+    A count alone allows no percentage and a percentage alone no fixed count, so each
+    form means what it says. Raises ValueError with a message fit for the user.
+    """
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return DeletionLimit(count=text, percent=0)
+    parts = "".join(text.split()).split(",") if isinstance(text, str) else []
+    matches = [_LIMIT_PART.fullmatch(part) for part in parts]
+    counts = [int(match[1]) for match in matches if match and not match[2]]
+    percents = [int(match[1]) for match in matches if match and match[2]]
+    if not parts or None in matches or len(counts) > 1 or len(percents) > 1 or any(p > 100 for p in percents):
+        raise ValueError(f'not a deletion limit: {text!r}; write e.g. "50", "25%" or "50,25%" '
+                         "(the larger of a count and a percentage of the folder)")
+    return DeletionLimit(count=counts[0] if counts else 0, percent=percents[0] if percents else 0)
+
+
 @dataclass(frozen=True)
 class Key:
     """One config key: everything the parser, its errors and the docs need to know.
@@ -128,6 +150,7 @@ class Key:
 
 
 _IMAP = ("protocol", "imap")
+_SYNC = ("mode", "sync")
 _POP3 = ("protocol", "pop3")
 
 KEYS: tuple[Key, ...] = (
@@ -179,8 +202,15 @@ KEYS: tuple[Key, ...] = (
     Key("account", "exclude", "strings",
         "globs of folders to leave out", (), only=_IMAP),
     Key("account", "mode", "choice",
-        '"archive" keeps local copies of mail deleted on the server; "mirror" deletes them too', "archive",
-        choices=("archive", "mirror"), only=_IMAP),
+        '"archive" keeps local copies of mail deleted on the server; "mirror" deletes them too; '
+        '"sync" is two-way: flags, deletions, new messages and moves go both ways (Maildir only)', "archive",
+        choices=("archive", "mirror", "sync"), only=_IMAP),
+    Key("account", "expunge", "choice",
+        '"own": a message deleted locally is marked \\Deleted on the server and then expunged by UID, only '
+        'the ones mailsyncd marked; "never": only marked', "own", choices=("never", "own"), only=_SYNC),
+    Key("account", "max_deletions", "limit",
+        'the mass-deletion guard: a pass that would delete more messages of a folder on either side '
+        'stops that folder; "50", "25%" or "50,25%" (the larger of both)', DEFAULT_MAX_DELETIONS, only=_SYNC),
     Key("account", "max_message_size", "size",
         'skip (and report) larger messages, e.g. "50MB"; if unset, IMAP still reads none over 512 MiB'),
     Key("account", "progress_timeout", "duration",
@@ -256,7 +286,9 @@ class AccountConfig:
     cron: str | None = None
     folders: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
-    mode: Literal["archive", "mirror"] = "archive"
+    mode: Literal["archive", "mirror", "sync"] = "archive"
+    expunge: Literal["never", "own"] = "own"
+    max_deletions: DeletionLimit = DEFAULT_MAX_DELETIONS
     max_message_size: int | None = None
     progress_timeout: int = 120
     timeout: int | None = None
@@ -389,6 +421,9 @@ def _parse_account(raw: object, index: int, path: Path, base: Path) -> AccountCo
     if values["mode"] == "mirror" and store["format"] == "mbox":
         raise where.error("mode", '"mirror" removes local copies, which an mbox store (append-only here) '
                                   'cannot do; use format = "maildir" or mode = "archive"')
+    if values["mode"] == "sync" and store["format"] == "mbox":
+        raise where.error("mode", '"sync" writes flags, moves and deletions into the local files, which an '
+                                  'mbox store (append-only here) cannot do; use format = "maildir"')
     port = values["port"] or default_port(values["protocol"], values["security"])
     # Keys named like their field go straight through; port, password and store are built above.
     same = {field.name: values[field.name] for field in fields(AccountConfig) if field.name in values}
@@ -467,6 +502,8 @@ def _convert(key: Key, raw: object, base: Path) -> Any:
             return choice
         case "table":
             return _expect(raw, dict, "a table")
+        case "limit":
+            return parse_deletion_limit(_expect(raw, (str, int), 'a limit ("50,25%" or a number of messages)'))
 
 
 def _nonempty(raw: object) -> str:

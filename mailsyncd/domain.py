@@ -18,6 +18,7 @@ NO_FLAGS: Flags = frozenset()
 class Mode(StrEnum):
     ARCHIVE = "archive"  # what vanished from the server stays here (the default)
     MIRROR = "mirror"  # what vanished from the server is removed here too
+    SYNC = "sync"  # two-way: changes on either side reach the other (Maildir only; see twoway.md)
 
 
 class MessageState(StrEnum):
@@ -282,3 +283,341 @@ class PopCheck:
 
 
 AccountCheck = ImapCheck | PopCheck
+
+
+# --- Two-way ---------------------------------------------------------------------------
+# The values the two-way planner (sync/twoway.py) reads and returns. Flags are IMAP flag
+# names throughout; the six a Maildir can hold are spelt as in HOLDABLE_FLAGS.
+
+# The Maildir info letters and the IMAP flags they stand for (P is the $Forwarded keyword).
+MAILDIR_LETTERS: Mapping[str, str] = {
+    "D": "\\Draft", "F": "\\Flagged", "P": "$Forwarded", "R": "\\Answered", "S": "\\Seen", "T": "\\Deleted",
+}
+HOLDABLE_FLAGS: Flags = frozenset(MAILDIR_LETTERS.values())
+
+
+class Expunge(StrEnum):
+    NEVER = "never"  # a local deletion only sets \Deleted on the server
+    OWN = "own"  # ... then UID EXPUNGE removes exactly the UIDs mailsyncd marked
+
+
+@dataclass(frozen=True)
+class DeletionLimit:
+    """The mass-deletion guard: a pass may delete at most the larger of ``count``
+    messages and ``percent`` percent of the folder on each side."""
+
+    count: int = 50
+    percent: int = 25
+
+    def allows(self, deletions: int, folder_size: int) -> bool:
+        # Integer arithmetic, so "25% of 7" is exact: 1 passes, 2 does not.
+        return deletions <= self.count or deletions * 100 <= self.percent * folder_size
+
+
+DEFAULT_MAX_DELETIONS = DeletionLimit()
+
+
+@dataclass(frozen=True)
+class TwoWayPolicy:
+    """``allow_deletions`` names the folders whose guard the user lifted for one pass."""
+
+    expunge: Expunge = Expunge.OWN
+    max_deletions: DeletionLimit = DEFAULT_MAX_DELETIONS
+    allow_deletions: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class LocalContent:
+    """What reading a Maildir file tells: needed only for files with no recorded pair
+    (to match them by content or to APPEND them)."""
+
+    sha256: str  # of the file's bytes
+    message_id: str | None
+    server_size: int  # the size a server reports for these bytes: each LF counted as CRLF
+
+
+@dataclass(frozen=True, slots=True)  # one per message: thousands at once
+class LocalMessage:
+    """One Maildir file as a scan sees it. ``unique`` is the file name before ":2,",
+    the message's local identity; ``flags`` are the IMAP names of its info letters."""
+
+    unique: str
+    subdir: str  # "new" or "cur"
+    flags: Flags
+    size: int
+    mtime_ns: int
+    content: LocalContent | None = None
+
+
+@dataclass(frozen=True)
+class LocalFolderScan:
+    """One Maildir folder. ``present`` is false when its cur/ or new/ is missing (or the
+    store root is not there): that is never read as "every message was deleted"."""
+
+    present: bool
+    messages: Mapping[str, LocalMessage] = field(default_factory=dict)  # by unique name
+
+
+@dataclass(frozen=True, slots=True)  # one per message: thousands at once
+class RecordedPair:
+    """A server UID paired with a local file, and the flags both had at the last sync
+    (the base of the three-way merge, server keywords included)."""
+
+    uid: int
+    unique: str
+    flags: Flags
+    size: int | None = None  # the server's RFC822.SIZE
+    sha256: str | None = None  # of the local file's bytes
+    message_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordedPairs:
+    """The pairs of one folder under the UIDVALIDITY they were recorded with; ``None``
+    when the folder was never synced two-way."""
+
+    uidvalidity: int | None
+    pairs: Mapping[int, RecordedPair] = field(default_factory=dict)  # by uid
+
+
+@dataclass(frozen=True)
+class TwoWayFolder:
+    """Everything the planner needs about one folder: the server, the files, the base."""
+
+    name: str
+    snapshot: FolderSnapshot
+    recorded: RecordedPairs
+    local: LocalFolderScan
+
+
+@dataclass(frozen=True)
+class FlagMerge:
+    """The outcome of one three-way flag merge: what to write each way, and the new base."""
+
+    add: Flags  # to the server (+FLAGS.SILENT)
+    remove: Flags  # from the server (-FLAGS.SILENT)
+    local: Flags | None  # the file's new flags; None when its letters are already right
+    base: Flags
+
+
+@dataclass(frozen=True)
+class FlagPush:
+    """UID STORE +FLAGS.SILENT ``add`` and -FLAGS.SILENT ``remove``; never a replace."""
+
+    uid: int
+    add: Flags = NO_FLAGS
+    remove: Flags = NO_FLAGS
+
+
+@dataclass(frozen=True)
+class FlagPull:
+    """Rename the file ``unique`` so its info letters show ``flags``."""
+
+    uid: int
+    unique: str
+    flags: Flags
+
+
+@dataclass(frozen=True)
+class Rebase:
+    """The pair's new base once the flag writes of this pass are confirmed."""
+
+    uid: int
+    flags: Flags
+
+
+@dataclass(frozen=True)
+class Relink:
+    """One message got a new identity on one side of the same folder: a mail reader
+    gave the file a new unique name, or the server a new UID. Only the record changes."""
+
+    old_uid: int
+    uid: int
+    old_unique: str
+    unique: str
+
+
+@dataclass(frozen=True)
+class NewPair:
+    """An unpaired server message and an unpaired file found to be one message by
+    content (Message-ID and size): paired, not copied either way."""
+
+    uid: int
+    unique: str
+    size: int
+    sha256: str
+    message_id: str | None
+
+
+@dataclass(frozen=True)
+class LocalMove:
+    """The user moved a file from this folder to ``target``: UID MOVE ``uid`` there
+    (no upload), then write the merged flags to the new UID and to the file."""
+
+    uid: int
+    target: str
+    unique: str  # the file, now in target
+    flags: FlagMerge
+
+
+@dataclass(frozen=True)
+class ServerMove:
+    """Another client moved ``uid`` from this folder to ``target`` (as ``target_uid``):
+    rename the file into target (no download), then write the merged flags."""
+
+    uid: int
+    unique: str
+    target: str
+    target_uid: int
+    flags: FlagMerge
+
+
+@dataclass(frozen=True)
+class Rejoin:
+    """The user moved a message into this folder while another client moved it into
+    ``target``: the server's folder wins (other machines may already show it there), so
+    the file ``unique`` is renamed into target (if it is not there) and paired with
+    ``target_uid``; neither side gets a second copy."""
+
+    unique: str
+    target: str
+    target_uid: int
+    flags: FlagMerge
+
+
+@dataclass(frozen=True)
+class Download:
+    """Fetch a server message into this folder; ``restores`` names the file whose
+    deletion lost a conflict (its pair then moves to the new file)."""
+
+    remote: RemoteMessage
+    restores: str | None = None
+
+
+@dataclass(frozen=True)
+class Append:
+    """APPEND a local file with its flags and INTERNALDATE = its mtime; ``restores``
+    names the UID whose expunge lost a conflict (the pair moves to the new UID)."""
+
+    unique: str
+    flags: Flags
+    mtime_ns: int
+    content: LocalContent
+    restores: int | None = None
+
+
+@dataclass(frozen=True)
+class PushDeletion:
+    """\\Deleted on ``uid`` then UID EXPUNGE of exactly that UID (expunge = "own");
+    ``unique`` is the file still to remove after it (set when the file was trashed)."""
+
+    uid: int
+    unique: str | None = None
+
+
+@dataclass(frozen=True)
+class LocalRemoval:
+    """The server expunged ``uid``: remove its file."""
+
+    uid: int
+    unique: str
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """Deleted on one side, changed on the other since the base: the message is kept
+    (restored on the side that deleted it) and ``note`` tells the user."""
+
+    uid: int
+    unique: str
+    note: str
+
+
+@dataclass(frozen=True)
+class LocalVanished:
+    """Candidate: the pair's file is gone while the server still has ``remote_flags``.
+    A move when a byte-identical file appeared elsewhere, else a deletion."""
+
+    pair: RecordedPair
+    remote_flags: Flags
+
+
+@dataclass(frozen=True)
+class LocalAppeared:
+    """Candidate: a file with no pair. A move or rename when it matches a vanished
+    pair, else an APPEND."""
+
+    local: LocalMessage
+    content: LocalContent
+
+
+@dataclass(frozen=True)
+class ServerVanished:
+    """Candidate: the server expunged the pair's UID while the file is still here.
+    A move when the same message appeared on the server elsewhere, else a removal."""
+
+    pair: RecordedPair
+    local: LocalMessage
+
+
+@dataclass(frozen=True)
+class ServerAppeared:
+    """Candidate: a server message with no pair. A move when it matches a vanished
+    pair, else a download."""
+
+    remote: RemoteMessage
+
+
+@dataclass(frozen=True)
+class GuardStop:
+    """The folder is left alone this pass, and why (one line for the user)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class TwoWayPlan:
+    """What one pass does to one folder, grouped in the order it must be carried out
+    (sync/twoway.py says how each group is executed and recorded). The candidate
+    fields are open questions between folders; ``settle`` turns what no move claimed
+    into deletions, removals, appends and downloads."""
+
+    folder: str
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int | None
+    stop: GuardStop | None = None
+    # 1. flags and identities
+    push_flags: tuple[FlagPush, ...] = ()
+    pull_flags: tuple[FlagPull, ...] = ()
+    rebase: tuple[Rebase, ...] = ()
+    relink: tuple[Relink, ...] = ()
+    new_pairs: tuple[NewPair, ...] = ()
+    # 2. moves out of this folder
+    local_moves: tuple[LocalMove, ...] = ()
+    server_moves: tuple[ServerMove, ...] = ()
+    rejoins: tuple[Rejoin, ...] = ()
+    # 3. new messages each way
+    downloads: tuple[Download, ...] = ()
+    appends: tuple[Append, ...] = ()
+    adopt_pool: tuple[str, ...] = ()  # files a download may turn out to be (same SHA-256)
+    # 4. deletions
+    push_deletions: tuple[PushDeletion, ...] = ()
+    local_removals: tuple[LocalRemoval, ...] = ()
+    forget: tuple[int, ...] = ()  # pairs gone on both sides
+    conflicts: tuple[Conflict, ...] = ()
+    # open candidates, before moves are paired across folders
+    local_vanished: tuple[LocalVanished, ...] = ()
+    local_appeared: tuple[LocalAppeared, ...] = ()
+    server_vanished: tuple[ServerVanished, ...] = ()
+    server_appeared: tuple[ServerAppeared, ...] = ()
+    vanished_both: tuple[RecordedPair, ...] = ()  # also in forget; a move on each side may rejoin them
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to write on either side (a guard stop is not empty: it must be told)."""
+        return self.stop is None and not any((
+            self.push_flags, self.pull_flags, self.rebase, self.relink, self.new_pairs, self.local_moves,
+            self.server_moves, self.rejoins, self.downloads, self.appends, self.push_deletions, self.local_removals,
+            self.forget, self.conflicts, self.local_vanished, self.local_appeared, self.server_vanished,
+            self.server_appeared, self.vanished_both))

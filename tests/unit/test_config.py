@@ -24,9 +24,11 @@ from mailsyncd.config import (
     default_state_path,
     load_config,
     parse_config,
+    parse_deletion_limit,
     parse_duration,
     parse_size,
 )
+from mailsyncd.domain import DeletionLimit
 from mailsyncd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,6 +138,13 @@ def test_explicit_values_are_kept() -> None:
         "plain", 5400, "mirror", 50_000_000)
     assert (work.folders, work.exclude, work.idle) == (("INBOX", "Lists/*"), ("Junk",), ("INBOX",))
     assert work.store == StoreConfig(format="maildir", path=Path("/m"), layout="fs")
+
+
+def test_sync_mode_gets_the_documented_guard_and_expunge() -> None:
+    work = only_account(account(mode='"sync"'))
+    assert (work.mode, work.expunge, work.max_deletions) == ("sync", "own", DeletionLimit(count=50, percent=25))
+    strict = only_account(account(mode='"sync"', expunge='"never"', max_deletions='"10%"'))
+    assert (strict.expunge, strict.max_deletions) == ("never", DeletionLimit(count=0, percent=10))
 
 
 def test_pop3_account_with_mbox_store() -> None:
@@ -254,7 +263,7 @@ ERRORS = [
      ['expected one of "maildir", "mbox", got "mh"']),
     (account(security='"ssl"'), 'account "work".security',
      ['expected one of "tls", "starttls", "plain"', 'got "ssl"']),
-    (account(mode='"sync"'), 'account "work".mode', ['"archive", "mirror"']),
+    (account(mode='"two-way"'), 'account "work".mode', ['"archive", "mirror", "sync"']),
     ("[general]\nlog_level = 'loud'", "general.log_level", ['"debug", "info", "warning", "error"']),
     ("[general]\nmetrics_port = 0", "general.metrics_port", ["from 1 to 65535"]),
     ("general = 3", "general", ["expected a table, got an integer"]),
@@ -295,6 +304,14 @@ ERRORS = [
     (account(interval='"9s"'), 'account "work".interval', ["at least 10s"]),
     (account(mode='"mirror"', store={"format": '"mbox"', "path": '"/m"'}), 'account "work".mode',
      ['format = "maildir"', "append-only"]),
+    (account(mode='"sync"', store={"format": '"mbox"', "path": '"/m"'}), 'account "work".mode',
+     ['"sync"', 'format = "maildir"', "append-only"]),
+    (account(expunge='"own"'), 'account "work".expunge', ['only for mode = "sync"']),
+    (account(mode='"mirror"', max_deletions='"50"'), 'account "work".max_deletions', ['only for mode = "sync"']),
+    (account(mode='"sync"', expunge='"all"'), 'account "work".expunge', ['expected one of "never", "own"']),
+    (account(mode='"sync"', max_deletions='"lots"'), 'account "work".max_deletions',
+     ["not a deletion limit", "lots", "50,25%"]),
+    (account(mode='"sync"', max_deletions="true"), 'account "work".max_deletions', ["got a boolean"]),
 ]
 
 
@@ -384,7 +401,7 @@ def test_default_state_path() -> None:
     assert default_state_path({"HOME": "/h"}) == Path("/h/.local/state/mailsyncd/state.db")
 
 
-# --- sizes and durations -------------------------------------------------------------------------
+# --- sizes, durations and limits --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("text", "size"), [
@@ -394,6 +411,33 @@ def test_default_state_path() -> None:
 ])
 def test_parse_size(text: str | int, size: int) -> None:
     assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(("text", "limit"), [
+    (50, DeletionLimit(50, 0)), ("50", DeletionLimit(50, 0)), ("25%", DeletionLimit(0, 25)),
+    ("50,25%", DeletionLimit(50, 25)), ("25%, 50", DeletionLimit(50, 25)), (" 0 ", DeletionLimit(0, 0)),
+    ("100%", DeletionLimit(0, 100)),
+])
+def test_parse_deletion_limit(text: str | int, limit: DeletionLimit) -> None:
+    assert parse_deletion_limit(text) == limit
+
+
+@pytest.mark.parametrize("text", ["", "%", "lots", "50,60", "10%,20%", "101%", "-1", -1, True, "5.5%", "50;25%",
+                                  "50,", "٣"])
+def test_parse_deletion_limit_rejects(text: str | int) -> None:
+    with pytest.raises(ValueError, match="not a deletion limit"):
+        parse_deletion_limit(text)
+
+
+@pytest.mark.parametrize(("limit", "deletions", "folder", "allowed"), [
+    (DeletionLimit(50, 25), 50, 10, True), (DeletionLimit(50, 25), 51, 200, False),
+    (DeletionLimit(50, 25), 51, 204, True), (DeletionLimit(50, 25), 100, 400, True),
+    (DeletionLimit(50, 25), 101, 400, False), (DeletionLimit(0, 25), 1, 7, True), (DeletionLimit(0, 25), 2, 7, False),
+    (DeletionLimit(5, 0), 5, 1000, True), (DeletionLimit(5, 0), 6, 1000, False), (DeletionLimit(0, 0), 0, 0, True),
+])
+def test_deletion_limit_is_the_larger_of_count_and_share(limit: DeletionLimit, deletions: int, folder: int,
+                                                        allowed: bool) -> None:
+    assert limit.allows(deletions, folder) is allowed
 
 
 @pytest.mark.parametrize("text", ["", "MB", "lots", "5 TB", "1,5MB", "-1", -1, True, "1e3", "1.MB", "٣MB"])
