@@ -120,13 +120,19 @@ def test_random_sigkill_during_a_large_sync(tmp_path: Path, dovecot: DovecotUser
                                         store_format)), 120) == 0
     whole = time.monotonic() - started
     rng = random.Random(f"{store_format}-kill")  # reproducible moments, different per format
-    kills = 0
-    for attempt in range(16):
+    kills = attempt = 0
+    while kills < 12 and attempt < 32:
         run = tmp_path / f"run{attempt}"
         run.mkdir()
+        attempt += 1
         config = write_config(run, dovecot.server, dovecot.user, dovecot.password, store_format)
         status = kill_after(argv(config), rng.uniform(0.2, whole * 0.95))
-        kills += status == -9
+        if status == -9:
+            kills += 1
+        else:
+            # It finished first: on a machine whose load changes, the reference run was
+            # slower than this one, so aim earlier from now on.
+            whole *= 0.8
         assert sync(config) == 0
         assert_exactly_once(dovecot, config, store_format)
-    assert kills >= 12, f"only {kills} runs were killed before they finished"
+    assert kills >= 12, f"only {kills} of {attempt} runs were killed before they finished"
