@@ -132,17 +132,19 @@ def maildir_contents(root: Path) -> dict[str, Counter[bytes]]:
     return out
 
 
-def mbox_contents(root: Path) -> dict[str, Counter[bytes]]:
+def mbox_contents(root: Path, status_headers: bool = True) -> dict[str, Counter[bytes]]:
     """Every message of every mbox file under root, mboxrd-unescaped, read with the
-    standard library's mailbox module (what other tools would see)."""
+    standard library's mailbox module (what other tools would see); with
+    ``status_headers``, without the Status:/X-Status: fields the store added."""
     out: dict[str, Counter[bytes]] = {}
     for path in root.rglob("*"):
-        if not path.is_file() or path.name.endswith(".lock"):
-            continue
+        if not path.is_file() or path.name.endswith(".lock") or path.name.startswith("."):
+            continue  # locks and the stores' journals
         box = mailbox.mbox(path, create=False)
         try:
             # get_bytes leaves out the From line and the blank line that ends a message.
-            bag = Counter(mbox_format.unescape(box.get_bytes(key)) for key in box.keys())  # noqa: SIM118 - a mailbox, not a dict
+            strip = mbox_format.strip_status if status_headers else bytes
+            bag = Counter(strip(mbox_format.unescape(box.get_bytes(key))) for key in box.keys())  # noqa: SIM118 - a mailbox, not a dict
         finally:
             box.close()
         if bag:
