@@ -10,7 +10,6 @@ import hashlib
 import json
 import mailbox
 import os
-import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 from mailsyncd.domain import NO_FLAGS, Flags
 from mailsyncd.stores import mbox
 from mailsyncd.stores.mbox import MboxStore
+from tests.helpers import rewrite_like_a_mail_reader
 
 WHEN = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 FOREIGN = (b"From mda@example.org Tue May  7 10:00:00 2024\n"
@@ -80,24 +80,6 @@ def messages_in(path: Path) -> list[bytes]:
                 for key in box.keys()]  # noqa: SIM118 - a mailbox, not a dict
     finally:
         box.close()
-
-
-def rewrite_like_a_mail_reader(path: Path) -> None:
-    """What neomutt and Dovecot do when they open an mbox and save it: every message's
-    Status:/X-Status: fields dropped and written anew at the end of its header block
-    (with Content-Length and Lines, as mutt's CH_UPDATE_LEN does), so every offset moves."""
-    data = path.read_bytes()
-    starts = [match.start() for match in re.finditer(rb"^From ", data, re.MULTILINE)]
-    out = bytearray()
-    for start, end in zip(starts, [*starts[1:], len(data)], strict=True):
-        entry = data[start:end]
-        from_line, _, rest = entry.partition(b"\n")
-        header, separator, body = rest.partition(b"\n\n")
-        kept = [line for line in header.split(b"\n")
-                if not re.match(rb"(?i)(x-)?status:|content-length:|lines:", line)]
-        fields = b"Content-Length: %d\nLines: %d\nStatus: RO\nX-Status: \n" % (len(body), body.count(b"\n"))
-        out += from_line + b"\n" + b"\n".join(kept) + b"\n" + fields + (separator and b"\n") + body
-    path.write_bytes(bytes(out))
 
 
 def digest(data: bytes) -> str:
