@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from mailsyncd.app import App
 from mailsyncd.config import load_config
 from mailsyncd.fsio import locked_file
 from mailsyncd.stores import mbox
@@ -121,13 +122,19 @@ def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(imap_sync, "FETCH_BUDGET", 12_000)
 
 
-def steps_of_a_clean_run(tmp_path: Path, dovecot: DovecotUser) -> int:
+def steps_of_a_clean_run(tmp_path: Path, dovecot: DovecotUser) -> list[str]:
+    """The name of each effect step of a whole run, in order (step k is names[k - 1])."""
     reference = tmp_path / "reference"
     reference.mkdir()
-    config = write_config(reference, dovecot.server, dovecot.user, dovecot.password, "mbox")
-    steps = crash_at_step(config, 10**9) - 1
-    assert steps >= 20, steps  # intents, fetches, writes, commits, records of several batches
-    return steps
+    loaded = load_config(write_config(reference, dovecot.server, dovecot.user, dovecot.password, "mbox"))
+    names: list[str] = []
+    app = App.open(loaded)
+    try:
+        app.sync_account(loaded.accounts[0], checkpoint=names.append)
+    finally:
+        app.close()
+    assert names.count("commit") >= 4, names  # several batches in each folder
+    return names
 
 
 @pytest.mark.usefixtures("small_batches")
@@ -135,7 +142,7 @@ def steps_of_a_clean_run(tmp_path: Path, dovecot: DovecotUser) -> int:
 def test_stop_at_every_step_then_another_program_then_resume(tmp_path: Path, dovecot: DovecotUser,
                                                             other: Other) -> None:
     fill(dovecot, 16)
-    for step in range(1, steps_of_a_clean_run(tmp_path, dovecot) + 1):
+    for step in range(1, len(steps_of_a_clean_run(tmp_path, dovecot)) + 1):
         run_then(tmp_path, dovecot, step, other)
 
 
@@ -144,8 +151,11 @@ def test_stop_then_neomutt_saves_the_file_then_resume_and_append_more(tmp_path: 
     """Without our status fields every message is new to neomutt, so quitting it rewrites
     the whole file; more mail after that must land whole and be found."""
     fill(dovecot, 16)
-    steps = steps_of_a_clean_run(tmp_path, dovecot)
-    checkpoints = [steps // 4, steps // 2, steps - 3]
+    names = steps_of_a_clean_run(tmp_path, dovecot)
+    commits = [step for step, name in enumerate(names, 1) if name == "commit"]
+    # Stopped after a batch was appended but before it was recorded (first, middle and
+    # last batch), and once in the middle of a batch, before anything of it was appended.
+    checkpoints = [commits[0], commits[len(commits) // 2], commits[-1], names.index("write", commits[1]) + 1]
     for step in checkpoints:
         config = run_then(tmp_path, dovecot, step, open_in_neomutt, "mbox_status_headers = false")
         more = [p.read_bytes() for p in corpus_messages(24)[16:]]
