@@ -230,6 +230,8 @@ def neomutt(mbox: Path, home: Path, *settings: str) -> Iterator[Callable[[str], 
             f"neomutt did not show its index:\n{screen()}"
         yield keys
         subprocess.run([*tmux, "send-keys", "-t", "mua", "q"], check=True)
+        if wait_for(lambda: not running() or "Purge" in screen(), 20) and running():
+            subprocess.run([*tmux, "send-keys", "-t", "mua", "n"], check=True)  # keep what is marked deleted
         assert wait_for(lambda: not running(), 20), f"neomutt did not quit:\n{screen()}"
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True, check=False)
