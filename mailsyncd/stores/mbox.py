@@ -34,6 +34,7 @@ import contextlib
 import email.utils
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -48,6 +49,8 @@ from mailsyncd.domain import NO_FLAGS, Flags, Stored
 from mailsyncd.errors import StoreError
 from mailsyncd.fsio import PRIVATE_FILE, fsync_dir, locked_file, make_private_dirs, safe_join
 from mailsyncd.message import digest, header_block
+
+log = logging.getLogger(__name__)
 
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
 _UNESCAPE = re.compile(rb"^>(>*From )", re.MULTILINE)
@@ -357,7 +360,8 @@ class MboxStore:
         proven, whole = journal.proven(fd, size) if unmoved else (0, [])
         end = whole[-1].start + whole[-1].length if whole else 0
         if unmoved and proven >= size - journal.offset:
-            # Everything after our committed end is ours: cut off what is torn.
+            # All that follows the batch's start is provably ours: keep its whole
+            # messages, cut off the torn one.
             if size > journal.offset + end:
                 os.ftruncate(fd, journal.offset + end)
                 os.fsync(fd)
@@ -373,6 +377,10 @@ class MboxStore:
                 adopted.update(self._find_again(folder, path, journal.offset + end if unmoved else 0, rest))
             finally:
                 del self._writing[path]
+            if len(adopted) < len(journal.messages):
+                log.warning("%s: another program changed the file after an interrupted append; nothing was cut, "
+                            "%d of its %d messages will be fetched again", folder,
+                            len(journal.messages) - len(adopted), len(journal.messages))
         return adopted
 
     def _find_again(self, folder: str, path: Path, start: int, wanted: list[_Journalled]) -> dict[str, Stored]:

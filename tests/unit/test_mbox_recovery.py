@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import mailbox
 import os
 from collections.abc import Callable, Sequence
@@ -169,7 +170,8 @@ def test_nothing_is_cut_when_the_append_never_began(tmp_path: Path) -> None:
     assert (tmp_path / "INBOX").read_bytes() == before + FOREIGN
 
 
-def test_a_torn_tail_followed_by_another_programs_message_is_left_alone(tmp_path: Path) -> None:
+def test_a_torn_tail_followed_by_another_programs_message_is_left_alone(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
     store = MboxStore(tmp_path)
     commit_batch(store, [message(0)])
     size = (tmp_path / "INBOX").stat().st_size
@@ -179,10 +181,12 @@ def test_a_torn_tail_followed_by_another_programs_message_is_left_alone(tmp_path
         handle.write(b"\n" + FOREIGN)
     before = (tmp_path / "INBOX").read_bytes()
 
-    found = store.recover(pending)
+    with caplog.at_level(logging.WARNING, logger="mailsyncd"):
+        found = store.recover(pending)
 
     assert (tmp_path / "INBOX").read_bytes() == before, "recovery cut bytes another program wrote"
     assert 0 < len(found) < len(batch)
+    assert "another program changed the file after an interrupted append; nothing was cut" in caplog.text
     assert [store.read(found[location].location) for location in pending if location in found] == \
         batch[:len(found)]
 
