@@ -277,16 +277,19 @@ class _Journal:
             return None
         if _sha(text) != check.decode("ascii", "replace"):
             return None
-        raw: dict[str, Any] = json.loads(text)
-        return cls(raw["offset"], raw["length"], raw["before"], tuple((end, sha) for end, sha in raw["pieces"]),
-                   tuple(_Journalled(**m) for m in raw["messages"]))
+        try:
+            raw: dict[str, Any] = json.loads(text)
+            return cls(raw["offset"], raw["length"], raw["before"], tuple((end, sha) for end, sha in raw["pieces"]),
+                       tuple(_Journalled(**m) for m in raw["messages"]))
+        except (ValueError, KeyError, TypeError):  # not a journal this version wrote: proves nothing
+            return None
 
     def proven(self, fd: int, size: int) -> tuple[int, list[_Journalled]]:
         """How many bytes from ``offset`` on are provably the start of this chunk, and
         the messages whole in the file as written. Whole messages prove themselves; a
         torn one's page-aligned pieces prove the part that reached the file."""
         whole: list[_Journalled] = []
-        padding = self.messages[0].start if self.messages else self.length
+        padding = self.messages[0].start  # newlines before our first From line
         proven = padding if _pread_all(fd, padding, self.offset) == b"\n" * padding else 0
         for message in self.messages if proven == padding else ():
             if _sha(_pread_all(fd, message.length, self.offset + message.start)) != message.entry_sha256:

@@ -95,6 +95,7 @@ def assert_each_once_and_theirs_kept(dovecot: DovecotUser, config: Path, theirs:
         server = dovecot.server.fetch_all(dovecot.user, folder)
         wanted[folder] = Counter(mbox.content_key(normalize(body)) for body in server.values())
         assert keys_in(store.path / name) == wanted[folder] + Counter(mbox.content_key(data) for data in theirs)
+        assert all(data in (store.path / name).read_bytes() for data in theirs), "their bytes were changed"
     reader = MboxStore(store.path, store.mbox_status_headers)
     with contextlib.closing(sqlite3.connect(config.parent / "state.db")) as state:
         rows = state.execute("select f.name, m.state, m.location from messages m join folders f on f.id = m.folder_id")

@@ -248,3 +248,22 @@ def test_status_headers_off_keeps_the_bytes_exact(tmp_path: Path) -> None:
     _, [location] = commit_batch(store, [data], frozenset({"\\Seen"}))
     assert (tmp_path / "INBOX").read_bytes() == mbox.entry(data, WHEN)
     assert store.read(location) == data
+
+
+def test_a_torn_journal_proves_nothing(tmp_path: Path) -> None:
+    """A kill while the journal was written came before the append it describes."""
+    store = MboxStore(tmp_path)
+    pending, _ = commit_batch(store, [message(1)])
+    journal = tmp_path / ".INBOX.mailsyncd"
+    journal.write_bytes(journal.read_bytes()[:-40])
+    before = (tmp_path / "INBOX").read_bytes()
+    assert store.recover(pending) == {}
+    assert (tmp_path / "INBOX").read_bytes() == before
+
+
+def test_a_location_recorded_before_keys_were_kept_still_reads(tmp_path: Path) -> None:
+    store = MboxStore(tmp_path)
+    _, [_, second] = commit_batch(store, [message(1), message(2)])
+    legacy = second.partition("#")[0]
+    assert store.read(legacy) == message(2)
+    assert store.set_flags(legacy, frozenset()) == second  # brought up to date
