@@ -7,8 +7,9 @@ Hence three rules (invariant 10):
   is durable: where it starts, a digest of the bytes just before that, a digest of each
   page-sized piece (split where the file's pages split, which is where the kernel stops a
   killed writer) and, for each message, its reservation, place, digests and content key.
-  The journal is a hidden file beside the mbox (``.<name>.mailsyncd``), which mail
-  readers do not list as a folder.
+  The journal is a file beside the mbox, ``.<name>.mailsyncd.lock``: hidden, and named
+  like a lock, so neither neomutt (dot files) nor Dovecot (``*.lock``) lists it as a
+  folder. Losing it loses no mail: recovery then only cuts nothing.
 * Recovery cuts back only what the journal proves to be our own unfinished tail: the
   bytes before it unchanged, each piece of it matching, and nothing after it. Whole
   messages of ours are adopted where they lie; everything else stays, and after a
@@ -172,7 +173,7 @@ def _stored_location(folder: str, offset: int, key: str) -> str:
 
 
 def _journal_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.mailsyncd")
+    return path.with_name(f".{path.name}.mailsyncd.lock")
 
 
 def _sha(data: bytes | bytearray) -> str:

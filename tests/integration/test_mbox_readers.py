@@ -6,7 +6,9 @@ library's mailbox module), and the server's exact bytes when those fields are of
 from __future__ import annotations
 
 import mailbox
+import os
 import re
+import shutil
 from pathlib import Path
 
 from mailsyncd.config import load_config
@@ -69,3 +71,22 @@ def test_without_status_headers_the_bytes_are_the_servers(tmp_path: Path, doveco
     server = dovecot.server.fetch_all(dovecot.user, "INBOX").values()
     assert mbox_contents(path.parent, status_headers=False) == {"INBOX": {normalize(body): 1 for body in server}}
     assert b"Status:" not in path.read_bytes()
+
+
+def test_dovecot_reads_the_servers_flags_and_lists_no_journal(tmp_path: Path, dovecot: DovecotUser) -> None:
+    """The same Dovecot serves a copy of our mbox store from the user's home (it chroots
+    there and reads as the mail user): it lists no journal and shows the server's flags."""
+    home = dovecot.server.maildir(dovecot.user).parent
+    served = home / "archive"
+    shutil.copytree(synced(tmp_path, dovecot).parent, served)
+    for path in [served, *served.rglob("*")]:
+        os.chown(path, home.stat().st_uid, home.stat().st_gid)
+    inside = f"/{dovecot.user}/archive"  # the path in Dovecot's chroot
+    location = f"mail_location=mbox:{inside}:INBOX={inside}/INBOX:INDEX=MEMORY"
+    listed = dovecot.server.doveadm("-o", location, "mailbox", "list", "-u", dovecot.user).split()
+    assert "INBOX" in listed and not [name for name in listed if "mailsyncd" in name], listed
+    fetched = dovecot.server.doveadm("-o", location, "-f", "flow", "fetch", "-u", dovecot.user,
+                                     "flags hdr.subject", "mailbox", "INBOX", "all")
+    shown = {match[2]: set(match[1].split()) - {"\\Recent"}
+             for match in re.finditer(r"flags=(.*?) hdr\.subject=(.*)", fetched)}
+    assert shown == {subject: set(flags) for subject, flags in FLAGS.items()}, fetched

@@ -254,7 +254,7 @@ def test_a_torn_journal_proves_nothing(tmp_path: Path) -> None:
     """A kill while the journal was written came before the append it describes."""
     store = MboxStore(tmp_path)
     pending, _ = commit_batch(store, [message(1)])
-    journal = tmp_path / ".INBOX.mailsyncd"
+    journal = tmp_path / ".INBOX.mailsyncd.lock"
     journal.write_bytes(journal.read_bytes()[:-40])
     before = (tmp_path / "INBOX").read_bytes()
     assert store.recover(pending) == {}
