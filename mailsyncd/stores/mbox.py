@@ -9,7 +9,7 @@ Hence three rules (invariant 10):
   killed writer) and, for each message, its reservation, place, digests and content key.
   The journal is a file beside the mbox, ``.<name>.mailsyncd.lock``: hidden, and named
   like a lock, so neither neomutt (dot files) nor Dovecot (``*.lock``) lists it as a
-  folder. Losing it loses no mail: recovery then only cuts nothing.
+  folder. Losing it loses no mail: recovery then cuts nothing.
 * Recovery cuts back only what the journal proves to be our own unfinished tail: the
   bytes before it unchanged, each piece of it matching, and nothing after it. Whole
   messages of ours are adopted where they lie; everything else stays, and after a
@@ -419,8 +419,9 @@ class MboxStore:
                     if handle.read(1) != b"\n":
                         continue
                 for found, data in _messages(handle, candidate):
-                    if found == candidate and (key is None or content_key(data).startswith(key)):
-                        return _stored_location(folder, found, content_key(data)), data
+                    current = content_key(data)
+                    if found == candidate and (key is None or current.startswith(key)):
+                        return _stored_location(folder, found, current), data
                     break
         return None
 
