@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 def open_store(account: AccountConfig) -> Store:
     make_private_dirs(account.store.path)
     if account.store.format == "mbox":
-        return MboxStore(account.store.path)
+        return MboxStore(account.store.path, account.store.mbox_status_headers)
     return MaildirStore(account.store.path, account.store.layout)
 
 

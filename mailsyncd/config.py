@@ -234,6 +234,9 @@ KEYS: tuple[Key, ...] = (
     Key("account.store", "layout", "choice",
         '"maildir++": INBOX at the root, subfolders as .Sub.Folder; "fs": nested directories', "maildir++",
         choices=("maildir++", "fs"), only=("format", "maildir")),
+    Key("account.store", "mbox_status_headers", "boolean",
+        "write Status: and X-Status: fields from the server's flags into each message appended, so "
+        "mail readers show them; false keeps the server's bytes exact", True, only=("format", "mbox")),
 )
 
 _PASSWORD_KEYS: dict[str, PasswordKind] = {
@@ -260,6 +263,7 @@ class StoreConfig:
     format: Literal["maildir", "mbox"]
     path: Path  # absolute; ~ and $VARS expanded, relative to the config file's directory
     layout: Literal["maildir++", "fs"] = "maildir++"  # only meaningful for maildir
+    mbox_status_headers: bool = True  # only meaningful for mbox
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,7 +8,8 @@ VENV="${MAILSYNCD_VENV:-$REPO/.venv}"
 ensure_system_packages() {
     # Dovecot is the real IMAP/POP3 server that the tests and the demo run on loopback;
     # openssl makes its throwaway CA; systemd-analyze verifies the unit files; strace lets
-    # the tests read the order of a real sync's system calls.
+    # the tests read the order of a real sync's system calls; neomutt, driven in tmux, is
+    # the mail reader the mbox tests open our files with.
     local missing=()
     command -v dovecot >/dev/null 2>&1 || missing+=(dovecot-imapd dovecot-pop3d)
     [ -x /usr/lib/dovecot/pop3 ] || missing+=(dovecot-pop3d)
@@ -18,6 +19,8 @@ ensure_system_packages() {
         case "$extra" in
             systemd-analyze) command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd) ;;
             strace) command -v strace >/dev/null 2>&1 || missing+=(strace) ;;
+            neomutt) command -v neomutt >/dev/null 2>&1 || missing+=(neomutt) ;;
+            tmux) command -v tmux >/dev/null 2>&1 || missing+=(tmux) ;;
         esac
     done
     [ ${#missing[@]} -eq 0 ] && return 0

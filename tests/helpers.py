@@ -3,13 +3,17 @@ crash a sync at a chosen step, and read a store back for comparison."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import mailbox
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,17 +136,19 @@ def maildir_contents(root: Path) -> dict[str, Counter[bytes]]:
     return out
 
 
-def mbox_contents(root: Path) -> dict[str, Counter[bytes]]:
+def mbox_contents(root: Path, status_headers: bool = True) -> dict[str, Counter[bytes]]:
     """Every message of every mbox file under root, mboxrd-unescaped, read with the
-    standard library's mailbox module (what other tools would see)."""
+    standard library's mailbox module (what other tools would see); with
+    ``status_headers``, without the Status:/X-Status: fields the store added."""
     out: dict[str, Counter[bytes]] = {}
     for path in root.rglob("*"):
-        if not path.is_file() or path.name.endswith(".lock"):
-            continue
+        if not path.is_file() or path.name.endswith(".lock") or path.name.startswith("."):
+            continue  # locks and the stores' journals
         box = mailbox.mbox(path, create=False)
         try:
             # get_bytes leaves out the From line and the blank line that ends a message.
-            bag = Counter(mbox_format.unescape(box.get_bytes(key)) for key in box.keys())  # noqa: SIM118 - a mailbox, not a dict
+            strip = mbox_format.strip_status if status_headers else bytes
+            bag = Counter(strip(mbox_format.unescape(box.get_bytes(key))) for key in box.keys())  # noqa: SIM118 - a mailbox, not a dict
         finally:
             box.close()
         if bag:
@@ -161,11 +167,71 @@ def expected(server_bodies: Iterable[bytes], store_format: str) -> Counter[bytes
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
         time.sleep(0.05)
     return predicate()
+
+
+def rewrite_like_a_mail_reader(path: Path) -> None:
+    """What neomutt and Dovecot do when they save an mbox they opened: every message's
+    Status:/X-Status: fields dropped and written anew at the end of its header block,
+    with Content-Length: and Lines: (mutt's CH_UPDATE_LEN), so every offset moves."""
+    data = path.read_bytes()
+    starts = [match.start() for match in re.finditer(rb"^From ", data, re.MULTILINE)]
+    out = bytearray(data[:starts[0]] if starts else data)
+    for start, end in zip(starts, [*starts[1:], len(data)], strict=False):
+        from_line, _, rest = data[start:end].partition(b"\n")
+        header, separator, body = rest.partition(b"\n\n")
+        kept = [line for line in header.split(b"\n")
+                if not re.match(rb"(?i)(x-)?status:|content-length:|lines:", line)]
+        fields = b"Status: RO\nX-Status: \nContent-Length: %d\nLines: %d\n" % (len(body), body.count(b"\n"))
+        out += from_line + b"\n" + b"\n".join(kept) + b"\n" + fields + (separator and b"\n") + body
+    path.write_bytes(bytes(out))
+
+
+_TMUX_SESSIONS = itertools.count()
+
+
+@contextlib.contextmanager
+def neomutt(mbox: Path, home: Path, *settings: str) -> Iterator[Callable[[str], str]]:
+    """Real neomutt on ``mbox`` in a tmux server of its own; yields ``keys(text)``, which
+    types ``text`` (tmux key names, space separated) and returns the screen after it.
+    Leaving the block quits neomutt with ``q``, which writes back what neomutt changed
+    (with ``mark_old``, every new message becomes old: the whole file is rewritten)."""
+    home.mkdir(parents=True, exist_ok=True)
+    muttrc = home / "muttrc"
+    muttrc.write_text("\n".join([
+        "set mbox_type=mbox", "set move=no", "set mark_old=yes", "set quit=yes", "set sort=mailbox-order",
+        'set header_cache=""', 'set index_format="%4C [%Z] %s"', f'set folder="{mbox.parent}"', *settings]) + "\n")
+    socket = f"mailsyncd-test-{os.getpid()}-{next(_TMUX_SESSIONS)}"
+    tmux = ["tmux", "-L", socket]
+    env = {**os.environ, "HOME": str(home), "TERM": "xterm"}
+    subprocess.run([*tmux, "new-session", "-d", "-s", "mua", "-x", "160", "-y", "50",
+                    f"neomutt -n -F {muttrc} -f {mbox}"], env=env, check=True)
+
+    def screen() -> str:
+        return subprocess.run([*tmux, "capture-pane", "-p", "-t", "mua"], capture_output=True, text=True,
+                              check=False).stdout
+
+    def keys(text: str) -> str:
+        if text:
+            subprocess.run([*tmux, "send-keys", "-t", "mua", *text.split()], check=True)
+            time.sleep(0.3)
+        return screen()
+
+    def running() -> bool:
+        return subprocess.run([*tmux, "has-session", "-t", "mua"], capture_output=True, check=False).returncode == 0
+
+    try:
+        assert wait_for(lambda: "q:Quit" in screen() or not running(), 20) and running(), \
+            f"neomutt did not show its index:\n{screen()}"
+        yield keys
+        subprocess.run([*tmux, "send-keys", "-t", "mua", "q"], check=True)
+        if wait_for(lambda: not running() or "Purge" in screen(), 20) and running():
+            subprocess.run([*tmux, "send-keys", "-t", "mua", "n"], check=True)  # keep what is marked deleted
+        assert wait_for(lambda: not running(), 20), f"neomutt did not quit:\n{screen()}"
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True, check=False)

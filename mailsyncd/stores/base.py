@@ -11,15 +11,16 @@ protocol (invariant 1):
 4. ``commit`` makes every message written so far durable and only then hands out their
    ``Stored`` values: a ``Stored`` exists only for bytes that are durable, so whatever
    holds one may record it as stored. Leaving the ``with`` block without ``commit``
-   undoes what was not committed where the format allows it (mbox truncates back).
+   undoes what was not committed (mbox writes nothing before ``commit``).
 
 A reservation that was never written keeps a ``location`` that recovery may act on:
-after a commit it no longer points behind the committed messages (mbox cuts a file back
-to it), so an unfinished intent may stay recorded beside stored ones.
+after a commit it no longer points behind the committed messages, so an unfinished
+intent may stay recorded beside stored ones.
 
 ``recover`` is called at start with the locations of intents that never became
 ``stored``; it reports which of them are whole in the store (to adopt) and clears away
-the rest (temporary files, a torn mbox tail), so the message can simply be fetched again.
+the rest (temporary files, a torn mbox tail it can prove it wrote), so the message can
+simply be fetched again. It never removes what another program wrote (invariant 10).
 """
 
 from __future__ import annotations

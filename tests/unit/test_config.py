@@ -152,6 +152,9 @@ def test_pop3_account_with_mbox_store() -> None:
                                delete_after_days="30", cron='"0 * * * *"'))
     assert (old.protocol, old.port, old.leave_on_server, old.delete_after_days) == ("pop3", 995, True, 30)
     assert (old.cron, old.store.format) == ("0 * * * *", "mbox")
+    assert old.store.mbox_status_headers  # mail readers see the server's flags unless asked not to
+    exact = only_account(account(POP3, store={"format": '"mbox"', "path": '"/m"', "mbox_status_headers": "false"}))
+    assert not exact.store.mbox_status_headers
 
 
 def test_interval_accepts_seconds_as_an_integer() -> None:
@@ -296,6 +299,8 @@ ERRORS = [
     (account(POP3, delete_after_days="0"), 'account "work".delete_after_days', ["at least 1"]),
     (account(store={"format": '"mbox"', "path": '"/m"', "layout": '"fs"'}), 'account "work".store.layout',
      ['only for format = "maildir"']),
+    (account(store={"format": '"maildir"', "path": '"/m"', "mbox_status_headers": "false"}),
+     'account "work".store.mbox_status_headers', ['only for format = "mbox"']),
     (account(max_message_size='"lots"'), 'account "work".max_message_size', ["not a size", "lots", "50MB"]),
     (account(max_message_size="0"), 'account "work".max_message_size', ["at least 1 byte"]),
     (account(max_message_size="-5"), 'account "work".max_message_size', ["not a size"]),
