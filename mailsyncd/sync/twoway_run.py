@@ -261,17 +261,29 @@ class FolderPass:
             return
         intent = self.intents(PushIntent(self.folder_id, IntentKind.FLAGS, plan.uidvalidity)) \
             if plan.push_flags or plan.pull_flags else []
-        writes: dict[tuple[str, bool], list[int]] = defaultdict(list)
+        # One STORE per distinct set of flags: UIDs that gain or lose the same flags go
+        # together. Under CONDSTORE the first write to a UID is conditional on the
+        # snapshot's modseq; its own second write (removals after additions) cannot be,
+        # as the first one moved that modseq.
+        additions: dict[Flags, list[int]] = defaultdict(list)
+        removals: dict[Flags, list[int]] = defaultdict(list)
         for push in plan.push_flags:
-            for flag in push.add:
-                writes[(flag, True)].append(push.uid)
-            for flag in push.remove:
-                writes[(flag, False)].append(push.uid)
+            if push.add:
+                additions[push.add].append(push.uid)
+            if push.remove:
+                removals[push.remove].append(push.uid)
         unchangedsince = plan.highestmodseq if self.sync.source.condstore else None
         modified: set[int] = set()
-        for (flag, add), uids in sorted(writes.items()):
-            modified |= self.sync.source.store_flags(self.name, uids, [flag], add, unchangedsince)
-        if writes:
+        added: set[int] = set()
+        for flags, uids in sorted(additions.items(), key=lambda item: sorted(item[0])):
+            modified |= self.sync.source.store_flags(self.name, uids, flags, True, unchangedsince)
+            added.update(uids)
+        for flags, uids in sorted(removals.items(), key=lambda item: sorted(item[0])):
+            first = [uid for uid in uids if uid not in added]
+            modified |= self.sync.source.store_flags(self.name, first, flags, False, unchangedsince)
+            again = [uid for uid in uids if uid in added and uid not in modified]
+            self.sync.source.store_flags(self.name, again, flags, False, None)
+        if plan.push_flags:
             self.pushed += len(plan.push_flags)
             self.checkpoint("store")
         if modified:
