@@ -77,6 +77,10 @@ class TwoWaySource(ImapSource, Protocol):
         """Bodies (raw, as sent) of UIDs of the selected folder, with BODY.PEEK[]."""
         ...
 
+    def flags(self, name: str, uids: Sequence[int]) -> dict[int, frozenset[str]]:
+        """The flags of these UIDs in ``name``, which it selects; expunged ones are missing."""
+        ...
+
     def create_folder(self, name: str) -> None: ...
 
 

@@ -514,6 +514,12 @@ class ImapSession:
                      (self._client.fetch(uids, [b"RFC822.SIZE"]) if uids else {}).items()}
         return sorted(uid for uid, found_size in sizes.items() if found_size == size)
 
+    def flags(self, name: str, uids: Sequence[int]) -> dict[int, frozenset[str]]:
+        """The flags of these UIDs in ``name`` (which this selects); an expunged UID is missing."""
+        with self._folder_errors(name):
+            self._client.select_folder(name)
+            return self._flags_of(uids)
+
     def create_folder(self, name: str) -> None:
         """CREATE a folder first made locally (name encoded to modified UTF-7)."""
         with self._folder_errors(name):

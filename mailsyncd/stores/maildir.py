@@ -123,10 +123,13 @@ class MaildirStore:
         """Every message file of a folder, without reading one. A folder whose cur/ or
         new/ is missing lists as not present, never as empty. The directories are stat'd
         before and after the listing; when they moved meanwhile, it is listed again
-        ("somebody messed with the mailbox since we started listing it")."""
+        ("somebody messed with the mailbox since we started listing it"). A listing of
+        directories changed within the second it started is not to be trusted later: a
+        message could still come in that second without moving their mtime (notmuch)."""
         directory = safe_join(self.root, folder) if folder else self.root
         prefix = f"{folder}/" if folder else ""
         for _ in range(SCAN_TRIES):
+            started = time.time_ns()
             before = self.dir_mtimes(folder)
             if before is None:
                 return MaildirListing(LocalFolderScan(False), {}, None)
@@ -147,7 +150,8 @@ class MaildirStore:
                 continue  # a file or directory went while listing: list again
             after = self.dir_mtimes(folder)
             if after == before:
-                return MaildirListing(LocalFolderScan(True, messages), locations, before)
+                recent = max(before) // 1_000_000_000 >= started // 1_000_000_000
+                return MaildirListing(LocalFolderScan(True, messages), locations, None if recent else before)
         return MaildirListing(LocalFolderScan(True, messages), locations, None)
 
     def read_content(self, location: str) -> LocalContent | None:

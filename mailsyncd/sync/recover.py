@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 
 from mailsyncd.domain import MessageState, RecordedMessage
 from mailsyncd.sources.base import TwoWaySource
 from mailsyncd.state.repo import KnownFolder, PushIntent, StateRepo
 from mailsyncd.stores.base import Store
-from mailsyncd.stores.maildir import MaildirStore
-from mailsyncd.sync.twoway_run import IntentKind, find_uploaded
+from mailsyncd.stores.maildir import MaildirStore, flags_from_name
+from mailsyncd.sync.twoway_run import FlagChange, IntentKind, find_uploaded
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +38,50 @@ def reconcile_pushes(repo: StateRepo, store: MaildirStore, source: TwoWaySource,
 
     An APPEND or MOVE may have reached the server without its UID being recorded: the
     target folder is searched above the UIDNEXT saved with the intent for the same bytes,
-    and a hit is paired, so the message is never uploaded twice. Every other kind (flag
-    writes, renames, \\Deleted + UID EXPUNGE, removals) is idempotent, and the next
-    merge against the unchanged base sees exactly what was done and what was not: its
-    intent is simply dropped.
+    and a hit is paired, so the message is never uploaded twice. Flag writes may have
+    happened without the base following: each one the server or the file shows is counted
+    into the base, or a change the user makes next would be read as the other side's.
+    The other kinds (moves of files, \\Deleted + UID EXPUNGE, removals) leave both sides
+    where the next merge against the unchanged base sees what was done and what was not.
     """
     intents = repo.push_intents(account_id)
     if not intents:
         return 0
     folders = {folder.id: folder for folder in repo.folders(account_id)}
+    flag_writes: dict[int, list[PushIntent]] = defaultdict(list)
     for intent in intents:
         if intent.kind in (IntentKind.APPEND, IntentKind.MOVE):
             _find_pushed(repo, store, source, intent, folders)
-        assert intent.row_id is not None  # read back from the database
-        repo.drop_intents([intent.row_id])
+        elif intent.kind == IntentKind.FLAGS:
+            flag_writes[intent.folder_id].append(intent)
+    for folder_id, writes in flag_writes.items():
+        _settle_flags(repo, store, source, folders[folder_id], writes)
+    repo.drop_intents([intent.row_id for intent in intents if intent.row_id is not None])
     log.info("settled %d two-way changes an interrupted run left unfinished", len(intents))
     return len(intents)
+
+
+def _settle_flags(repo: StateRepo, store: MaildirStore, source: TwoWaySource, folder: KnownFolder,
+                  writes: list[PushIntent]) -> None:
+    """Count the flag writes that happened into their messages' bases."""
+    uidvalidity = writes[0].uidvalidity
+    if uidvalidity is None or uidvalidity != folder.uidvalidity:
+        return  # the pairs they were about are over
+    uids = [intent.uid for intent in writes if intent.uid is not None]
+    remote = source.flags(folder.name, uids)
+    recorded = repo.recorded_folder(folder, uids).messages
+    rebases = []
+    for intent in writes:
+        row = recorded.get(intent.uid or 0)
+        if row is None or row.state != MessageState.STORED:
+            continue
+        local = None
+        if intent.local_name is not None and (found := store.find(intent.local_name)) is not None:
+            local = flags_from_name(found)
+        base = FlagChange.decode(intent.flags).settled(row.flags, remote.get(row.uid), local)
+        if base != row.flags:
+            rebases.append((row.uid, base, found if local is not None else None))
+    repo.record_pushes(folder.id, uidvalidity, rebases=rebases)
 
 
 def _find_pushed(repo: StateRepo, store: MaildirStore, source: TwoWaySource, intent: PushIntent,
@@ -69,9 +98,12 @@ def _find_pushed(repo: StateRepo, store: MaildirStore, source: TwoWaySource, int
         if uid is None:
             return  # not moved: the pair in the source stays, and the next pass moves it
         repo.record_pushes(intent.folder_id, intent.uidvalidity, forget=[intent.uid])
-    if uid is None or location is None:
-        return  # not uploaded (or the file is gone): the next pass decides again
+    if uid is None:
+        return  # not uploaded: the next pass decides again
+    # Paired even when the file is gone meanwhile: the next pass then deletes it on the
+    # server, as the user asked, instead of downloading it as a stranger.
     repo.record_pushes(target.id, target.uidvalidity, pairs=[RecordedMessage(
-        uid, target.uidvalidity, MessageState.STORED, intent.flags, location, intent.size, intent.sha256,
+        uid, target.uidvalidity, MessageState.STORED, intent.flags, location or intent.local_name, intent.size,
+        intent.sha256,
         intent.message_id)], forget=[intent.uid] if intent.kind == IntentKind.APPEND and intent.uid else [])
     log.info("found UID %d of folder %r on the server: an interrupted run had uploaded it", uid, target.name)

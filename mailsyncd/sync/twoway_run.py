@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 from mailsyncd.domain import (
+    HOLDABLE_FLAGS,
     Append,
     Download,
     FlagMerge,
@@ -51,7 +51,7 @@ from mailsyncd.stores.base import FolderWriter, Reservation
 from mailsyncd.stores.maildir import MaildirListing, MaildirStore, unique_part
 from mailsyncd.sync.batch import FETCH_BUDGET, batches, store_batch
 from mailsyncd.sync.effects import Effects
-from mailsyncd.sync.twoway import DELETED, first_base, holdable, needs_content, plan_account
+from mailsyncd.sync.twoway import DELETED, canonical, first_base, holdable, needs_content, plan_account
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,42 @@ class IntentKind(StrEnum):
     RENAME = "rename"  # a file renamed into another folder (a move made on the server)
     DELETE = "delete"  # \Deleted + UID EXPUNGE of a UID whose file was deleted here
     REMOVE = "remove"  # a file removed because the server expunged its UID
+
+
+@dataclass(frozen=True)
+class FlagChange:
+    """The flag writes of one message in one pass, as its intent records them: ``add``
+    and ``remove`` on the server, ``local`` the file's new flags (None: no rename)."""
+
+    add: Flags = frozenset()
+    remove: Flags = frozenset()
+    local: Flags | None = None
+
+    def encode(self) -> Flags:
+        """As the intent's flag words: +flag, -flag, and = followed by each new local flag."""
+        return frozenset({f"+{flag}" for flag in self.add} | {f"-{flag}" for flag in self.remove}
+                         | (set() if self.local is None else {"="} | {f"={flag}" for flag in self.local}))
+
+    @classmethod
+    def decode(cls, words: Flags) -> FlagChange:
+        local = None if "=" not in words else frozenset(word[1:] for word in words if word[:1] == "=" and word[1:])
+        return cls(frozenset(word[1:] for word in words if word[:1] == "+"),
+                   frozenset(word[1:] for word in words if word[:1] == "-"), local)
+
+    def settled(self, base: Flags, remote: Flags | None, local: Flags | None) -> Flags:
+        """The base once the writes that happened are counted, flag by flag: a server
+        write where the server shows it (``remote``), the rename's other flags where the
+        file shows it (``local``: the file's flags now). A write that did not happen
+        leaves its flag's base alone, so the next merge makes it again."""
+        new = set(canonical(base))
+        if remote is not None:
+            remote = canonical(remote)
+            new |= self.add & remote
+            new -= self.remove - remote
+        if self.local is not None and local is not None and holdable(local) == self.local:
+            for flag in HOLDABLE_FLAGS - self.add - self.remove:
+                (new.add if flag in self.local else new.discard)(flag)
+        return frozenset(new)
 
 
 @dataclass
@@ -259,8 +295,18 @@ class FolderPass:
         plan = self.plan
         if not (plan.push_flags or plan.pull_flags or plan.rebase or plan.relink or plan.new_pairs):
             return
-        intent = self.intents(PushIntent(self.folder_id, IntentKind.FLAGS, plan.uidvalidity)) \
-            if plan.push_flags or plan.pull_flags else []
+        # One intent per message, naming each write, so that recovery can tell which of
+        # them happened: a base not moved past a write that did would later read the
+        # user's next change as the other side's (sync/recover.py).
+        changes: dict[int, FlagChange] = {}
+        for push in plan.push_flags:
+            changes[push.uid] = FlagChange(push.add, push.remove)
+        renamed = {pull.uid: self.location(pull.unique) for pull in plan.pull_flags}
+        for pull in plan.pull_flags:
+            changes[pull.uid] = dataclasses.replace(changes.get(pull.uid, FlagChange()), local=pull.flags)
+        intent = self.intents(*(PushIntent(self.folder_id, IntentKind.FLAGS, plan.uidvalidity, uid, renamed.get(uid),
+                                           flags=change.encode())
+                                for uid, change in sorted(changes.items()))) if changes else []
         # One STORE per distinct set of flags: UIDs that gain or lose the same flags go
         # together. Under CONDSTORE the first write to a UID is conditional on the
         # snapshot's modseq; its own second write (removals after additions) cannot be,
@@ -484,15 +530,13 @@ class FolderPass:
 
     def _mtimes_to_keep(self) -> tuple[int, int] | None:
         """The cur/ and new/ mtimes under which the next pass may skip listing: kept only
-        when this pass left the directories as listed, nothing is left to merge again,
-        every file matches its pair, and the mtime is not of the current second (a
-        message could still arrive within it unseen, as notmuch says)."""
+        when the listing could be trusted (see ``MaildirStore.list_folder``), this pass
+        left the directories as listed, nothing is left to merge again, and every file
+        matches its pair."""
         listing = self.side.listing
         if listing.mtimes is None or self.modified or self.plan.conflicts:
             return None
         if self.sync.maildir.dir_mtimes(self.side.known.path) != listing.mtimes:
-            return None
-        if max(listing.mtimes) // 1_000_000_000 >= time.time_ns() // 1_000_000_000:
             return None
         recorded = self.sync.repo.recorded_folder(
             dataclasses.replace(self.side.known, uidvalidity=self.plan.uidvalidity), None)

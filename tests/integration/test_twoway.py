@@ -202,3 +202,24 @@ def test_uidvalidity_change_loses_and_copies_nothing(two: tuple[Machine, Machine
     assert len(first.files()) == 5
     assert len(server_subjects(dovecot)) == 5
     assert server_flags(dovecot)["message 1 in INBOX"] == {"\\Seen"}
+
+
+def test_unchanged_folders_are_not_listed(two: tuple[Machine, Machine], dovecot: DovecotUser) -> None:
+    """cur/ and new/ keep their mtimes: the pass trusts the last listing. The proof is a
+    change hidden by setting the mtimes back, which the pass then does not see."""
+    first, _ = two
+
+    def age_directories() -> tuple[int, int]:
+        for sub in ("cur", "new"):
+            os.utime(first.root / sub, (1_600_000_000, 1_600_000_000))
+        return (first.root / "cur").stat().st_mtime_ns, (first.root / "new").stat().st_mtime_ns
+
+    age_directories()
+    assert first.sync() == 0  # lists, and records the mtimes
+    first.set_letters("message 1 in INBOX", "S")
+    age_directories()
+    assert first.sync() == 0
+    assert server_flags(dovecot)["message 1 in INBOX"] == set()  # not listed
+    (first.root / "cur").touch()
+    assert first.sync() == 0
+    assert server_flags(dovecot)["message 1 in INBOX"] == {"\\Seen"}

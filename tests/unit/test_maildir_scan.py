@@ -4,6 +4,7 @@ what matching needs, and renames that keep letters mailsyncd does not know."""
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,8 @@ def test_listing_reads_names_not_files(tmp_path: Path) -> None:
     (work / "cur" / "2.B.host:2,FSa").write_bytes(b"Subject: b\n\n")
     (work / "cur" / "3.C.host").write_bytes(b"Subject: c\n\n")
     (work / "cur" / ".hidden").write_bytes(b"")
+    for sub in ("cur", "new"):
+        os.utime(work / sub, (1_600_000_000, 1_600_000_000))
     listing = store.list_folder(".Work")
     assert listing.scan.present
     assert set(listing.scan.messages) == {"1.A.host", "2.B.host", "3.C.host"}
@@ -33,6 +36,13 @@ def test_listing_reads_names_not_files(tmp_path: Path) -> None:
     assert listing.scan.messages["1.A.host"].content is None  # nothing read
     assert listing.locations["2.B.host"] == ".Work/cur/2.B.host:2,FSa"
     assert listing.mtimes == store.dir_mtimes(".Work")
+
+
+def test_a_listing_of_this_second_is_not_trusted_later(tmp_path: Path) -> None:
+    """A message arriving later in the second of the last change would not move the mtime."""
+    store = folder(tmp_path)
+    (store.root / ".Work" / "new" / "1.A.host").write_bytes(b"x\n")
+    assert store.list_folder(".Work").mtimes is None
 
 
 def test_a_missing_directory_is_not_an_empty_folder(tmp_path: Path) -> None:
