@@ -20,6 +20,7 @@ from mailsyncd.config import AccountConfig, Config
 from mailsyncd.domain import (
     AccountCheck,
     AccountStatus,
+    Expunge,
     FolderInfo,
     ImapCheck,
     Mode,
@@ -27,6 +28,7 @@ from mailsyncd.domain import (
     PopCheck,
     PopPolicy,
     RunResult,
+    TwoWayPolicy,
 )
 from mailsyncd.errors import Interrupted, MailsyncError
 from mailsyncd.fsio import make_private_dirs
@@ -35,21 +37,26 @@ from mailsyncd.secrets import password_for
 from mailsyncd.sources import imap, pop3
 from mailsyncd.sources.base import ImapSource
 from mailsyncd.state import db
-from mailsyncd.state.repo import StateRepo
+from mailsyncd.state.repo import KnownFolder, StateRepo
 from mailsyncd.stores.base import Store
 from mailsyncd.stores.maildir import MaildirStore
 from mailsyncd.stores.mbox import MboxStore
 from mailsyncd.sync.effects import Checkpoint, Counts, no_checkpoint
-from mailsyncd.sync.imap import sync_folders
+from mailsyncd.sync.imap import FolderSync, sync_folders
 from mailsyncd.sync.plan import select_folders
 from mailsyncd.sync.pop import sync_pop
-from mailsyncd.sync.recover import recover
+from mailsyncd.sync.recover import reconcile_pushes, recover
+from mailsyncd.sync.twoway_run import TwoWaySync
 
 log = logging.getLogger(__name__)
 
 
-def open_store(account: AccountConfig) -> Store:
-    make_private_dirs(account.store.path)
+def open_store(account: AccountConfig, create: bool = True) -> Store:
+    """The account's store; its root is made unless ``create`` is false (a two-way
+    account that has synced before: a missing root is then a disk not mounted, and making
+    it would read as "everything was deleted")."""
+    if create:
+        make_private_dirs(account.store.path)
     if account.store.format == "mbox":
         return MboxStore(account.store.path, account.store.mbox_status_headers)
     return MaildirStore(account.store.path, account.store.layout)
@@ -109,18 +116,35 @@ class App:
                          tuple(folder.name for folder in selected))
 
     def sync_account(self, account: AccountConfig, folders: Sequence[str] = (),
-                     progress: Progress | None = None, checkpoint: Checkpoint = no_checkpoint) -> Counts:
+                     progress: Progress | None = None, checkpoint: Checkpoint = no_checkpoint, *,
+                     dry_run: bool = False, allow_deletions: Sequence[str] = ()) -> Counts:
         """One pass over one account. Raises AccountError (recorded in the database) when
-        the account as a whole failed; folder failures are in the returned counts."""
+        the account as a whole failed; folder failures are in the returned counts.
+        ``dry_run`` (two-way) only plans: the lines are in ``Counts.report``; it changes
+        neither side nor the database. ``allow_deletions`` lifts the deletion guard of
+        these folders for this pass."""
         progress = progress or Progress()
         started = time.monotonic()
         account_id = self.repo.account_id(account.name, account.protocol)
-        store = open_store(account)
+        two_way = Mode(account.mode) == Mode.SYNC and account.protocol == "imap"
+        store = open_store(account, create=not (two_way and self.repo.has_messages(account_id)))
+        if dry_run:
+            counts = Counts()
+            if two_way:
+                self._sync_twoway(account, account_id, store, folders, progress, checkpoint, counts, True,
+                                  allow_deletions)
+            else:
+                self._plan_pull(account, account_id, store, folders, counts)
+            return counts
         recover(self.repo, store, account_id)
         run_id = self.repo.start_run(account_id)
         counts = Counts()  # ours, so that a run cut short still records what it fetched
         try:
-            self._sync(account, account_id, store, folders, progress, checkpoint, counts)
+            if two_way:
+                self._sync_twoway(account, account_id, store, folders, progress, checkpoint, counts, False,
+                                  allow_deletions)
+            else:
+                self._sync(account, account_id, store, folders, progress, checkpoint, counts)
         except Interrupted as error:
             self.repo.finish_run(run_id, RunResult.INTERRUPTED, counts.fetched, counts.fetched_bytes, str(error))
             raise
@@ -149,6 +173,40 @@ class App:
             sync_folders(account.name, account_id, self.repo, store, session, selected, policy,
                          progress, checkpoint, counts=counts)
         self.repo.mark_folders_absent(account_id, [folder.name for folder in listed])
+
+
+    def _plan_pull(self, account: AccountConfig, account_id: int, store: Store, folders: Sequence[str],
+                   counts: Counts) -> None:
+        """A pull account's dry run: each folder planned from a read-only snapshot."""
+        if account.protocol == "pop3":
+            counts.report.append("POP3: a dry run plans IMAP accounts only; nothing done")
+            return
+        known = {folder.name: folder for folder in self.repo.folders(account_id)}
+        policy = Policy(Mode(account.mode), account.max_message_size)
+        with imap.connect(account, password_for(account)) as session:
+            _, selected = _listing(account, session, folders)
+            planner = FolderSync(account.name, self.repo, store, Progress(), no_checkpoint, counts, session, policy)
+            for info in selected:
+                folder = known.get(info.name) or KnownFolder(0, info.name, info.delimiter, "", None, None, None,
+                                                             None, True)
+                plan = planner.plan(info, folder)
+                counts.report.append(f"{info.name}: here: {len(plan.fetch)} downloads, {len(plan.flag_updates)} "
+                                     f"flag changes, {len(plan.remove)} removals; to the server: nothing")
+
+    def _sync_twoway(self, account: AccountConfig, account_id: int, store: Store, folders: Sequence[str],
+                     progress: Progress, checkpoint: Checkpoint, counts: Counts, dry_run: bool,
+                     allow_deletions: Sequence[str]) -> None:
+        policy = TwoWayPolicy(Expunge(account.expunge), account.max_deletions, frozenset(allow_deletions))
+        deadline = None if account.timeout is None else time.monotonic() + account.timeout
+        with imap.connect(account, password_for(account), deadline) as session:
+            if not dry_run:
+                assert isinstance(store, MaildirStore)  # config.py allows mode = "sync" with Maildir only
+                reconcile_pushes(self.repo, store, session, account_id)
+            listed, selected = _listing(account, session, folders)
+            TwoWaySync(account.name, self.repo, store, progress, checkpoint, counts, session, policy,
+                       dry_run).run(account_id, selected)
+        if not dry_run:
+            self.repo.mark_folders_absent(account_id, [folder.name for folder in listed])
 
 
 def _listing(account: AccountConfig, session: ImapSource,

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--folder", action="append", default=[], metavar="GLOB", help="only folders matching "
                       "(repeatable; IMAP)")
     sync.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
+    sync.add_argument("--dry-run", action="store_true", help='mode = "sync": print what a pass would do in each '
+                      "direction, and change nothing")
+    sync.add_argument("--allow-deletions", action="append", default=[], metavar="FOLDER",
+                      help='mode = "sync": let this pass delete in FOLDER past the deletion guard (repeatable)')
 
     commands.add_parser("run", help="the daemon, in the foreground: scheduled syncs, IDLE push, SIGHUP "
                         "reloads the config")
@@ -159,17 +163,20 @@ def _sync(config: Config, args: argparse.Namespace) -> int:
         try:
             held.enter_context(db.instance_lock(config.general.state))
         except AlreadyRunning as running:
-            if running.daemon_pid is None or args.folder:
-                raise  # the daemon syncs whole accounts only
+            if running.daemon_pid is None or args.folder or args.dry_run or args.allow_deletions:
+                raise  # the daemon syncs whole accounts only, with their configured guard
             return _sync_by_daemon(config, accounts, running.daemon_pid)
         app = held.enter_context(App.open(config))
         for account in accounts:
             try:
-                counts = app.sync_account(account, args.folder, progress)
+                counts = app.sync_account(account, args.folder, progress, dry_run=args.dry_run,
+                                          allow_deletions=args.allow_deletions)
             except AccountError as error:
                 log.error("%s", error, exc_info=args.verbose)
                 failed = True
                 continue
+            for line in counts.report:
+                print(f"{account.name}/{line}")
             failed = failed or bool(counts.errors)
     return EXIT_PARTIAL if failed else EXIT_OK
 

@@ -37,6 +37,20 @@ def message_id(data: bytes) -> str | None:
     return value or None
 
 
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def to_crlf(data: bytes) -> bytes:
+    """The bytes an IMAP APPEND sends for a stored message: every line end as CRLF."""
+    return _LINE_END.sub(b"\r\n", data)
+
+
+def server_size(data: bytes) -> int:
+    """The RFC822.SIZE a server reports for these bytes once appended (``to_crlf``),
+    without building the copy: how a local file is matched with a server message."""
+    return len(data) + data.count(b"\n") - data.count(b"\r\n") + data.count(b"\r") - data.count(b"\r\n")
+
+
 def digest(data: bytes) -> str:
     """SHA-256 of the stored bytes, in hex: how a local copy is recognised again."""
     return hashlib.sha256(data).hexdigest()

@@ -8,6 +8,7 @@ and FolderError when one folder cannot be read; nothing else escapes it.
 from __future__ import annotations
 
 from collections.abc import Generator, Iterable, Sequence
+from datetime import datetime
 from typing import Protocol
 
 from mailsyncd.domain import FolderInfo, FolderSnapshot, PopListing, SnapshotBase
@@ -31,6 +32,56 @@ class ImapSource(Protocol):
         caller handles this one, so the caller uses the source for nothing else until the
         iterator is exhausted or closed (closing it waits for a fetch under way)."""
         ...
+
+
+class TwoWaySource(ImapSource, Protocol):
+    """What two-way sync (``mode = "sync"``) needs besides pulling: the only writes to the
+    server. Every method acts on the folder ``open_writable`` selected last (``name`` is
+    for error messages), except ``create_folder``."""
+
+    condstore: bool
+
+    def open_writable(self, name: str, base: SnapshotBase | None, *, readonly: bool = False) -> FolderSnapshot:
+        """``snapshot``, with the folder opened read-write (SELECT; EXAMINE when
+        ``readonly``) and the Message-ID of every message in ``new``."""
+        ...
+
+    def select(self, name: str) -> None:
+        """Open ``name`` read-write for the writes that follow."""
+        ...
+
+    def store_flags(self, name: str, uids: Sequence[int], flags: Iterable[str], add: bool,
+                    unchangedsince: int | None) -> frozenset[int]:
+        """+FLAGS.SILENT or -FLAGS.SILENT, never a replace; the UIDs the server refused
+        because they changed since ``unchangedsince`` (CONDSTORE's MODIFIED)."""
+        ...
+
+    def append(self, name: str, data: bytes, flags: Iterable[str], when: datetime) -> tuple[int, int] | None:
+        """(UIDVALIDITY, UID) from APPENDUID, or None when the server does not tell."""
+        ...
+
+    def move(self, name: str, uid: int, target: str) -> int | None:
+        """The UID in ``target`` (COPYUID), or None when the server does not tell."""
+        ...
+
+    def expunge_uids(self, name: str, uids: Sequence[int]) -> None:
+        """UID EXPUNGE of exactly these UIDs; never a plain EXPUNGE."""
+        ...
+
+    def find_uploaded(self, name: str, since_uid: int, found_id: str | None, size: int) -> list[int]:
+        """Candidate UIDs >= ``since_uid`` with this Message-ID (if any) and size, in
+        ``name``, which it selects."""
+        ...
+
+    def fetch(self, name: str, uids: Sequence[int]) -> dict[int, bytes | MessageError]:
+        """Bodies (raw, as sent) of UIDs of the selected folder, with BODY.PEEK[]."""
+        ...
+
+    def flags(self, name: str, uids: Sequence[int]) -> dict[int, frozenset[str]]:
+        """The flags of these UIDs in ``name``, which it selects; expunged ones are missing."""
+        ...
+
+    def create_folder(self, name: str) -> None: ...
 
 
 class Pop3Source(Protocol):

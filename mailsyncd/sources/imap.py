@@ -32,7 +32,7 @@ from imapclient.imapclient import _quote
 from mailsyncd.config import AccountConfig
 from mailsyncd.domain import FolderInfo, FolderSnapshot, RemoteMessage, SnapshotBase
 from mailsyncd.errors import AccountError, AuthError, FolderError, MessageError
-from mailsyncd.message import message_id
+from mailsyncd.message import message_id, to_crlf
 from mailsyncd.secrets import Secret
 from mailsyncd.sources.progress import GuardedReader, Stalled
 from mailsyncd.sources.tls import connecting, echoed, tls_context
@@ -294,8 +294,12 @@ class ImapSession:
         return raw
 
     def snapshot(self, name: str, base: SnapshotBase | None) -> FolderSnapshot:
+        return self._snapshot(name, base, readonly=True, with_message_id=base is not None)
+
+    def _snapshot(self, name: str, base: SnapshotBase | None, *, readonly: bool,
+                  with_message_id: bool) -> FolderSnapshot:
         with self._folder_errors(name):
-            status = self._client.select_folder(name, readonly=True)  # EXAMINE
+            status = self._client.select_folder(name, readonly=readonly)
             uidvalidity = int(status[b"UIDVALIDITY"])
             exists = int(status.get(b"EXISTS", 0))
             uidnext = int(status.get(b"UIDNEXT", 0))
@@ -303,20 +307,20 @@ class ImapSession:
             highestmodseq = int(modseq) if modseq is not None else None
             if base is None or base.uidvalidity != uidvalidity:
                 uids = self._client.search("ALL") if exists else []
-                new = self._metadata(uids, with_message_id=base is not None)
+                new = self._metadata(uids, with_message_id=with_message_id)
                 return FolderSnapshot(uidvalidity, uidnext or _next(new), highestmodseq, exists, new=new,
                                       present=frozenset(message.uid for message in new))
-            return self._incremental(base, uidvalidity, uidnext, highestmodseq, exists)
+            return self._incremental(base, uidvalidity, uidnext, highestmodseq, exists, with_message_id)
 
     def _incremental(self, base: SnapshotBase, uidvalidity: int, uidnext: int, highestmodseq: int | None,
-                     exists: int) -> FolderSnapshot:
+                     exists: int, with_message_id: bool = True) -> FolderSnapshot:
         unchanged_modseq = highestmodseq is not None and highestmodseq == base.highestmodseq
         if unchanged_modseq and uidnext == base.uidnext and exists == base.present_count:
             return FolderSnapshot(uidvalidity, uidnext, highestmodseq, exists)
         new: tuple[RemoteMessage, ...] = ()
         if uidnext == 0 or uidnext > base.uidnext:
             found = [uid for uid in self._client.search(["UID", f"{base.uidnext}:*"]) if uid >= base.uidnext]
-            new = self._metadata(found)
+            new = self._metadata(found, with_message_id=with_message_id)
         changed: dict[int, frozenset[str]] = {}
         present: frozenset[int] | None = None
         if highestmodseq is not None and base.highestmodseq is not None:
@@ -422,6 +426,134 @@ class ImapSession:
                 raise FolderError(f"{self._account}: folder {name!r}: {echoed(str(error.__cause__))}"
                                   ) from error
             raise
+
+    # --- two-way: the only writes to the server (mode = "sync") ----------------------------
+
+    def open_writable(self, name: str, base: SnapshotBase | None, *, readonly: bool = False) -> FolderSnapshot:
+        """``snapshot`` for two-way sync: the folder is opened read-write (SELECT; EXAMINE
+        for a dry run, ``readonly``), and every new message comes with its Message-ID, by
+        which an unpaired file is recognised. Pull modes never call this (invariant 2)."""
+        return self._snapshot(name, base, readonly=readonly, with_message_id=True)
+
+    def select(self, name: str) -> None:
+        """Open a folder read-write (SELECT) for the two-way writes that follow."""
+        with self._folder_errors(name):
+            self._client.select_folder(name)
+
+    def store_flags(self, name: str, uids: Sequence[int], flags: Iterable[str], add: bool,
+                    unchangedsince: int | None) -> frozenset[int]:
+        """UID STORE +FLAGS.SILENT (``add``) or -FLAGS.SILENT on the selected folder, never
+        a replace, so another client's change to other flags survives. With
+        ``unchangedsince`` (CONDSTORE) a message changed since that modseq is left alone;
+        those UIDs are returned (the ``[MODIFIED ...]`` answer) to be merged again."""
+        if not uids:
+            return frozenset()
+        action = ("+" if add else "-") + "FLAGS.SILENT"
+        if unchangedsince is not None:
+            action = f"(UNCHANGEDSINCE {unchangedsince}) {action}"
+        with self._folder_errors(name):
+            text = self._tagged("UID", "STORE", _uid_set(uids), action, f"({' '.join(sorted(flags))})")
+            self._client._imap.untagged_responses.pop("FETCH", None)
+        modified = _response_code(text, "MODIFIED")
+        return frozenset(_parse_uid_set(modified[0])) if modified else frozenset()
+
+    def append(self, name: str, data: bytes, flags: Iterable[str], when: datetime) -> tuple[int, int] | None:
+        """APPEND a message (LF line ends; sent as CRLF) with these flags and INTERNALDATE;
+        returns (UIDVALIDITY, UID) from APPENDUID, or None when the server does not say
+        (no UIDPLUS): then ``find_uploaded`` finds it."""
+        with self._folder_errors(name):
+            text = _text(self._client.append(name, to_crlf(data), sorted(flags), when))
+        found = _response_code(text, "APPENDUID")
+        if not found or len(found) < 2:
+            return None
+        return int(found[0]), int(found[1])
+
+    def move(self, name: str, uid: int, target: str) -> int | None:
+        """Move one UID of the selected folder to ``target``: UID MOVE (RFC 6851), else
+        UID COPY + \\Deleted + UID EXPUNGE of that UID alone. Returns the UID in the
+        target from COPYUID, or None when the server does not say."""
+        with self._folder_errors(name):
+            if self._client.has_capability("MOVE"):
+                text = self._tagged("UID", "MOVE", str(uid), self._client._normalise_folder(target))
+            else:
+                text = self._tagged("UID", "COPY", str(uid), self._client._normalise_folder(target))
+            untagged = [_text(line) for line in self._client._imap.untagged_responses.pop("OK", [])]
+        if not self._client.has_capability("MOVE"):
+            self.store_flags(name, [uid], ["\\Deleted"], add=True, unchangedsince=None)
+            self.expunge_uids(name, [uid])
+        for line in [text, *untagged]:
+            found = _response_code(line, "COPYUID")
+            if found and len(found) >= 3:
+                return int(found[2].split(",")[0].split(":")[0])
+        return None
+
+    def expunge_uids(self, name: str, uids: Sequence[int]) -> None:
+        """Remove exactly these UIDs of the selected folder (UID EXPUNGE, RFC 4315); never
+        a plain EXPUNGE, which would also remove what other clients marked \\Deleted.
+        Without UIDPLUS the messages stay marked, which is all that is safe."""
+        if not uids:
+            return
+        if not self._client.has_capability("UIDPLUS"):
+            log.warning("%s: folder %r: %s has no UIDPLUS: %d messages stay marked \\Deleted, not expunged",
+                        self._account, name, self._host, len(uids))
+            return
+        with self._folder_errors(name):
+            self._tagged("UID", "EXPUNGE", _uid_set(uids))
+
+    def find_uploaded(self, name: str, since_uid: int, found_id: str | None, size: int) -> list[int]:
+        """UIDs at or above ``since_uid`` in ``name`` (which this selects) that may be a
+        message we uploaded: the same Message-ID (when it has one) and the same size. The
+        caller compares bytes (``fetch``) before it adopts one."""
+        with self._folder_errors(name):
+            self._client.select_folder(name)
+            criteria: list[Any] = ["UID", f"{max(since_uid, 1)}:*"]
+            if found_id:
+                criteria += ["HEADER", "Message-ID", found_id]
+            uids = [uid for uid in self._client.search(criteria) if uid >= since_uid]
+            sizes = {uid: _size(item.get(b"RFC822.SIZE")) for uid, item in
+                     (self._client.fetch(uids, [b"RFC822.SIZE"]) if uids else {}).items()}
+        return sorted(uid for uid, found_size in sizes.items() if found_size == size)
+
+    def flags(self, name: str, uids: Sequence[int]) -> dict[int, frozenset[str]]:
+        """The flags of these UIDs in ``name`` (which this selects); an expunged UID is missing."""
+        with self._folder_errors(name):
+            self._client.select_folder(name)
+            return self._flags_of(uids)
+
+    def create_folder(self, name: str) -> None:
+        """CREATE a folder first made locally (name encoded to modified UTF-7)."""
+        with self._folder_errors(name):
+            self._client.create_folder(name)
+
+    def _tagged(self, *words: str) -> str:
+        """Send one command and return the text of its tagged OK (imaplib's ``uid``
+        throws that text away, and it holds MODIFIED and COPYUID)."""
+        kind, data = self._client._imap._simple_command(*words)
+        if kind != "OK":
+            raise imap_errors.IMAPClientError(f"{' '.join(words[:2])} failed: {_text(data[0] if data else '')}")
+        return _text(data[0]) if data and data[0] else ""
+
+
+def _uid_set(uids: Iterable[int]) -> str:
+    return ",".join(str(uid) for uid in sorted(set(uids)))
+
+
+def _parse_uid_set(text: str) -> list[int]:
+    uids: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition(":")
+        if first.isdigit() and (not last or last.isdigit()):
+            uids.extend(range(int(first), int(last or first) + 1))
+    return uids
+
+
+def _response_code(text: str, code: str) -> list[str] | None:
+    """The arguments of a response code such as ``[APPENDUID 38505 3955]``, or None."""
+    start = text.upper().find(f"[{code} ")
+    if start < 0:
+        return None
+    end = text.find("]", start)
+    return text[start + len(code) + 2:end if end > 0 else None].split()
 
 
 def _next(messages: Sequence[RemoteMessage]) -> int:

@@ -44,6 +44,12 @@ FOLDERS = Table(
     Column("last_sync", DateTime(timezone=True)),
     Column("last_error", Text),
     Column("on_server", Boolean, nullable=False, default=True),
+    # Two-way: st_mtime_ns of the folder's cur/ and new/ when their listing last matched
+    # the recorded pairs exactly (unchanged -> no listing), and what the last pass did each way.
+    Column("cur_mtime_ns", BigInteger),
+    Column("new_mtime_ns", BigInteger),
+    Column("pushed", Integer),
+    Column("pulled", Integer),
     UniqueConstraint("account_id", "name"),
 )
 
@@ -78,6 +84,26 @@ POP_MESSAGES = Table(
     Column("first_seen", DateTime(timezone=True), nullable=False),
     Column("deleted_at", DateTime(timezone=True)),
     UniqueConstraint("account_id", "uidl"),
+)
+
+PUSH_INTENTS = Table(
+    # Two-way: one row per effect on either side, committed before the effect, deleted
+    # once its outcome is recorded. What is left at start is settled by looking at both
+    # sides (sync/recover.py): an APPEND is searched for before it is ever sent again.
+    "push_intents", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("folder_id", Integer, ForeignKey("folders.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("kind", String(16), nullable=False),  # sync.twoway_run.IntentKind
+    Column("uidvalidity", BigInteger),
+    Column("uid", BigInteger),
+    Column("local_name", Text),  # the file's unique name (its location for an append)
+    Column("target_folder_id", Integer, ForeignKey("folders.id", ondelete="CASCADE")),
+    Column("uidnext", BigInteger),  # the target folder's UIDNEXT before an APPEND or MOVE
+    Column("size", BigInteger),  # the server's size of the bytes
+    Column("sha256", String(64)),
+    Column("message_id", Text),
+    Column("flags", Text, nullable=False, default=""),
+    Column("created", DateTime(timezone=True), nullable=False),
 )
 
 SYNC_RUNS = Table(

@@ -30,7 +30,7 @@ from mailsyncd.domain import (
     RunStatus,
     Stored,
 )
-from mailsyncd.state.models import ACCOUNTS, FOLDERS, MESSAGES
+from mailsyncd.state.models import ACCOUNTS, FOLDERS, MESSAGES, PUSH_INTENTS
 from mailsyncd.state.models import POP_MESSAGES as POP
 from mailsyncd.state.models import SYNC_RUNS as RUNS
 
@@ -62,6 +62,27 @@ class KnownFolder:
     highestmodseq: int | None
     last_error: str | None
     on_server: bool
+    local_mtimes: tuple[int, int] | None = None  # two-way: cur/ and new/ when last listed and matched
+
+
+@dataclass(frozen=True)
+class PushIntent:
+    """A two-way effect announced before it happened (see models.PUSH_INTENTS).
+    ``kind`` is one of the executor's intent kinds; the other fields are what that kind
+    needs to be settled after a crash."""
+
+    folder_id: int
+    kind: str
+    uidvalidity: int | None = None
+    uid: int | None = None
+    local_name: str | None = None
+    target_folder_id: int | None = None
+    uidnext: int | None = None
+    size: int | None = None
+    sha256: str | None = None
+    message_id: str | None = None
+    flags: Flags = frozenset()
+    row_id: int | None = None
 
 
 class IntentKind(Enum):
@@ -108,7 +129,9 @@ class StateRepo:
             rows = connection.execute(select(FOLDERS).where(FOLDERS.c.account_id == account_id)
                                       .order_by(FOLDERS.c.name))
             return [KnownFolder(row.id, row.name, row.delimiter, row.path, row.uidvalidity, row.uidnext,
-                                row.highestmodseq, row.last_error, row.on_server)
+                                row.highestmodseq, row.last_error, row.on_server,
+                                None if row.cur_mtime_ns is None or row.new_mtime_ns is None
+                                else (row.cur_mtime_ns, row.new_mtime_ns))
                     for row in rows]
 
     def upsert_folder(self, account_id: int, info: FolderInfo, path: str) -> int:
@@ -302,6 +325,91 @@ class StateRepo:
             connection.execute(update(MESSAGES).where(MESSAGES.c.id == copy.row_id).values(
                 uidvalidity=uidvalidity, uid=remote.uid, state=MessageState.STORED, location=location,
                 flags=_flags_text(remote.flags), size=remote.size))
+
+    # --- two-way -------------------------------------------------------------------------
+
+    def has_messages(self, account_id: int) -> bool:
+        """Whether anything was ever stored for the account: then a missing store root is
+        a disk that is not mounted, never an empty mailbox to start from."""
+        with self.engine.connect() as connection:
+            return connection.execute(select(MESSAGES.c.id).join(FOLDERS, FOLDERS.c.id == MESSAGES.c.folder_id)
+                                      .where(FOLDERS.c.account_id == account_id).limit(1)).first() is not None
+
+    def restart_pairs(self, folder_id: int, uidvalidity: int) -> None:
+        """A first two-way sync of a folder, or one after a UIDVALIDITY change: the old
+        UIDs mean nothing, so their pairs go; the files stay and are paired again by
+        content (nothing is deleted or copied for it)."""
+        with self.engine.begin() as connection:
+            connection.execute(delete(MESSAGES).where(MESSAGES.c.folder_id == folder_id,
+                                                      MESSAGES.c.uidvalidity != uidvalidity))
+            connection.execute(update(FOLDERS).where(FOLDERS.c.id == folder_id).values(
+                uidvalidity=uidvalidity, uidnext=None, highestmodseq=None, cur_mtime_ns=None, new_mtime_ns=None))
+
+    def add_intents(self, intents: Sequence[PushIntent]) -> list[int]:
+        """Commit intents before their effects; returns their ids in order."""
+        now = _now()
+        with self.engine.begin() as connection:
+            return [_new_id(connection.execute(insert(PUSH_INTENTS).values(
+                folder_id=intent.folder_id, kind=intent.kind, uidvalidity=intent.uidvalidity, uid=intent.uid,
+                local_name=intent.local_name, target_folder_id=intent.target_folder_id, uidnext=intent.uidnext,
+                size=intent.size, sha256=intent.sha256, message_id=intent.message_id,
+                flags=_flags_text(intent.flags), created=now))) for intent in intents]
+
+    def push_intents(self, account_id: int) -> list[PushIntent]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(PUSH_INTENTS).join(FOLDERS, FOLDERS.c.id == PUSH_INTENTS.c.folder_id)
+                                      .where(FOLDERS.c.account_id == account_id).order_by(PUSH_INTENTS.c.id))
+            return [PushIntent(row.folder_id, row.kind, row.uidvalidity, row.uid, row.local_name,
+                               row.target_folder_id, row.uidnext, row.size, row.sha256, row.message_id,
+                               _flags(row.flags), row.id) for row in rows]
+
+    def record_pushes(self, folder_id: int, uidvalidity: int, *, pairs: Sequence[RecordedMessage] = (),
+                      relinks: Sequence[tuple[int, int, str]] = (),
+                      rebases: Sequence[tuple[int, Flags, str | None]] = (),
+                      forget: Sequence[int] = (), done: Sequence[int] = ()) -> None:
+        """The outcome of two-way effects and the end of their intents, in ONE
+        transaction, so no crash leaves an effect recorded while its intent lingers or
+        the reverse: ``relinks`` (old UID, UID, location) first, then ``pairs`` (new or
+        moved here; a row with the same UID is replaced), then ``rebases`` (UID, new
+        base, location or None to keep it), then ``forget`` (UIDs whose pair is over)."""
+        where = (MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity)
+        with self.engine.begin() as connection:
+            for old_uid, new_uid, location in relinks:
+                if old_uid != new_uid:
+                    connection.execute(delete(MESSAGES).where(*where, MESSAGES.c.uid == new_uid))
+                connection.execute(update(MESSAGES).where(*where, MESSAGES.c.uid == old_uid).values(
+                    uid=new_uid, location=location))
+            if pairs:
+                connection.execute(delete(MESSAGES).where(*where, MESSAGES.c.uid.in_([p.uid for p in pairs])))
+                connection.execute(insert(MESSAGES), [
+                    {"folder_id": folder_id, "uidvalidity": uidvalidity, "uid": pair.uid,
+                     "state": MessageState.STORED, "location": pair.location, "size": pair.size,
+                     "sha256": pair.sha256, "message_id": pair.message_id, "flags": _flags_text(pair.flags)}
+                    for pair in pairs])
+            for changed_uid, flags, moved_to in rebases:
+                values: dict[str, Any] = {"flags": _flags_text(flags)}
+                if moved_to is not None:
+                    values["location"] = moved_to
+                connection.execute(update(MESSAGES).where(*where, MESSAGES.c.uid == changed_uid).values(**values))
+            if forget:
+                connection.execute(delete(MESSAGES).where(*where, MESSAGES.c.uid.in_(list(forget))))
+            if done:
+                connection.execute(delete(PUSH_INTENTS).where(PUSH_INTENTS.c.id.in_(list(done))))
+
+    def drop_intents(self, intent_ids: Sequence[int]) -> None:
+        if intent_ids:
+            with self.engine.begin() as connection:
+                connection.execute(delete(PUSH_INTENTS).where(PUSH_INTENTS.c.id.in_(list(intent_ids))))
+
+    def finish_twoway_folder(self, folder_id: int, uidvalidity: int, uidnext: int, highestmodseq: int | None,
+                             local_mtimes: tuple[int, int] | None, pushed: int, pulled: int) -> None:
+        """``finish_folder`` for two-way, with the listed directories' mtimes (None: list
+        them next time) and what the pass did each way."""
+        with self.engine.begin() as connection:
+            connection.execute(update(FOLDERS).where(FOLDERS.c.id == folder_id).values(
+                uidvalidity=uidvalidity, uidnext=uidnext, highestmodseq=highestmodseq, last_sync=_now(),
+                last_error=None, cur_mtime_ns=local_mtimes[0] if local_mtimes else None,
+                new_mtime_ns=local_mtimes[1] if local_mtimes else None, pushed=pushed, pulled=pulled))
 
     # --- recovery ----------------------------------------------------------------------
 

@@ -15,14 +15,15 @@ import os
 import socket
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from mailsyncd import names
-from mailsyncd.domain import NO_FLAGS, Flags, Stored
+from mailsyncd.domain import NO_FLAGS, Flags, LocalContent, LocalFolderScan, LocalMessage, Stored
 from mailsyncd.errors import StoreError
 from mailsyncd.fsio import fsync_dir, make_private_dirs, safe_join, sync_files, write_new_file
-from mailsyncd.message import digest
+from mailsyncd.message import digest, message_id, server_size
 
 SUBDIRS = ("tmp", "new", "cur")
 INFO = ":2,"
@@ -41,6 +42,32 @@ def flags_from_name(name: str) -> Flags:
     _, _, info = name.partition(INFO)
     return frozenset(_FLAGS[letter].title() if letter != "P" else "$Forwarded"
                      for letter in info if letter in _FLAGS)
+
+
+def unique_part(name: str) -> str:
+    """A message's local identity: its file name before the info suffix."""
+    return name.split(INFO, 1)[0]
+
+
+def _keep_unknown(name: str, letters: str) -> str:
+    """``letters`` plus the info letters of ``name`` that mailsyncd does not know (a
+    reader's own, Dovecot's keyword letters): a rename never drops what it cannot read."""
+    _, _, info = name.partition(INFO)
+    return "".join(sorted(set(letters) | {letter for letter in info if letter not in _FLAGS}))
+
+
+SCAN_TRIES = 3  # listings of one folder before a folder that keeps changing is taken as listed
+
+
+@dataclass(frozen=True)
+class MaildirListing:
+    """One folder as listed: its messages (by unique name), where each file is, and the
+    st_mtime_ns of cur/ and new/ the listing is valid for (None when they kept moving
+    while it was listed, so the listing must not be taken as current next time)."""
+
+    scan: LocalFolderScan
+    locations: dict[str, str]
+    mtimes: tuple[int, int] | None
 
 
 def _escape_host(host: str) -> str:
@@ -78,6 +105,76 @@ class MaildirStore:
             yield writer
         finally:
             writer.rollback()
+
+    def ensure_folder(self, folder: str) -> None:
+        """Create a folder's cur/, new/ and tmp/ (a folder first met on the server)."""
+        self._folder_dir(folder)
+
+    def dir_mtimes(self, folder: str) -> tuple[int, int] | None:
+        """st_mtime_ns of the folder's cur/ and new/, or None when either is missing.
+        Every rename, creation or removal of a message changes one of them."""
+        try:
+            directory = safe_join(self.root, folder) if folder else self.root
+            return (directory / "cur").stat().st_mtime_ns, (directory / "new").stat().st_mtime_ns
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def list_folder(self, folder: str) -> MaildirListing:
+        """Every message file of a folder, without reading one. A folder whose cur/ or
+        new/ is missing lists as not present, never as empty. The directories are stat'd
+        before and after the listing; when they moved meanwhile, it is listed again
+        ("somebody messed with the mailbox since we started listing it"). A listing of
+        directories changed within the second it started is not to be trusted later: a
+        message could still come in that second without moving their mtime (notmuch)."""
+        directory = safe_join(self.root, folder) if folder else self.root
+        prefix = f"{folder}/" if folder else ""
+        for _ in range(SCAN_TRIES):
+            started = time.time_ns()
+            before = self.dir_mtimes(folder)
+            if before is None:
+                return MaildirListing(LocalFolderScan(False), {}, None)
+            messages: dict[str, LocalMessage] = {}
+            locations: dict[str, str] = {}
+            try:
+                for sub in ("new", "cur"):
+                    with os.scandir(directory / sub) as entries:
+                        for entry in entries:
+                            if entry.name.startswith("."):
+                                continue
+                            stat = entry.stat(follow_symlinks=False)
+                            unique = unique_part(entry.name)
+                            messages[unique] = LocalMessage(unique, sub, flags_from_name(entry.name), stat.st_size,
+                                                            stat.st_mtime_ns)
+                            locations[unique] = f"{prefix}{sub}/{entry.name}"
+            except FileNotFoundError:
+                continue  # a file or directory went while listing: list again
+            after = self.dir_mtimes(folder)
+            if after == before:
+                recent = max(before) // 1_000_000_000 >= started // 1_000_000_000
+                return MaildirListing(LocalFolderScan(True, messages), locations, None if recent else before)
+        return MaildirListing(LocalFolderScan(True, messages), locations, None)
+
+    def read_content(self, location: str) -> LocalContent | None:
+        """What matching a file with a server message needs; None when it is gone."""
+        current = self.find(location)
+        if current is None:
+            return None
+        data = self._path(current).read_bytes()
+        return LocalContent(digest(data), message_id(data), server_size(data))
+
+    def move_into(self, location: str, folder: str) -> str:
+        """Rename a message into another folder of this store (a move another client made
+        on the server), keeping its name; returns the new location, or ``location`` when
+        the file is no longer there."""
+        current = self.find(location)
+        if current is None:
+            return location
+        _, sub, name = self._split(current)
+        target_dir = self._folder_dir(folder)
+        os.rename(self._path(current), target_dir / sub / name)
+        fsync_dir(target_dir / sub)
+        fsync_dir(self._path(current).parent)
+        return f"{folder}/{sub}/{name}" if folder else f"{sub}/{name}"
 
     def _split(self, location: str) -> tuple[str, str, str]:
         folder, _, rest = location.rpartition("/")
@@ -131,7 +228,7 @@ class MaildirStore:
             return location
         folder, sub, name = self._split(current)
         base = name.split(INFO, 1)[0]
-        letters = info_letters(flags)
+        letters = _keep_unknown(name, info_letters(flags))
         # Keep a flagless message in new/ so that readers still show it as new.
         target_sub = "new" if sub == "new" and not letters else "cur"
         target_name = base if target_sub == "new" else base + INFO + letters

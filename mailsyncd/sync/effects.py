@@ -30,11 +30,16 @@ class Counts:
     removed: int = 0
     adopted: int = 0
     folders: int = 0
+    pushed: int = 0  # two-way: changes written to the server
+    pulled: int = 0  # two-way: changes made here
+    report: list[str] = field(default_factory=list)  # a dry run's lines
     errors: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{self.folders} folders, {self.fetched} new ({self.fetched_bytes} bytes), {self.flags} flag "
-                f"changes, {self.gone} gone, {self.removed} removed, {self.adopted} re-adopted, "
+        both_ways = f"{self.pushed} changes to the server, {self.pulled} here; " if self.pushed or self.pulled else ""
+        return both_ways + (
+                f"{self.folders} folders, {self.fetched} new ({self.fetched_bytes} bytes), {self.flags} flag changes"
+                f", {self.gone} gone, {self.removed} removed, {self.adopted} re-adopted, "
                 f"{self.skipped} skipped")
 
 

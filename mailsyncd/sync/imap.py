@@ -51,7 +51,7 @@ class FolderSync(Effects):
             folder_id = self.repo.upsert_folder(account_id, info, path)
             known = next(folder for folder in self.repo.folders(account_id) if folder.id == folder_id)
         try:
-            plan = self._plan(info, known)
+            plan = self.plan(info, known)
             self._execute(known.id, info.name, known.path, known.uidvalidity, plan)
         except MailsyncError as error:
             self.repo.folder_error(known.id, str(error))
@@ -64,7 +64,8 @@ class FolderSync(Effects):
             return
         self.repo.finish_folder(known.id, plan.uidvalidity, plan.uidnext, plan.highestmodseq)
 
-    def _plan(self, info: FolderInfo, known: KnownFolder) -> Plan:
+    def plan(self, info: FolderInfo, known: KnownFolder) -> Plan:
+        """Snapshot (read-only) and plan one folder; reads the database, writes nothing."""
         base: SnapshotBase | None = None
         if known.uidvalidity is not None:
             # A first sync that was cut short has its UIDVALIDITY but no UIDNEXT yet:
