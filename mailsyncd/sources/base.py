@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Generator, Iterable, Sequence
 from typing import Protocol
 
-from mailsyncd.domain import FolderInfo, FolderSnapshot, PopListing, SnapshotBase
+from mailsyncd.domain import FolderInfo, FolderSnapshot, PartialMessage, PopListing, SnapshotBase
 from mailsyncd.errors import MessageError
 
 
@@ -33,6 +33,19 @@ class ImapSource(Protocol):
         ...
 
 
+    def examine(self, name: str) -> int:
+        """Open ``name`` read-only, for ``fetch_ahead`` or ``fetch_partial``; its UIDVALIDITY."""
+        ...
+
+    def fetch_partial(self, name: str, uids: Sequence[int], text_budget: int | None
+                      ) -> dict[int, PartialMessage]:
+        """What placeholders are built from, for messages of the selected folder: the
+        header block (BODY.PEEK[HEADER]) and the MIME leaves (BODYSTRUCTURE); with a
+        ``text_budget``, also the text parts that fit in it together (BODY.PEEK[n.MIME],
+        BODY.PEEK[n]). Never sets \\Seen. A UID expunged meanwhile is left out."""
+        ...
+
+
 class Pop3Source(Protocol):
     def listing(self) -> PopListing:
         """Message numbers with their identities, valid for this session only."""
@@ -40,6 +53,10 @@ class Pop3Source(Protocol):
 
     def retrieve(self, number: int) -> bytes:
         """One message, dot-unstuffed, with LF line ends."""
+        ...
+
+    def header(self, number: int) -> bytes:
+        """TOP n 0: the header block, with LF line ends; MessageError if refused."""
         ...
 
     def delete(self, number: int) -> None:

@@ -14,6 +14,7 @@ when the counts differ.
 from __future__ import annotations
 
 import contextlib
+import email.header
 import functools
 import logging
 import select
@@ -30,7 +31,7 @@ from imapclient import exceptions as imap_errors
 from imapclient.imapclient import _quote
 
 from mailsyncd.config import AccountConfig
-from mailsyncd.domain import FolderInfo, FolderSnapshot, RemoteMessage, SnapshotBase
+from mailsyncd.domain import FolderInfo, FolderSnapshot, MimePart, PartialMessage, RemoteMessage, SnapshotBase
 from mailsyncd.errors import AccountError, AuthError, FolderError, MessageError
 from mailsyncd.message import message_id
 from mailsyncd.secrets import Secret
@@ -378,6 +379,44 @@ class ImapSession:
                 bodies[uid] = body
         return bodies
 
+    def examine(self, name: str) -> int:
+        with self._folder_errors(name):
+            return int(self._client.select_folder(name, readonly=True)[b"UIDVALIDITY"])
+
+    def fetch_partial(self, name: str, uids: Sequence[int], text_budget: int | None
+                      ) -> dict[int, PartialMessage]:
+        with self._folder_errors(name):
+            response = self._client.fetch(list(uids), [b"RFC822.SIZE", b"BODY.PEEK[HEADER]", b"BODYSTRUCTURE"])
+            partial: dict[int, PartialMessage] = {}
+            for uid, item in response.items():
+                header = item.get(b"BODY[HEADER]")
+                if not isinstance(header, bytes):
+                    continue  # expunged meanwhile
+                structure = item.get(b"BODYSTRUCTURE")
+                parts = tuple(_leaves(structure)) if structure is not None else None
+                multipart = bool(structure is not None and structure.is_multipart)
+                texts = self._texts(uid, parts, text_budget) if parts and multipart and text_budget else {}
+                partial[uid] = PartialMessage(header, _size(item.get(b"RFC822.SIZE", 0)), parts, texts)
+        return partial
+
+    def _texts(self, uid: int, parts: Sequence[MimePart], budget: int) -> dict[str, tuple[bytes, bytes]]:
+        """The text parts of one message that fit in ``budget`` together, in order."""
+        chosen: list[str] = []
+        for part in parts:
+            if part.text and part.size <= budget:
+                chosen.append(part.section)
+                budget -= part.size
+        if not chosen:
+            return {}
+        wanted = [item for section in chosen for item in (f"BODY.PEEK[{section}.MIME]", f"BODY.PEEK[{section}]")]
+        item = self._client.fetch([uid], wanted).get(uid, {})
+        texts: dict[str, tuple[bytes, bytes]] = {}
+        for section in chosen:
+            mime, body = item.get(f"BODY[{section}.MIME]".encode()), item.get(f"BODY[{section}]".encode())
+            if isinstance(mime, bytes) and isinstance(body, bytes) and not isinstance(body, _Refused):
+                texts[section] = (mime, body)
+        return texts
+
     def fetch_ahead(self, name: str, batches: Iterable[Sequence[int]]
                     ) -> Generator[dict[int, bytes | MessageError], None, None]:
         """``fetch`` for each batch of UIDs in turn, batch k+1 on a helper thread while
@@ -422,6 +461,44 @@ class ImapSession:
                 raise FolderError(f"{self._account}: folder {name!r}: {echoed(str(error.__cause__))}"
                                   ) from error
             raise
+
+
+def _leaves(body: Any, section: str = "") -> Iterator[MimePart]:
+    """The leaves of a parsed BODYSTRUCTURE with their IMAP part numbers; a
+    message/rfc822 part counts as one leaf. Never raises on a malformed structure."""
+    if body.is_multipart:
+        for index, child in enumerate(body[0], 1):
+            yield from _leaves(child, f"{section}.{index}" if section else str(index))
+        return
+    try:
+        kind = f"{_text(body[0])}/{_text(body[1])}".lower()
+        size = _size(body[6])
+    except (IndexError, TypeError):
+        yield MimePart(section or "1", "application/octet-stream", 0)
+        return
+    # The disposition's place depends on the type (text and message/rfc822 have more
+    # fields before it), so it is found by its shape: ("attachment", (params)).
+    disposition = next((field for field in body[7:] if isinstance(field, tuple) and len(field) == 2
+                        and isinstance(field[0], bytes) and isinstance(field[1], tuple | type(None))), None)
+    names = {**_params(body[2]), **(_params(disposition[1]) if disposition else {})}
+    filename = names.get("filename") or names.get("name")
+    yield MimePart(section or "1", kind, size, _decoded_word(filename) if filename else None,
+                   bool(disposition and _text(disposition[0]).lower() == "attachment"))
+
+
+def _params(values: Any) -> dict[str, str]:
+    """A BODYSTRUCTURE parameter list (name, value, name, value...) as a dict."""
+    if not isinstance(values, tuple):
+        return {}
+    return {_text(key).lower(): _text(value) for key, value in zip(values[::2], values[1::2], strict=False)}
+
+
+def _decoded_word(text: str) -> str:
+    """A file name as a person reads it: RFC 2047 encoded words decoded, if any."""
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (ValueError, LookupError, UnicodeError):
+        return text
 
 
 def _next(messages: Sequence[RemoteMessage]) -> int:

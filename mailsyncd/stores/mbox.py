@@ -472,6 +472,12 @@ class MboxWriter:
         self._reserved += 1
         return MboxReservation(self, f"{self._batch}.{self._reserved}", flags, internaldate)
 
+    def replace(self, location: str) -> MboxReservation:
+        """Refused: a message in the middle of an mbox cannot be replaced without
+        rewriting the file around it, under the noses of its other writers (config.py
+        keeps placeholders out of mbox stores for this)."""
+        raise StoreError(f"an mbox store cannot replace a message in place: {location}")
+
     def _intent(self, reservation: str) -> str:
         # Where the batch will start, and which of its reservations this is: recovery
         # finds the reservation in the journal of the batch that starts there.
