@@ -23,11 +23,12 @@ class ImapSource(Protocol):
         selected for ``fetch``."""
         ...
 
-    def fetch_ahead(self, name: str, batches: Iterable[Sequence[int]]
+    def fetch_ahead(self, name: str, batches: Iterable[Sequence[int]], whole: bool = False
                     ) -> Generator[dict[int, bytes | MessageError], None, None]:
         """Raw bodies of the selected folder, one dict per batch of UIDs, in order; a UID
         expunged meanwhile is left out, and one whose body was refused (larger than the
-        limit) maps to the error saying so. The source may fetch the next batch while the
+        limit: max_message_size, or with ``whole`` only the source's ceiling) maps to the
+        error saying so. The source may fetch the next batch while the
         caller handles this one, so the caller uses the source for nothing else until the
         iterator is exhausted or closed (closing it waits for a fetch under way)."""
         ...

@@ -162,6 +162,17 @@ class _ReadGuard:
         self._imap.readline = self.readline
         self._imap.send = self.send
 
+    @contextlib.contextmanager
+    def whole(self, lifted: bool) -> Iterator[None]:
+        """While in the block, and if ``lifted``: literals up to LITERAL_CEILING."""
+        limit = self._limit
+        if lifted:
+            self._limit = max(limit, LITERAL_CEILING)
+        try:
+            yield
+        finally:
+            self._limit = limit
+
     def send(self, data: bytes) -> None:
         self._reader.sent()
         self._send(data)
@@ -215,7 +226,7 @@ def connect(account: AccountConfig, password: Secret, deadline: float | None = N
                              timeout=TIMEOUT)
         else:
             client = _Client(account.host, account.port, ssl=False, timeout=TIMEOUT)
-        _ReadGuard(client, account, deadline)
+        guard = _ReadGuard(client, account, deadline)
         if account.security == "starttls":
             if not client.has_capability("STARTTLS"):
                 client.shutdown()
@@ -232,12 +243,13 @@ def connect(account: AccountConfig, password: Secret, deadline: float | None = N
             with contextlib.suppress(Exception):
                 client.shutdown()
             raise
-    return ImapSession(client, account.name, account.host)
+    return ImapSession(client, account.name, account.host, guard)
 
 
 class ImapSession:
-    def __init__(self, client: IMAPClient, account: str, host: str) -> None:
+    def __init__(self, client: IMAPClient, account: str, host: str, guard: _ReadGuard) -> None:
         self._client = client
+        self._guard = guard
         self._account = account
         self._host = host
         self.condstore = client.has_capability("CONDSTORE") or client.has_capability("QRESYNC")
@@ -361,14 +373,15 @@ class ImapSession:
             changed.update((uid, _flags(item.get(b"FLAGS", ()))) for uid, item in response.items())
         return changed
 
-    def fetch(self, name: str, uids: Sequence[int]) -> dict[int, bytes | MessageError]:
+    def fetch(self, name: str, uids: Sequence[int], whole: bool = False) -> dict[int, bytes | MessageError]:
         """Bodies of the selected folder's messages, raw as the server sent them.
 
         BODY.PEEK[] leaves \\Seen alone. A UID that comes back without a body was
         expunged meanwhile and is simply missing from the result; one whose body was
-        over the size limit maps to the MessageError that reports it.
+        over the size limit maps to the MessageError that reports it. ``whole`` lifts
+        max_message_size (not the ceiling) for messages the user asked for in full.
         """
-        with self._folder_errors(name):
+        with self._folder_errors(name), self._guard.whole(whole):
             response = self._client.fetch(list(uids), [b"BODY.PEEK[]"])
         bodies: dict[int, bytes | MessageError] = {}
         for uid, item in response.items():
@@ -417,7 +430,7 @@ class ImapSession:
                 texts[section] = (mime, body)
         return texts
 
-    def fetch_ahead(self, name: str, batches: Iterable[Sequence[int]]
+    def fetch_ahead(self, name: str, batches: Iterable[Sequence[int]], whole: bool = False
                     ) -> Generator[dict[int, bytes | MessageError], None, None]:
         """``fetch`` for each batch of UIDs in turn, batch k+1 on a helper thread while
         the caller writes batch k: the network and the disk overlap, and at most two
@@ -427,12 +440,12 @@ class ImapSession:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch") as fetcher:
             upcoming = iter(batches)
             batch = next(upcoming, None)
-            pending = fetcher.submit(self.fetch, name, batch) if batch is not None else None
+            pending = fetcher.submit(self.fetch, name, batch, whole) if batch is not None else None
             try:
                 while pending is not None:
                     following = next(upcoming, None)
                     bodies = pending.result()  # raise fetch errors here, before the next request
-                    pending = fetcher.submit(self.fetch, name, following) if following is not None else None
+                    pending = fetcher.submit(self.fetch, name, following, whole) if following is not None else None
                     yield bodies
             finally:
                 if pending is not None:

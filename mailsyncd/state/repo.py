@@ -222,7 +222,7 @@ class StateRepo:
                 for remote, location in intents])
 
     def finish_batch(self, folder_id: int, uidvalidity: int,
-                     done: Sequence[tuple[RemoteMessage, Stored, str | None]],
+                     done: Sequence[tuple[RemoteMessage | RecordedMessage, Stored, str | None]],
                      unfinished: Sequence[tuple[RemoteMessage, str]],
                      adopted: Sequence[tuple[RemoteMessage, RecordedMessage, str]],
                      stored_as: MessageState = MessageState.STORED) -> None:
@@ -277,6 +277,14 @@ class StateRepo:
         with self.engine.connect() as connection:
             row = connection.execute(query.order_by(MESSAGES.c.uid).limit(1)).first()
         return None if row is None else _message(row)
+
+    def find_stored(self, folder_id: int, uidvalidity: int, uid: int) -> str | None:
+        """Where a stored message is, as recorded."""
+        with self.engine.connect() as connection:
+            found = connection.execute(select(MESSAGES.c.location).where(
+                MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity, MESSAGES.c.uid == uid,
+                MESSAGES.c.state == MessageState.STORED)).scalar()
+        return None if found is None else str(found)
 
     def mark_replacing(self, folder_id: int, uidvalidity: int, intents: Sequence[tuple[int, str]]) -> None:
         """The intent to write whole messages over their (uid, location) placeholders,

@@ -141,6 +141,10 @@ class MaildirStore:
             os.rename(self._path(current), self._path(target))
         return target
 
+    def flags(self, location: str) -> Flags:
+        current = self.find(location)
+        return NO_FLAGS if current is None else flags_from_name(current)
+
     def remove(self, location: str) -> None:
         current = self.find(location)
         if current is not None:

@@ -450,6 +450,10 @@ class MboxStore:
         found = self._locate(location)
         return location if found is None else found[0]
 
+    def flags(self, location: str) -> Flags:
+        """Not read back: an mbox store never holds placeholders, the one use of this."""
+        return NO_FLAGS
+
     def remove(self, location: str) -> None:
         raise StoreError("mbox stores are append-only; mode = \"mirror\" needs a Maildir store")
 
