@@ -21,8 +21,10 @@ from mailsyncd.domain import (
     AccountCheck,
     AccountStatus,
     Expunge,
+    FetchParts,
     FolderInfo,
     ImapCheck,
+    LargeMessages,
     Mode,
     Policy,
     PopCheck,
@@ -30,7 +32,7 @@ from mailsyncd.domain import (
     RunResult,
     TwoWayPolicy,
 )
-from mailsyncd.errors import Interrupted, MailsyncError
+from mailsyncd.errors import AccountError, Interrupted, MailsyncError
 from mailsyncd.fsio import make_private_dirs
 from mailsyncd.progress import Progress
 from mailsyncd.secrets import password_for
@@ -42,7 +44,7 @@ from mailsyncd.stores.base import Store
 from mailsyncd.stores.maildir import MaildirStore
 from mailsyncd.stores.mbox import MboxStore
 from mailsyncd.sync.effects import Checkpoint, Counts, no_checkpoint
-from mailsyncd.sync.imap import FolderSync, sync_folders
+from mailsyncd.sync.imap import FolderSync, replace_placeholder, sync_folders
 from mailsyncd.sync.plan import select_folders
 from mailsyncd.sync.pop import sync_pop
 from mailsyncd.sync.recover import reconcile_pushes, recover
@@ -162,16 +164,16 @@ class App:
         deadline = None if account.timeout is None else time.monotonic() + account.timeout
         if account.protocol == "pop3":
             pop_policy = PopPolicy(account.leave_on_server, account.delete_after_days,
-                                   account.max_message_size)
+                                   account.max_message_size, LargeMessages(account.large_messages))
             with pop3.connect(account, password, deadline) as pop_session:
                 sync_pop(account.name, account_id, self.repo, store, pop_session, pop_policy, progress,
                          self.clock(), checkpoint, counts=counts)
             return
-        policy = Policy(Mode(account.mode), account.max_message_size)
+        policy = Policy(Mode(account.mode), account.max_message_size, LargeMessages(account.large_messages))
         with imap.connect(account, password, deadline) as session:
             listed, selected = _listing(account, session, folders)
             sync_folders(account.name, account_id, self.repo, store, session, selected, policy,
-                         progress, checkpoint, counts=counts)
+                         progress, checkpoint, counts=counts, fetch_parts=FetchParts(account.fetch_parts))
         self.repo.mark_folders_absent(account_id, [folder.name for folder in listed])
 
 
@@ -207,6 +209,34 @@ class App:
                        dry_run).run(account_id, selected)
         if not dry_run:
             self.repo.mark_folders_absent(account_id, [folder.name for folder in listed])
+    def fetch_whole(self, account: AccountConfig, folder: str, uid: str | None, message_id: str | None,
+                    progress: Progress | None = None, checkpoint: Checkpoint = no_checkpoint) -> str:
+        """Replace one placeholder by its whole message (by UID, or UIDL for POP3, or by
+        Message-ID); returns where it is stored now. Raises AccountError, in one line,
+        when there is no such placeholder or the server no longer has the message."""
+        progress = progress or Progress()
+        account_id = self.repo.account_id(account.name, account.protocol)
+        store = open_store(account)
+        recover(self.repo, store, account_id)
+        wanted = f"UID {uid}" if uid is not None else f"Message-ID {message_id}"
+        known = next((entry for entry in self.repo.folders(account_id) if entry.name == folder), None)
+        if known is None:
+            raise AccountError(f"{account.name}: no folder {folder!r} has been synced")
+        if uid is not None and not uid.isdigit():
+            raise AccountError(f"{account.name}: --uid takes a number for IMAP, got {uid!r}")
+        held = self.repo.find_placeholder(known.id, None if uid is None else int(uid), message_id)
+        if held is None:
+            raise AccountError(f"{account.name}: folder {folder!r} holds no placeholder with {wanted}")
+        counts = Counts()
+        deadline = None if account.timeout is None else time.monotonic() + account.timeout
+        with imap.connect(account, password_for(account), deadline) as session:
+            done = replace_placeholder(account.name, self.repo, store, session, known, held, progress, checkpoint,
+                                       counts=counts)
+        if not done:
+            reason = "; ".join(counts.errors) or "the server no longer has the message"
+            raise AccountError(f"{account.name}: folder {folder!r}: {reason} ({wanted}); the placeholder stays")
+        found = self.repo.find_stored(known.id, held.uidvalidity, held.uid)
+        return f"{account.store.path / found}" if found else str(account.store.path)
 
 
 def _listing(account: AccountConfig, session: ImapSource,

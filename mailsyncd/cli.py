@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("check", help="validate the config, connect, log in, list folders; change nothing")
 
+    fetch = commands.add_parser("fetch", help="replace a placeholder by the whole message")
+    fetch.add_argument("account", metavar="NAME", help="the account")
+    fetch.add_argument("folder", metavar="FOLDER", help="the folder, as the server names it (POP3: INBOX)")
+    which = fetch.add_mutually_exclusive_group(required=True)
+    which.add_argument("--uid", metavar="N", help="the message's UID (POP3: its UIDL), as the placeholder says")
+    which.add_argument("--message-id", metavar="ID", help="the message's Message-ID, <...> included")
+
     database = commands.add_parser("db", help="state database maintenance")
     database_commands = database.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
     database_commands.add_parser("upgrade", help="apply migrations (also done at start)")
@@ -138,6 +145,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _status(config, args.json)
     if args.command == "check":
         return _check(config)
+    if args.command == "fetch":
+        return _fetch(config, args)
     return _db_upgrade(config)
 
 
@@ -179,6 +188,14 @@ def _sync(config: Config, args: argparse.Namespace) -> int:
                 print(f"{account.name}/{line}")
             failed = failed or bool(counts.errors)
     return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _fetch(config: Config, args: argparse.Namespace) -> int:
+    (account,) = _selected(config, [args.account])
+    with db.instance_lock(config.general.state), App.open(config) as app:
+        where = app.fetch_whole(account, args.folder, args.uid, args.message_id)
+    print(f"{account.name}: fetched in full: {where}")
+    return EXIT_OK
 
 
 def _sync_by_daemon(config: Config, accounts: Sequence[AccountConfig], pid: int) -> int:

@@ -212,7 +212,17 @@ KEYS: tuple[Key, ...] = (
         'the mass-deletion guard: a pass that would delete more messages of a folder on either side '
         'stops that folder; "50", "25%" or "50,25%" (the larger of both)', DEFAULT_MAX_DELETIONS, only=_SYNC),
     Key("account", "max_message_size", "size",
-        'skip (and report) larger messages, e.g. "50MB"; if unset, IMAP still reads none over 512 MiB'),
+        'larger messages are not downloaded whole (see large_messages), e.g. "50MB"; if unset, IMAP '
+        'still reads none over 512 MiB'),
+    Key("account", "large_messages", "choice",
+        'what becomes of a message over max_message_size: "headers" stores a placeholder (its header '
+        'block, a list of its parts) that `mailsyncd fetch`, flagging it, or a higher limit replaces by '
+        'the whole message; "skip" stores nothing and reports it. Default "headers" with a Maildir store '
+        '(archive or mirror mode), else "skip"', "skip", choices=("headers", "skip")),
+    Key("account", "fetch_parts", "choice",
+        'what a placeholder keeps besides the header block: "headers" nothing more; "text" also the '
+        'text/plain and text/html parts (up to max_message_size), leaving out only the attachments',
+        "headers", choices=("headers", "text"), only=_IMAP),
     Key("account", "progress_timeout", "duration",
         "give up on a connection when the server sends no complete line and no 64 KiB of a message "
         'for this long, e.g. "2m"', 120),
@@ -294,6 +304,8 @@ class AccountConfig:
     expunge: Literal["never", "own"] = "own"
     max_deletions: DeletionLimit = DEFAULT_MAX_DELETIONS
     max_message_size: int | None = None
+    large_messages: Literal["headers", "skip"] = "skip"
+    fetch_parts: Literal["headers", "text"] = "headers"
     progress_timeout: int = 120
     timeout: int | None = None
     idle: tuple[str, ...] = ()
@@ -428,10 +440,34 @@ def _parse_account(raw: object, index: int, path: Path, base: Path) -> AccountCo
     if values["mode"] == "sync" and store["format"] == "mbox":
         raise where.error("mode", '"sync" writes flags, moves and deletions into the local files, which an '
                                   'mbox store (append-only here) cannot do; use format = "maildir"')
+    values["large_messages"] = _large_messages(values, "large_messages" in table, store["format"], where)
     port = values["port"] or default_port(values["protocol"], values["security"])
     # Keys named like their field go straight through; port, password and store are built above.
     same = {field.name: values[field.name] for field in fields(AccountConfig) if field.name in values}
     return AccountConfig(**{**same, "port": port, "password": source, "store": StoreConfig(**store)})
+
+
+def _large_messages(values: Mapping[str, Any], given: bool, store_format: str, where: _Where) -> str:
+    """large_messages, its default worked out, checked against the keys it depends on.
+
+    A placeholder is later replaced in place by the whole message: a Maildir can do that
+    atomically (a rename over the file), an mbox cannot without rewriting the file around
+    it, and two-way mode would take the placeholder for a local message.
+    """
+    chosen: str | None = values["large_messages"] if given else None
+    placeholders_possible = (store_format == "maildir" and values["mode"] != "sync"
+                             and values["max_message_size"] is not None)
+    if chosen == "headers" and store_format == "mbox":
+        raise where.error("large_messages", '"headers" needs format = "maildir": a placeholder in an mbox '
+                                            'cannot be replaced in place safely; use "skip"')
+    if chosen == "headers" and values["mode"] == "sync":
+        raise where.error("large_messages", '"headers" is not for mode = "sync", which would send a '
+                                            'placeholder back as a message; use "skip"')
+    if chosen is not None and values["max_message_size"] is None:
+        raise where.error("large_messages", "has no effect without max_message_size; set both or neither")
+    if values["fetch_parts"] == "text" and (chosen or ("headers" if placeholders_possible else "skip")) != "headers":
+        raise where.error("fetch_parts", '"text" is for placeholders, which need large_messages = "headers"')
+    return chosen or ("headers" if placeholders_possible else "skip")
 
 
 def _parse_table(table: Mapping[str, object], section: Section, where: _Where, base: Path) -> dict[str, Any]:

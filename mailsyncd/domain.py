@@ -28,6 +28,22 @@ class MessageState(StrEnum):
     REMOVED = "removed"  # expunged on the server, local copy removed (mirror)
     SKIPPED = "skipped"  # over max_message_size, not downloaded
     RETIRED = "retired"  # its UIDVALIDITY is over; the local copy stays and may be re-adopted
+    PLACEHOLDER = "placeholder"  # over max_message_size: a placeholder (headers, maybe text) is stored
+    REPLACING = "replacing"  # a placeholder whose full message is being written over it (an intent)
+
+
+class LargeMessages(StrEnum):
+    """What becomes of a message over ``max_message_size``."""
+
+    HEADERS = "headers"  # a placeholder: its header block, a list of its parts, how to fetch it whole
+    SKIP = "skip"  # nothing stored; reported at every sync
+
+
+class FetchParts(StrEnum):
+    """What a placeholder keeps of its message besides the header block."""
+
+    HEADERS = "headers"  # nothing more: a list of the parts stands for the body
+    TEXT = "text"  # its text/plain and text/html parts too; a short part stands for each attachment
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,40 @@ class RemoteMessage:
     flags: Flags = NO_FLAGS
     internaldate: datetime | None = None
     message_id: str | None = None
+
+
+@dataclass(frozen=True)
+class MimePart:
+    """One leaf of a message's MIME tree, as BODYSTRUCTURE describes it. ``section`` is
+    the IMAP part number ("1", "2.1"); ``size`` the encoded size on the server."""
+
+    section: str
+    content_type: str  # lower case, "type/subtype"
+    size: int
+    filename: str | None = None
+    attachment: bool = False  # Content-Disposition: attachment
+
+    @property
+    def text(self) -> bool:
+        """A part a reader shows as the message's text (not a file attached to it)."""
+        return self.content_type in ("text/plain", "text/html") and not self.attachment
+
+
+@dataclass(frozen=True)
+class PartialMessage:
+    """What a placeholder is built from: the header block as the server sent it, the
+    MIME leaves when the protocol can tell them (None for POP3), and the text parts
+    fetched: section -> (the part's MIME header block, its body), both raw."""
+
+    header: bytes
+    size: int  # the whole message's size on the server
+    parts: tuple[MimePart, ...] | None = None
+    texts: Mapping[str, tuple[bytes, bytes]] = field(default_factory=dict)
+
+    @property
+    def fetched(self) -> int:
+        """Bytes of message content this placeholder cost to download."""
+        return len(self.header) + sum(len(mime) + len(body) for mime, body in self.texts.values())
 
 
 @dataclass(frozen=True)
@@ -131,6 +181,7 @@ class RecordedFolder:
 class Policy:
     mode: Mode = Mode.ARCHIVE
     max_message_size: int | None = None
+    large_messages: LargeMessages = LargeMessages.SKIP
 
 
 @dataclass(frozen=True)
@@ -165,14 +216,16 @@ class Plan:
     adopt_pool: tuple[RecordedMessage, ...] = ()
     fetch: tuple[RemoteMessage, ...] = ()
     skip: tuple[RemoteMessage, ...] = ()
+    placeholders: tuple[RemoteMessage, ...] = ()  # over the limit: stored as placeholders
+    replace: tuple[RecordedMessage, ...] = ()  # placeholders that fit the limit now: fetched whole over them
     flag_updates: tuple[FlagUpdate, ...] = ()
     gone: tuple[RecordedMessage, ...] = ()  # archive: keep the copy, mark it gone
     remove: tuple[RecordedMessage, ...] = ()  # mirror: remove the copy
 
     @property
     def empty(self) -> bool:
-        return not (self.retire or self.adopt or self.fetch or self.skip or self.flag_updates
-                    or self.gone or self.remove)
+        return not (self.retire or self.adopt or self.fetch or self.skip or self.placeholders or self.replace
+                    or self.flag_updates or self.gone or self.remove)
 
 
 # --- POP3 -----------------------------------------------------------------------------
@@ -203,12 +256,15 @@ class PopPolicy:
     leave_on_server: bool = True
     delete_after_days: int | None = None
     max_message_size: int | None = None
+    large_messages: LargeMessages = LargeMessages.SKIP
 
 
 @dataclass(frozen=True)
 class PopPlan:
     fetch: tuple[tuple[int, str, int], ...] = ()  # (message number, uidl, size)
     skip: tuple[tuple[int, str, int], ...] = ()
+    placeholders: tuple[tuple[int, str, int], ...] = ()  # over the limit: stored as placeholders
+    replace: tuple[tuple[int, str, int], ...] = ()  # placeholders that fit the limit now
     delete: tuple[tuple[int, str], ...] = ()  # (message number, uidl); only durable copies
 
 

@@ -2,15 +2,21 @@
 into LF, nothing else), where the header block ends, what the Message-ID is, and the
 digest by which a stored copy is known again.
 
-No I/O and nothing of ours is imported, so every layer may use these. Large messages
+No I/O and nothing of ours but domain values is imported, so every layer may use these. Large messages
 pass through here, so nothing copies a body it does not need: the header block is a
 slice up to the first empty line.
 """
 
 from __future__ import annotations
 
+import base64
+import email.parser
+import email.policy
 import hashlib
+import quopri
 import re
+
+from mailsyncd.domain import MimePart, PartialMessage
 
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(.*(?:\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 
@@ -54,3 +60,79 @@ def server_size(data: bytes) -> int:
 def digest(data: bytes) -> str:
     """SHA-256 of the stored bytes, in hex: how a local copy is recognised again."""
     return hashlib.sha256(data).hexdigest()
+
+
+# --- placeholders: what stands for a message over max_message_size ----------------------
+
+PLACEHOLDER_FIELD = b"X-Mailsyncd-Placeholder"
+_PLACEHOLDER = re.compile(rb"^" + PLACEHOLDER_FIELD + rb":", re.IGNORECASE | re.MULTILINE)
+
+
+def is_placeholder(data: bytes) -> bool:
+    """True for a placeholder this program wrote (its header block carries the marker)."""
+    return _PLACEHOLDER.search(header_block(data)) is not None
+
+
+def placeholder(partial: PartialMessage, how_to_fetch: str) -> bytes:
+    """A placeholder's bytes (LF): the message's own header block byte-exact, the marker
+    field with the server's size, and a body that keeps the message's MIME structure
+    valid, so any reader shows it.
+
+    For a multipart message the body uses the message's own boundary: a note (the list of
+    parts and ``how_to_fetch``), then, when text parts were fetched, each of them whole
+    and a short stand-in for every part left out. Any other message's body is the note,
+    in the message's own Content-Transfer-Encoding, since its Content-Type field (kept
+    byte-exact) already speaks for the body.
+    """
+    header = header_block(to_lf(partial.header)).rstrip(b"\n") + b"\n"
+    marked = header + PLACEHOLDER_FIELD + b": %d\n\n" % partial.size
+    fields = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(header)
+    note = _note(partial, how_to_fetch).encode("utf-8")
+    boundary = fields.get_boundary() if fields.get_content_maintype() == "multipart" else None
+    if not boundary:
+        return marked + _encoded(note, str(fields.get("Content-Transfer-Encoding", "")).strip().lower())
+    delimiter = b"--" + boundary.encode("ascii", "replace")
+    pieces = [_text_part(note)]
+    for part in (partial.parts or ()) if partial.texts else ():
+        if part.section in partial.texts:
+            mime, body = partial.texts[part.section]
+            pieces.append(header_block(to_lf(mime)).rstrip(b"\n") + b"\n\n" + to_lf(body))
+        else:
+            pieces.append(_text_part(f"[left out: {_described(part)}]\n".encode()))
+    out = [marked]
+    for piece in pieces:
+        out += [delimiter, b"\n", piece if piece.endswith(b"\n") else piece + b"\n"]
+    out += [delimiter, b"--\n"]
+    return b"".join(out)
+
+
+def _described(part: MimePart) -> str:
+    name = f", {part.filename}" if part.filename else ""
+    return f"part {part.section}, {part.content_type}{name}, {part.size:,} bytes"
+
+
+def _note(partial: PartialMessage, how_to_fetch: str) -> str:
+    kept = "its header block and text parts were" if partial.texts else "only its header block was"
+    lines = [f"This message is {partial.size:,} bytes on the server, over max_message_size, so {kept}",
+             "downloaded (mailsyncd keeps this placeholder in its place).", ""]
+    if partial.parts is None:
+        lines.append("Its parts are not known here: POP3 shows only the header block.")
+    else:
+        lines.append("Its parts on the server:")
+        lines += [f"  {_described(part)}" + (" (kept below)" if part.section in partial.texts else "")
+                  for part in partial.parts]
+    lines += ["", "To replace this placeholder by the whole message:", f"  {how_to_fetch}", ""]
+    return "\n".join(lines)
+
+
+def _text_part(text: bytes) -> bytes:
+    return (b"Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n"
+            b"Content-Disposition: inline\n\n" + text)
+
+
+def _encoded(text: bytes, transfer_encoding: str) -> bytes:
+    if transfer_encoding == "base64":
+        return base64.encodebytes(text)
+    if transfer_encoding == "quoted-printable":
+        return quopri.encodestring(text)
+    return text

@@ -11,7 +11,7 @@ from collections.abc import Generator, Iterable, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from mailsyncd.domain import FolderInfo, FolderSnapshot, PopListing, SnapshotBase
+from mailsyncd.domain import FolderInfo, FolderSnapshot, PartialMessage, PopListing, SnapshotBase
 from mailsyncd.errors import MessageError
 
 
@@ -24,13 +24,27 @@ class ImapSource(Protocol):
         selected for ``fetch``."""
         ...
 
-    def fetch_ahead(self, name: str, batches: Iterable[Sequence[int]]
+    def fetch_ahead(self, name: str, batches: Iterable[Sequence[int]], whole: bool = False
                     ) -> Generator[dict[int, bytes | MessageError], None, None]:
         """Raw bodies of the selected folder, one dict per batch of UIDs, in order; a UID
         expunged meanwhile is left out, and one whose body was refused (larger than the
-        limit) maps to the error saying so. The source may fetch the next batch while the
+        limit: max_message_size, or with ``whole`` only the source's ceiling) maps to the
+        error saying so. The source may fetch the next batch while the
         caller handles this one, so the caller uses the source for nothing else until the
         iterator is exhausted or closed (closing it waits for a fetch under way)."""
+        ...
+
+
+    def examine(self, name: str) -> int:
+        """Open ``name`` read-only, for ``fetch_ahead`` or ``fetch_partial``; its UIDVALIDITY."""
+        ...
+
+    def fetch_partial(self, name: str, uids: Sequence[int], text_budget: int | None
+                      ) -> dict[int, PartialMessage]:
+        """What placeholders are built from, for messages of the selected folder: the
+        header block (BODY.PEEK[HEADER]) and the MIME leaves (BODYSTRUCTURE); with a
+        ``text_budget``, also the text parts that fit in it together (BODY.PEEK[n.MIME],
+        BODY.PEEK[n]). Never sets \\Seen. A UID expunged meanwhile is left out."""
         ...
 
 

@@ -14,6 +14,7 @@ when the counts differ.
 from __future__ import annotations
 
 import contextlib
+import email.header
 import functools
 import logging
 import select
@@ -30,7 +31,7 @@ from imapclient import exceptions as imap_errors
 from imapclient.imapclient import _quote
 
 from mailsyncd.config import AccountConfig
-from mailsyncd.domain import FolderInfo, FolderSnapshot, RemoteMessage, SnapshotBase
+from mailsyncd.domain import FolderInfo, FolderSnapshot, MimePart, PartialMessage, RemoteMessage, SnapshotBase
 from mailsyncd.errors import AccountError, AuthError, FolderError, MessageError
 from mailsyncd.message import message_id, to_crlf
 from mailsyncd.secrets import Secret
@@ -161,6 +162,17 @@ class _ReadGuard:
         self._imap.readline = self.readline
         self._imap.send = self.send
 
+    @contextlib.contextmanager
+    def whole(self, lifted: bool) -> Iterator[None]:
+        """While in the block, and if ``lifted``: literals up to LITERAL_CEILING."""
+        limit = self._limit
+        if lifted:
+            self._limit = max(limit, LITERAL_CEILING)
+        try:
+            yield
+        finally:
+            self._limit = limit
+
     def send(self, data: bytes) -> None:
         self._reader.sent()
         self._send(data)
@@ -214,7 +226,7 @@ def connect(account: AccountConfig, password: Secret, deadline: float | None = N
                              timeout=TIMEOUT)
         else:
             client = _Client(account.host, account.port, ssl=False, timeout=TIMEOUT)
-        _ReadGuard(client, account, deadline)
+        guard = _ReadGuard(client, account, deadline)
         if account.security == "starttls":
             if not client.has_capability("STARTTLS"):
                 client.shutdown()
@@ -231,12 +243,13 @@ def connect(account: AccountConfig, password: Secret, deadline: float | None = N
             with contextlib.suppress(Exception):
                 client.shutdown()
             raise
-    return ImapSession(client, account.name, account.host)
+    return ImapSession(client, account.name, account.host, guard)
 
 
 class ImapSession:
-    def __init__(self, client: IMAPClient, account: str, host: str) -> None:
+    def __init__(self, client: IMAPClient, account: str, host: str, guard: _ReadGuard) -> None:
         self._client = client
+        self._guard = guard
         self._account = account
         self._host = host
         self.condstore = client.has_capability("CONDSTORE") or client.has_capability("QRESYNC")
@@ -364,14 +377,15 @@ class ImapSession:
             changed.update((uid, _flags(item.get(b"FLAGS", ()))) for uid, item in response.items())
         return changed
 
-    def fetch(self, name: str, uids: Sequence[int]) -> dict[int, bytes | MessageError]:
+    def fetch(self, name: str, uids: Sequence[int], whole: bool = False) -> dict[int, bytes | MessageError]:
         """Bodies of the selected folder's messages, raw as the server sent them.
 
         BODY.PEEK[] leaves \\Seen alone. A UID that comes back without a body was
         expunged meanwhile and is simply missing from the result; one whose body was
-        over the size limit maps to the MessageError that reports it.
+        over the size limit maps to the MessageError that reports it. ``whole`` lifts
+        max_message_size (not the ceiling) for messages the user asked for in full.
         """
-        with self._folder_errors(name):
+        with self._folder_errors(name), self._guard.whole(whole):
             response = self._client.fetch(list(uids), [b"BODY.PEEK[]"])
         bodies: dict[int, bytes | MessageError] = {}
         for uid, item in response.items():
@@ -382,7 +396,45 @@ class ImapSession:
                 bodies[uid] = body
         return bodies
 
-    def fetch_ahead(self, name: str, batches: Iterable[Sequence[int]]
+    def examine(self, name: str) -> int:
+        with self._folder_errors(name):
+            return int(self._client.select_folder(name, readonly=True)[b"UIDVALIDITY"])
+
+    def fetch_partial(self, name: str, uids: Sequence[int], text_budget: int | None
+                      ) -> dict[int, PartialMessage]:
+        with self._folder_errors(name):
+            response = self._client.fetch(list(uids), [b"RFC822.SIZE", b"BODY.PEEK[HEADER]", b"BODYSTRUCTURE"])
+            partial: dict[int, PartialMessage] = {}
+            for uid, item in response.items():
+                header = item.get(b"BODY[HEADER]")
+                if not isinstance(header, bytes):
+                    continue  # expunged meanwhile
+                structure = item.get(b"BODYSTRUCTURE")
+                parts = tuple(_leaves(structure)) if structure is not None else None
+                multipart = bool(structure is not None and structure.is_multipart)
+                texts = self._texts(uid, parts, text_budget) if parts and multipart and text_budget else {}
+                partial[uid] = PartialMessage(header, _size(item.get(b"RFC822.SIZE", 0)), parts, texts)
+        return partial
+
+    def _texts(self, uid: int, parts: Sequence[MimePart], budget: int) -> dict[str, tuple[bytes, bytes]]:
+        """The text parts of one message that fit in ``budget`` together, in order."""
+        chosen: list[str] = []
+        for part in parts:
+            if part.text and part.size <= budget:
+                chosen.append(part.section)
+                budget -= part.size
+        if not chosen:
+            return {}
+        wanted = [item for section in chosen for item in (f"BODY.PEEK[{section}.MIME]", f"BODY.PEEK[{section}]")]
+        item = self._client.fetch([uid], wanted).get(uid, {})
+        texts: dict[str, tuple[bytes, bytes]] = {}
+        for section in chosen:
+            mime, body = item.get(f"BODY[{section}.MIME]".encode()), item.get(f"BODY[{section}]".encode())
+            if isinstance(mime, bytes) and isinstance(body, bytes) and not isinstance(body, _Refused):
+                texts[section] = (mime, body)
+        return texts
+
+    def fetch_ahead(self, name: str, batches: Iterable[Sequence[int]], whole: bool = False
                     ) -> Generator[dict[int, bytes | MessageError], None, None]:
         """``fetch`` for each batch of UIDs in turn, batch k+1 on a helper thread while
         the caller writes batch k: the network and the disk overlap, and at most two
@@ -392,12 +444,12 @@ class ImapSession:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch") as fetcher:
             upcoming = iter(batches)
             batch = next(upcoming, None)
-            pending = fetcher.submit(self.fetch, name, batch) if batch is not None else None
+            pending = fetcher.submit(self.fetch, name, batch, whole) if batch is not None else None
             try:
                 while pending is not None:
                     following = next(upcoming, None)
                     bodies = pending.result()  # raise fetch errors here, before the next request
-                    pending = fetcher.submit(self.fetch, name, following) if following is not None else None
+                    pending = fetcher.submit(self.fetch, name, following, whole) if following is not None else None
                     yield bodies
             finally:
                 if pending is not None:
@@ -554,6 +606,44 @@ def _response_code(text: str, code: str) -> list[str] | None:
         return None
     end = text.find("]", start)
     return text[start + len(code) + 2:end if end > 0 else None].split()
+
+
+def _leaves(body: Any, section: str = "") -> Iterator[MimePart]:
+    """The leaves of a parsed BODYSTRUCTURE with their IMAP part numbers; a
+    message/rfc822 part counts as one leaf. Never raises on a malformed structure."""
+    if body.is_multipart:
+        for index, child in enumerate(body[0], 1):
+            yield from _leaves(child, f"{section}.{index}" if section else str(index))
+        return
+    try:
+        kind = f"{_text(body[0])}/{_text(body[1])}".lower()
+        size = _size(body[6])
+    except (IndexError, TypeError):
+        yield MimePart(section or "1", "application/octet-stream", 0)
+        return
+    # The disposition's place depends on the type (text and message/rfc822 have more
+    # fields before it), so it is found by its shape: ("attachment", (params)).
+    disposition = next((field for field in body[7:] if isinstance(field, tuple) and len(field) == 2
+                        and isinstance(field[0], bytes) and isinstance(field[1], tuple | type(None))), None)
+    names = {**_params(body[2]), **(_params(disposition[1]) if disposition else {})}
+    filename = names.get("filename") or names.get("name")
+    yield MimePart(section or "1", kind, size, _decoded_word(filename) if filename else None,
+                   bool(disposition and _text(disposition[0]).lower() == "attachment"))
+
+
+def _params(values: Any) -> dict[str, str]:
+    """A BODYSTRUCTURE parameter list (name, value, name, value...) as a dict."""
+    if not isinstance(values, tuple):
+        return {}
+    return {_text(key).lower(): _text(value) for key, value in zip(values[::2], values[1::2], strict=False)}
+
+
+def _decoded_word(text: str) -> str:
+    """A file name as a person reads it: RFC 2047 encoded words decoded, if any."""
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (ValueError, LookupError, UnicodeError):
+        return text
 
 
 def _next(messages: Sequence[RemoteMessage]) -> int:

@@ -338,6 +338,17 @@ class Pop3Session:
             # A server may count sizes loosely, but not by more than the CRs it adds.
             return self._body(number, 2 * self._sizes.get(number, 0) + READ_CHUNK)
 
+    def header(self, number: int) -> bytes:
+        """TOP n 0: the header block, with LF line ends; errors as for ``retrieve``."""
+        with _errors(self._account, self._host):
+            self._send(f"TOP {number} 0")
+            try:
+                self._status()
+            except _ServerSaid as error:
+                raise MessageError(f"{self._account}: message {number}: {self._host} answered: {error}"
+                                   ) from error
+            return self._body(number, 2 * self._sizes.get(number, 0) + READ_CHUNK)
+
     def _body(self, number: int, limit: int) -> bytes:
         """The rest of a multi-line answer as one message: read in blocks up to the
         terminating ``.`` line (and not a byte further, so a pipelined answer behind it

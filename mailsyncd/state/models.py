@@ -59,7 +59,7 @@ MESSAGES = Table(
     Column("folder_id", Integer, ForeignKey("folders.id", ondelete="CASCADE"), nullable=False),
     Column("uidvalidity", BigInteger, nullable=False),
     Column("uid", BigInteger, nullable=False),
-    Column("state", String(10), nullable=False),  # domain.MessageState
+    Column("state", String(16), nullable=False),  # domain.MessageState
     Column("location", Text),
     Column("size", BigInteger),  # the server's RFC822.SIZE
     Column("sha256", String(64)),  # of the stored bytes
@@ -76,7 +76,7 @@ POP_MESSAGES = Table(
     Column("id", Integer, primary_key=True),
     Column("account_id", Integer, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
     Column("uidl", Text, nullable=False),
-    Column("state", String(10), nullable=False),
+    Column("state", String(16), nullable=False),  # domain.MessageState
     Column("location", Text),
     Column("size", BigInteger),
     Column("sha256", String(64)),

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, case, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Engine, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 
 from mailsyncd.domain import (
@@ -97,11 +97,14 @@ _INTENT_TABLES = {IntentKind.IMAP: MESSAGES, IntentKind.POP: POP}
 
 @dataclass(frozen=True)
 class Pending:
-    """An intent that never became ``stored``: where the bytes may be."""
+    """An intent that never became ``stored``: where the bytes may be. For the
+    replacement of a placeholder, ``placeholder`` is the SHA-256 of the placeholder,
+    which tells whether the whole message took its place."""
 
     row_id: int
     location: str
     kind: IntentKind
+    placeholder: str | None = None
 
 
 def _message(row: Any) -> RecordedMessage:
@@ -182,13 +185,19 @@ class StateRepo:
 
     # --- IMAP messages ----------------------------------------------------------------
 
-    def sync_base(self, folder_id: int, uidvalidity: int, uidnext: int, max_size: int | None) -> tuple[int, int | None]:
+    def sync_base(self, folder_id: int, uidvalidity: int, uidnext: int, max_size: int | None,
+                  placeholders: bool = False) -> tuple[int, int | None]:
         """In one query: how many recorded messages below ``uidnext`` should still be on
-        the server, and the lowest UID skipped as too large that ``max_size`` now allows."""
-        present = MESSAGES.c.state.in_([MessageState.STORED, MessageState.SKIPPED]) & (MESSAGES.c.uid < uidnext)
-        fitting = MESSAGES.c.state == MessageState.SKIPPED
+        the server, and the lowest UID that must be listed again: skipped as too large or
+        kept as a placeholder, and allowed whole by ``max_size`` now, or skipped while
+        ``placeholders`` are now wanted for what is too large."""
+        present = MESSAGES.c.state.in_([MessageState.STORED, MessageState.SKIPPED, MessageState.PLACEHOLDER]) & (
+            MESSAGES.c.uid < uidnext)
+        fitting: ColumnElement[bool] = MESSAGES.c.state.in_([MessageState.SKIPPED, MessageState.PLACEHOLDER])
         if max_size is not None:
             fitting = fitting & (MESSAGES.c.size <= max_size)
+        if placeholders:
+            fitting = fitting | (MESSAGES.c.state == MessageState.SKIPPED)
         query = select(func.count(case((present, 1))), func.min(case((fitting, MESSAGES.c.uid)))).where(
             MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity)
         with self.engine.connect() as connection:
@@ -236,20 +245,21 @@ class StateRepo:
                 for remote, location in intents])
 
     def finish_batch(self, folder_id: int, uidvalidity: int,
-                     done: Sequence[tuple[RemoteMessage, Stored, str | None]],
+                     done: Sequence[tuple[RemoteMessage | RecordedMessage, Stored, str | None]],
                      unfinished: Sequence[tuple[RemoteMessage, str]],
-                     adopted: Sequence[tuple[RemoteMessage, RecordedMessage, str]]) -> None:
+                     adopted: Sequence[tuple[RemoteMessage, RecordedMessage, str]],
+                     stored_as: MessageState = MessageState.STORED) -> None:
         """Record a committed batch in ONE transaction: the stored messages (only those
-        whose store commit has returned, invariant 1), the intents not yet finished at
-        the location their reservation names now, and copies re-adopted by hash (whose
-        own intents end here). One transaction matters for mbox: a pending row left
-        behind stored ones would make recovery cut the file back over them."""
+        whose store commit has returned, invariant 1) as ``stored_as``, the intents not
+        yet finished at the location their reservation names now, and copies re-adopted
+        by hash (whose own intents end here). One transaction matters for mbox: a pending
+        row left behind stored ones would make recovery cut the file back over them."""
         uid = MESSAGES.c.uid == bindparam("b_uid")
         with self.engine.begin() as connection:
             if done:
                 connection.execute(update(MESSAGES).where(
                     MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity, uid,
-                ).values(state=MessageState.STORED, location=bindparam("b_location"),
+                ).values(state=stored_as, location=bindparam("b_location"),
                          sha256=bindparam("b_sha256"), message_id=bindparam("b_message_id")), [
                     {"b_uid": remote.uid, "b_location": stored.location, "b_sha256": stored.sha256,
                      "b_message_id": message_id} for remote, stored, message_id in done])
@@ -272,6 +282,51 @@ class StateRepo:
             connection.execute(delete(MESSAGES).where(
                 MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
                 MESSAGES.c.uid.in_(list(uids)), MESSAGES.c.state == MessageState.PENDING))
+
+    def placeholders(self, folder_id: int, uidvalidity: int) -> list[RecordedMessage]:
+        """The folder's placeholders, for the executor to look at their local flags."""
+        with self.engine.connect() as connection:
+            return [_message(row) for row in connection.execute(select(MESSAGES).where(
+                MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
+                MESSAGES.c.state == MessageState.PLACEHOLDER))]
+
+    def find_placeholder(self, folder_id: int, uid: int | None, message_id: str | None) -> RecordedMessage | None:
+        """The placeholder of the folder's current UIDVALIDITY with this UID or Message-ID."""
+        query = select(MESSAGES).join(FOLDERS, FOLDERS.c.id == MESSAGES.c.folder_id).where(
+            MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == FOLDERS.c.uidvalidity,
+            MESSAGES.c.state == MessageState.PLACEHOLDER)
+        query = query.where(MESSAGES.c.uid == uid) if uid is not None else query.where(
+            MESSAGES.c.message_id == message_id)
+        with self.engine.connect() as connection:
+            row = connection.execute(query.order_by(MESSAGES.c.uid).limit(1)).first()
+        return None if row is None else _message(row)
+
+    def find_stored(self, folder_id: int, uidvalidity: int, uid: int) -> str | None:
+        """Where a stored message is, as recorded."""
+        with self.engine.connect() as connection:
+            found = connection.execute(select(MESSAGES.c.location).where(
+                MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity, MESSAGES.c.uid == uid,
+                MESSAGES.c.state == MessageState.STORED)).scalar()
+        return None if found is None else str(found)
+
+    def mark_replacing(self, folder_id: int, uidvalidity: int, intents: Sequence[tuple[int, str]]) -> None:
+        """The intent to write whole messages over their (uid, location) placeholders,
+        committed before any byte is written; the rows keep the placeholders' SHA-256,
+        by which recovery tells which of the two a location holds."""
+        with self.engine.begin() as connection:
+            connection.execute(update(MESSAGES).where(
+                MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
+                MESSAGES.c.uid == bindparam("b_uid"), MESSAGES.c.state == MessageState.PLACEHOLDER,
+            ).values(state=MessageState.REPLACING, location=bindparam("b_location")), [
+                {"b_uid": uid, "b_location": location} for uid, location in intents])
+
+    def keep_placeholders(self, folder_id: int, uidvalidity: int, uids: Sequence[int]) -> None:
+        """Replacements that came to nothing this run: the placeholders stay."""
+        with self.engine.begin() as connection:
+            connection.execute(update(MESSAGES).where(
+                MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
+                MESSAGES.c.uid.in_(list(uids)), MESSAGES.c.state == MessageState.REPLACING,
+            ).values(state=MessageState.PLACEHOLDER))
 
     def record_skipped(self, folder_id: int, uidvalidity: int, remotes: Sequence[RemoteMessage]) -> None:
         if not remotes:
@@ -304,7 +359,8 @@ class StateRepo:
     def retire(self, folder_id: int, old_uidvalidity: int) -> None:
         """Old UIDs are over; their local copies stay, waiting to be re-adopted.
         Pending and skipped rows of the old UIDVALIDITY are dropped: nothing is stored
-        for them (recovery already ran)."""
+        for them (recovery already ran). A placeholder is retired without its Message-ID,
+        so it is never re-adopted as if it were the whole message."""
         with self.engine.begin() as connection:
             connection.execute(delete(MESSAGES).where(
                 MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == old_uidvalidity,
@@ -312,6 +368,9 @@ class StateRepo:
             connection.execute(update(MESSAGES).where(
                 MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == old_uidvalidity,
                 MESSAGES.c.state.in_([MessageState.STORED, MessageState.GONE])).values(state=MessageState.RETIRED))
+            connection.execute(update(MESSAGES).where(
+                MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == old_uidvalidity,
+                MESSAGES.c.state == MessageState.PLACEHOLDER).values(state=MessageState.RETIRED, message_id=None))
 
     def adopt(self, uidvalidity: int,
               adoptions: Sequence[tuple[RemoteMessage, RecordedMessage, str]]) -> None:
@@ -414,17 +473,24 @@ class StateRepo:
     # --- recovery ----------------------------------------------------------------------
 
     def pending(self, account_id: int) -> list[Pending]:
+        """Every intent of the account: new messages (pending) and replacements."""
+        intents = (MessageState.PENDING, MessageState.REPLACING)
         with self.engine.connect() as connection:
-            imap = connection.execute(select(MESSAGES.c.id, MESSAGES.c.location).join(
+            imap = connection.execute(select(MESSAGES.c.id, MESSAGES.c.location, MESSAGES.c.state,
+                                             MESSAGES.c.sha256).join(
                 FOLDERS, FOLDERS.c.id == MESSAGES.c.folder_id).where(
-                FOLDERS.c.account_id == account_id, MESSAGES.c.state == MessageState.PENDING))
-            pop = connection.execute(select(POP.c.id, POP.c.location).where(
-                POP.c.account_id == account_id, POP.c.state == MessageState.PENDING))
-            return ([Pending(row.id, row.location, IntentKind.IMAP) for row in imap]
-                    + [Pending(row.id, row.location, IntentKind.POP) for row in pop])
+                FOLDERS.c.account_id == account_id, MESSAGES.c.state.in_(intents)))
+            pop = connection.execute(select(POP.c.id, POP.c.location, POP.c.state, POP.c.sha256).where(
+                POP.c.account_id == account_id, POP.c.state.in_(intents)))
+            return [Pending(row.id, row.location, kind,
+                            row.sha256 if row.state == MessageState.REPLACING else None)
+                    for kind, rows in ((IntentKind.IMAP, imap), (IntentKind.POP, pop)) for row in rows]
 
-    def resolve_pending(self, adopted: Sequence[tuple[Pending, Stored]], forgotten: Sequence[Pending]) -> None:
-        """Adopted intents become stored; the others are dropped so they are fetched again."""
+    def resolve_pending(self, adopted: Sequence[tuple[Pending, Stored]], forgotten: Sequence[Pending],
+                        kept: Sequence[tuple[Pending, Stored | None]] = ()) -> None:
+        """Adopted intents become stored; the others are dropped so they are fetched
+        again, except replacements that found their placeholder still there (``kept``):
+        those are placeholders again, at the location it has now."""
         with self.engine.begin() as connection:
             for intent, stored in adopted:
                 table = _INTENT_TABLES[intent.kind]
@@ -433,6 +499,10 @@ class StateRepo:
             for intent in forgotten:
                 table = _INTENT_TABLES[intent.kind]
                 connection.execute(delete(table).where(table.c.id == intent.row_id))
+            for intent, found in kept:
+                table = _INTENT_TABLES[intent.kind]
+                connection.execute(update(table).where(table.c.id == intent.row_id).values(
+                    state=MessageState.PLACEHOLDER, location=found.location if found else intent.location))
 
     # --- POP3 ---------------------------------------------------------------------------
 
@@ -456,15 +526,16 @@ class StateRepo:
                  "size": size, "first_seen": now} for uidl, size, location in intents])
 
     def pop_finish_batch(self, account_id: int, done: Sequence[tuple[str, Stored, str | None]],
-                         unfinished: Sequence[tuple[str, str]]) -> None:
+                         unfinished: Sequence[tuple[str, str]],
+                         stored_as: MessageState = MessageState.STORED) -> None:
         """Record a committed batch in ONE transaction, as ``finish_batch`` does for IMAP:
-        the stored messages, and the (uidl, location) intents not yet finished at the
-        location their reservation names now."""
+        the stored messages as ``stored_as``, and the (uidl, location) intents not yet
+        finished at the location their reservation names now."""
         uidl = POP.c.uidl == bindparam("b_uidl")
         with self.engine.begin() as connection:
             if done:
                 connection.execute(update(POP).where(POP.c.account_id == account_id, uidl).values(
-                    state=MessageState.STORED, location=bindparam("b_location"), sha256=bindparam("b_sha256"),
+                    state=stored_as, location=bindparam("b_location"), sha256=bindparam("b_sha256"),
                     message_id=bindparam("b_message_id")), [
                     {"b_uidl": key, "b_location": stored.location, "b_sha256": stored.sha256,
                      "b_message_id": message_id} for key, stored, message_id in done])
@@ -479,6 +550,21 @@ class StateRepo:
         with self.engine.begin() as connection:
             connection.execute(delete(POP).where(POP.c.account_id == account_id, POP.c.uidl.in_(list(uidls)),
                                                  POP.c.state == MessageState.PENDING))
+
+    def pop_mark_replacing(self, account_id: int, intents: Sequence[tuple[str, str]]) -> None:
+        """As ``mark_replacing``, for (uidl, location) placeholders of a POP3 account."""
+        with self.engine.begin() as connection:
+            connection.execute(update(POP).where(
+                POP.c.account_id == account_id, POP.c.uidl == bindparam("b_uidl"),
+                POP.c.state == MessageState.PLACEHOLDER,
+            ).values(state=MessageState.REPLACING, location=bindparam("b_location")), [
+                {"b_uidl": uidl, "b_location": location} for uidl, location in intents])
+
+    def pop_keep_placeholders(self, account_id: int, uidls: Sequence[str]) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(update(POP).where(
+                POP.c.account_id == account_id, POP.c.uidl.in_(list(uidls)), POP.c.state == MessageState.REPLACING,
+            ).values(state=MessageState.PLACEHOLDER))
 
     def pop_record_skipped(self, account_id: int, skipped: Sequence[tuple[str, int]]) -> None:
         if not skipped:

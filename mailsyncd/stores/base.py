@@ -52,6 +52,13 @@ class FolderWriter(Protocol):
         """A place for one message with these flags and this INTERNALDATE."""
         ...
 
+    def replace(self, location: str) -> Reservation:
+        """A place over the message at ``location`` (a placeholder), keeping its flags
+        and date: from ``commit`` on, the location holds the bytes written instead, and
+        at no moment neither or both. Its ``location`` is where the message is now, which
+        ``recover`` finds again. Raises StoreError where the store cannot do this."""
+        ...
+
     def commit(self) -> list[Stored]:
         """Make every reservation written since the last commit durable; their
         ``Stored`` values, in the order they were written."""
@@ -74,6 +81,11 @@ class Store(Protocol):
     def set_flags(self, location: str, flags: Flags) -> str:
         """Apply flags; returns the (possibly new) location. A message no longer in the
         store is left alone and its location returned unchanged."""
+        ...
+
+    def flags(self, location: str) -> Flags:
+        """The flags a mail reader gave the message here (none where the store cannot
+        tell, or the message is gone)."""
         ...
 
     def remove(self, location: str) -> None: ...

@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from mailsyncd import names
@@ -238,6 +238,10 @@ class MaildirStore:
             os.rename(self._path(current), self._path(target))
         return target
 
+    def flags(self, location: str) -> Flags:
+        current = self.find(location)
+        return NO_FLAGS if current is None else flags_from_name(current)
+
     def remove(self, location: str) -> None:
         current = self.find(location)
         if current is not None:
@@ -256,6 +260,7 @@ class MaildirWriter:
         self._prefix = f"{folder}/" if folder else ""
         self._directory = directory
         self._written: list[tuple[Path, Path, Stored]] = []  # (tmp, final, what) not yet published
+        self._replacing: set[Path] = set()  # tmp files that go over a message already there
 
     def reserve(self, flags: Flags = NO_FLAGS, internaldate: datetime | None = None) -> MaildirReservation:
         letters = info_letters(flags)
@@ -264,6 +269,19 @@ class MaildirWriter:
             return MaildirReservation(self, f"{self._prefix}cur/{base}{INFO}{letters}", internaldate)
         return MaildirReservation(self, f"{self._prefix}new/{base}", internaldate)
 
+    def replace(self, location: str) -> MaildirReservation:
+        """Over the file at ``location``, wherever a mail reader moved it: the whole
+        message goes to tmp/ under the same unique name, and commit renames it over the
+        file, whose name (and so its flags) it takes; rename(2) is atomic, so the name
+        holds the old bytes or the new ones, never neither or both."""
+        current = self._store.find(location)
+        if current is None:
+            raise StoreError(f"message missing from the store: {location}")
+        mtime = self._store._path(current).stat().st_mtime
+        reservation = MaildirReservation(self, current, datetime.fromtimestamp(mtime, UTC))
+        self._replacing.add(self._directory / "tmp" / self._store._split(current)[2].split(INFO, 1)[0])
+        return reservation
+
     def _write(self, location: str, data: bytes, internaldate: datetime | None) -> None:
         _, sub, name = self._store._split(location)
         tmp = self._directory / "tmp" / name.split(INFO, 1)[0]
@@ -271,19 +289,28 @@ class MaildirWriter:
         write_new_file(tmp, data, mtime, sync=False)
         self._written.append((tmp, self._directory / sub / name, Stored(location, digest(data))))
 
+    def _target(self, tmp: Path, final: Path, what: Stored) -> tuple[Path, Stored]:
+        """Where a written file goes: its reserved name, or for a replacement the name
+        the file it replaces has now (a reader may have changed its flags meanwhile)."""
+        if tmp not in self._replacing:
+            return final, what
+        current = self._store.find(what.location) or what.location
+        return self._store._path(current), Stored(current, what.sha256)
+
     def commit(self) -> list[Stored]:
         if not self._written:
             return []
         # Order matters: no name is published before every byte behind it is on disk,
         # so no reader and no recovery ever sees a torn message.
         sync_files([tmp for tmp, _, _ in self._written], self._directory)
-        for tmp, final, _ in self._written:
+        published = [(tmp, *self._target(tmp, final, what)) for tmp, final, what in self._written]
+        for tmp, final, _ in published:
             os.rename(tmp, final)
-        for sub in sorted({final.parent for _, final, _ in self._written} | {self._directory / "tmp"}):
+        for sub in sorted({final.parent for _, final, _ in published} | {self._directory / "tmp"}):
             fsync_dir(sub)
-        stored = [what for _, _, what in self._written]
         self._written.clear()
-        return stored
+        self._replacing.clear()
+        return [what for _, _, what in published]
 
     def rollback(self) -> None:
         """Unpublished temporaries are removed; recovery would do it too, but sooner is tidier."""
@@ -291,6 +318,7 @@ class MaildirWriter:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         self._written.clear()
+        self._replacing.clear()
 
 
 class MaildirReservation:

@@ -450,6 +450,10 @@ class MboxStore:
         found = self._locate(location)
         return location if found is None else found[0]
 
+    def flags(self, location: str) -> Flags:
+        """Not read back: an mbox store never holds placeholders, the one use of this."""
+        return NO_FLAGS
+
     def remove(self, location: str) -> None:
         raise StoreError("mbox stores are append-only; mode = \"mirror\" needs a Maildir store")
 
@@ -471,6 +475,12 @@ class MboxWriter:
     def reserve(self, flags: Flags = NO_FLAGS, internaldate: datetime | None = None) -> MboxReservation:
         self._reserved += 1
         return MboxReservation(self, f"{self._batch}.{self._reserved}", flags, internaldate)
+
+    def replace(self, location: str) -> MboxReservation:
+        """Refused: a message in the middle of an mbox cannot be replaced without
+        rewriting the file around it, under the noses of its other writers (config.py
+        keeps placeholders out of mbox stores for this)."""
+        raise StoreError(f"an mbox store cannot replace a message in place: {location}")
 
     def _intent(self, reservation: str) -> str:
         # Where the batch will start, and which of its reservations this is: recovery

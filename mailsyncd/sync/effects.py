@@ -25,6 +25,7 @@ class Counts:
     fetched: int = 0
     fetched_bytes: int = 0
     skipped: int = 0
+    placeholders: int = 0
     flags: int = 0
     gone: int = 0
     removed: int = 0
@@ -40,7 +41,7 @@ class Counts:
         return both_ways + (
                 f"{self.folders} folders, {self.fetched} new ({self.fetched_bytes} bytes), {self.flags} flag changes"
                 f", {self.gone} gone, {self.removed} removed, {self.adopted} re-adopted, "
-                f"{self.skipped} skipped")
+                f"{self.skipped} skipped, {self.placeholders} kept as placeholders")
 
 
 @dataclass

@@ -8,12 +8,16 @@ again from the old one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import shlex
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from mailsyncd.domain import (
+    FetchParts,
     FolderInfo,
+    LargeMessages,
     MessageState,
     Plan,
     Policy,
@@ -23,7 +27,7 @@ from mailsyncd.domain import (
     Stored,
 )
 from mailsyncd.errors import FolderError, MailsyncError, MessageError
-from mailsyncd.message import digest, to_lf
+from mailsyncd.message import digest, placeholder, to_lf
 from mailsyncd.progress import Progress
 from mailsyncd.sources.base import ImapSource
 from mailsyncd.state.repo import KnownFolder, StateRepo
@@ -35,6 +39,14 @@ from mailsyncd.sync.plan import plan_folder
 log = logging.getLogger(__name__)
 
 BATCH_MAX_COUNT = 2000  # messages per UID FETCH and per intent/commit batch, besides the FETCH_BUDGET bytes
+PLACEHOLDER_BATCH = 200  # placeholders per intent/commit batch: with fetch_parts = "text", a FETCH each
+FLAGGED = "\\Flagged"
+
+
+def how_to_fetch(account: str, folder: str, uid: int | str) -> str:
+    """The line a placeholder shows: the two ways to get the whole message."""
+    return (f"flag it and sync again, or run: mailsyncd fetch {shlex.quote(account)} {shlex.quote(folder)} "
+            f"--uid {shlex.quote(str(uid))}")
 
 
 @dataclass
@@ -43,6 +55,7 @@ class FolderSync(Effects):
 
     source: ImapSource
     policy: Policy
+    fetch_parts: FetchParts = FetchParts.HEADERS
     unchanged: list[int] = field(default_factory=list)  # folder ids whose sync changed nothing
 
     def run(self, account_id: int, info: FolderInfo, known: KnownFolder | None) -> None:
@@ -52,6 +65,7 @@ class FolderSync(Effects):
             known = next(folder for folder in self.repo.folders(account_id) if folder.id == folder_id)
         try:
             plan = self.plan(info, known)
+            plan = dataclasses.replace(plan, replace=self._to_replace(known.id, plan))
             self._execute(known.id, info.name, known.path, known.uidvalidity, plan)
         except MailsyncError as error:
             self.repo.folder_error(known.id, str(error))
@@ -71,12 +85,16 @@ class FolderSync(Effects):
             # A first sync that was cut short has its UIDVALIDITY but no UIDNEXT yet:
             # everything from UID 1 is "new", and what was stored is skipped by the plan.
             uidnext = known.uidnext or 1
-            present, fitting = self.repo.sync_base(known.id, known.uidvalidity, uidnext, self.policy.max_message_size)
+            placeholders = self.policy.large_messages == LargeMessages.HEADERS
+            present, fitting = self.repo.sync_base(known.id, known.uidvalidity, uidnext, self.policy.max_message_size,
+                                                   placeholders)
             if fitting is not None and fitting < uidnext:
-                # Skipped as too large but fitting now (the limit was raised): list the
-                # folder again from the first of them on.
+                # Skipped as too large or kept as a placeholder, but fitting now (the limit
+                # was raised, or placeholders are wanted now): list the folder again from
+                # the first of them on.
                 uidnext = fitting
-                present, _ = self.repo.sync_base(known.id, known.uidvalidity, uidnext, self.policy.max_message_size)
+                present, _ = self.repo.sync_base(known.id, known.uidvalidity, uidnext, self.policy.max_message_size,
+                                                 placeholders)
             base = SnapshotBase(known.uidvalidity, uidnext, known.highestmodseq, present)
         snapshot = self.source.snapshot(info.name, base)
         if base is not None and snapshot.uidvalidity != base.uidvalidity:
@@ -110,8 +128,12 @@ class FolderSync(Effects):
                             self.account, name, message.uid, message.size)
             self.repo.record_skipped(folder_id, plan.uidvalidity, plan.skip)
             self.counts.skipped += len(plan.skip)
+        if plan.placeholders:
+            self._placeholders(folder_id, name, path, plan)
         if plan.fetch:
             self._fetch(folder_id, name, path, plan)
+        if plan.replace:
+            self.replace(folder_id, name, path, plan.uidvalidity, plan.replace)
         if plan.flag_updates:
             self.repo.update_flags(folder_id, plan.uidvalidity, [
                 (update.uid, update.flags, self.store.set_flags(update.location, update.flags))
@@ -136,6 +158,50 @@ class FolderSync(Effects):
         """Give a local copy being adopted the server's flags; returns its location."""
         assert copy.location is not None  # the planner adopts only copies with a location
         return self.store.set_flags(copy.location, remote.flags)
+
+    def _to_replace(self, folder_id: int, plan: Plan) -> tuple[RecordedMessage, ...]:
+        """The planned replacements, and the placeholders the user flagged in a mail
+        reader (the server's flags do not have \\Flagged, the file's name does): asking
+        for the whole message without a command line."""
+        if self.policy.large_messages != LargeMessages.HEADERS or plan.retire is not None:
+            return plan.replace
+        wanted = {message.uid: message for message in plan.replace}
+        for held in self.repo.placeholders(folder_id, plan.uidvalidity):
+            if held.location and FLAGGED not in held.flags and FLAGGED in self.store.flags(held.location):
+                wanted.setdefault(held.uid, held)
+        return tuple(wanted[uid] for uid in sorted(wanted))
+
+    def _placeholders(self, folder_id: int, name: str, path: str, plan: Plan) -> None:
+        """Messages over the limit, stored as placeholders through the same batches as
+        whole messages: intent, fetch (headers, structure, maybe text), write, commit, record."""
+        for message in plan.placeholders:
+            log.info("%s/%s: UID %d is %d bytes, over max_message_size: keeping a placeholder",
+                     self.account, name, message.uid, message.size)
+        text_budget = self.policy.max_message_size if self.fetch_parts == FetchParts.TEXT else None
+        with self.store.open_folder(path) as writer:
+            ledger = PlaceholderLedger(self, folder_id, plan.uidvalidity, iter(()), {}, name=name,
+                                       text_budget=text_budget)
+            for batch in batches(plan.placeholders, lambda _: 0, FETCH_BUDGET, PLACEHOLDER_BATCH):
+                store_batch(self, writer, ledger, batch)
+        self.counts.placeholders += len(plan.placeholders)
+
+    def replace(self, folder_id: int, name: str, path: str, uidvalidity: int,
+                placeholders: Sequence[RecordedMessage]) -> None:
+        """Fetch these placeholders' messages whole and write each over its placeholder,
+        through the same batches as new messages: the intent (replacing) first, the
+        whole message durable in the placeholder's place, then recorded as stored; a kill
+        anywhere leaves the placeholder or the message, which recovery tells apart."""
+        planned = list(batches(placeholders, lambda message: message.size or 0, FETCH_BUDGET, BATCH_MAX_COUNT))
+        self.progress.start_folder(self.account, name, len(placeholders), sum(m.size or 0 for m in placeholders))
+        try:
+            with (self.store.open_folder(path) as writer,
+                  contextlib.closing(self.source.fetch_ahead(name, ([m.uid for m in batch] for batch in planned),
+                                                             whole=True)) as fetched):
+                ledger = ReplaceLedger(self, folder_id, uidvalidity, fetched)
+                for batch in planned:
+                    store_batch(self, writer, ledger, batch)
+        finally:
+            self.progress.end_folder()
 
     def _fetch(self, folder_id: int, name: str, path: str, plan: Plan) -> None:
         pool: dict[tuple[str, int], list[RecordedMessage]] = {}
@@ -179,15 +245,10 @@ class ImapLedger:
         self.folder.repo.record_pending(self.folder_id, self.uidvalidity, intents)
 
     def bodies(self, messages: Sequence[RemoteMessage]) -> Generator[bytes | None, None, None]:
-        bodies = next(self.fetched)
-        self.folder.checkpoint("fetched")
-        for message in messages:
-            raw = bodies.pop(message.uid, None)
+        for message, raw in zip(messages, _next_bodies(self.folder, self.fetched, messages), strict=True):
             if isinstance(raw, MessageError):
                 # Larger on the wire than any limit allows: not stored, reported, and
                 # recorded as skipped once its intent is dropped (``forget``).
-                log.error("%s", raw)
-                self.folder.counts.errors.append(str(raw))
                 self.refused.append(message)
                 raw = None
             yield None if raw is None else to_lf(raw)
@@ -213,13 +274,98 @@ class ImapLedger:
         self.folder.repo.record_skipped(self.folder_id, self.uidvalidity, refused)
 
 
+def _next_bodies(folder: FolderSync, fetched: Iterator[dict[int, bytes | MessageError]],
+                 messages: Sequence[RemoteMessage | RecordedMessage]) -> Iterator[bytes | MessageError | None]:
+    """The next batch's bodies from the fetch running ahead, in the order of
+    ``messages``; a refused one is reported here and handed on as its error."""
+    bodies = next(fetched)
+    folder.checkpoint("fetched")
+    for message in messages:
+        raw = bodies.pop(message.uid, None)
+        if isinstance(raw, MessageError):
+            log.error("%s", raw)
+            folder.counts.errors.append(str(raw))
+        yield raw
+
+
+@dataclass
+class PlaceholderLedger(ImapLedger):
+    """Placeholders' part in ``store_batch``: the header block and structure (and the
+    text parts, within ``text_budget``) are fetched instead of the body, and the rows
+    are recorded as placeholders. ``size`` is what each one cost to download."""
+
+    name: str = ""
+    text_budget: int | None = None
+    downloaded: dict[int, int] = field(default_factory=dict)
+
+    def size(self, message: RemoteMessage) -> int:
+        return self.downloaded.get(message.uid, 0)
+
+    def bodies(self, messages: Sequence[RemoteMessage]) -> Generator[bytes | None, None, None]:
+        partial = self.folder.source.fetch_partial(self.name, [message.uid for message in messages],
+                                                   self.text_budget)
+        self.folder.checkpoint("fetched")
+        for message in messages:
+            found = partial.pop(message.uid, None)
+            if found is None:
+                yield None
+                continue
+            self.downloaded[message.uid] = found.fetched
+            yield placeholder(found, how_to_fetch(self.folder.account, self.name, message.uid))
+
+    def claim(self, message: RemoteMessage, data: bytes) -> bool:
+        return False  # a placeholder is never a retired copy
+
+    def finish(self, done: Sequence[tuple[RemoteMessage, Stored, str | None]],
+               unfinished: Sequence[tuple[RemoteMessage, str]]) -> None:
+        self.folder.repo.finish_batch(self.folder_id, self.uidvalidity, done, unfinished, [],
+                                      stored_as=MessageState.PLACEHOLDER)
+
+
+@dataclass
+class ReplaceLedger:
+    """Replacements' part in ``store_batch``: each placeholder's place is reserved over
+    it, the intent marks its row replacing, and what is not finished stays a placeholder."""
+
+    folder: FolderSync
+    folder_id: int
+    uidvalidity: int
+    fetched: Iterator[dict[int, bytes | MessageError]]
+
+    def size(self, message: RecordedMessage) -> int:
+        return message.size or 0
+
+    def reserve(self, writer: FolderWriter, message: RecordedMessage) -> Reservation:
+        assert message.location is not None  # only placeholders with a location are replaced
+        return writer.replace(message.location)
+
+    def record_intents(self, intents: Sequence[tuple[RecordedMessage, str]]) -> None:
+        self.folder.repo.mark_replacing(self.folder_id, self.uidvalidity,
+                                        [(message.uid, location) for message, location in intents])
+
+    def bodies(self, messages: Sequence[RecordedMessage]) -> Generator[bytes | None, None, None]:
+        for raw in _next_bodies(self.folder, self.fetched, messages):
+            yield None if raw is None or isinstance(raw, MessageError) else to_lf(raw)
+
+    def claim(self, message: RecordedMessage, data: bytes) -> bool:
+        return False
+
+    def finish(self, done: Sequence[tuple[RecordedMessage, Stored, str | None]],
+               unfinished: Sequence[tuple[RecordedMessage, str]]) -> None:
+        self.folder.repo.finish_batch(self.folder_id, self.uidvalidity, done, [], [])
+
+    def forget(self, unfinished: Sequence[RecordedMessage]) -> None:
+        self.folder.repo.keep_placeholders(self.folder_id, self.uidvalidity, [message.uid for message in unfinished])
+
+
 def sync_folders(account: str, account_id: int, repo: StateRepo, store: Store, source: ImapSource,
                  selected: Sequence[FolderInfo], policy: Policy, progress: Progress,
-                 checkpoint: Checkpoint = no_checkpoint, *, counts: Counts) -> None:
+                 checkpoint: Checkpoint = no_checkpoint, *, counts: Counts,
+                 fetch_parts: FetchParts = FetchParts.HEADERS) -> None:
     """Sync each selected folder; a FolderError spoils only its own folder. ``counts`` is
     the caller's, so that it still holds what was done when an error escapes."""
     known = {folder.name: folder for folder in repo.folders(account_id)}
-    folder_sync = FolderSync(account, repo, store, progress, checkpoint, counts, source, policy)
+    folder_sync = FolderSync(account, repo, store, progress, checkpoint, counts, source, policy, fetch_parts)
     for info in selected:
         try:
             folder_sync.run(account_id, info, known.get(info.name))
@@ -228,3 +374,18 @@ def sync_folders(account: str, account_id: int, repo: StateRepo, store: Store, s
             counts.errors.append(f"{info.name}: {error}")
     repo.touch_folders(folder_sync.unchanged)
 
+
+
+def replace_placeholder(account: str, repo: StateRepo, store: Store, source: ImapSource, folder: KnownFolder,
+                        held: RecordedMessage, progress: Progress, checkpoint: Checkpoint = no_checkpoint, *,
+                        counts: Counts) -> bool:
+    """``mailsyncd fetch``: the whole message over one placeholder of ``folder``, whose
+    UIDVALIDITY must still be the server's. True when it was replaced; False when the
+    server no longer has it (or refused it, which ``counts`` then reports)."""
+    if source.examine(folder.name) != held.uidvalidity:
+        raise FolderError(f"{account}: folder {folder.name!r}: its UIDVALIDITY changed on the server; "
+                          "run `mailsyncd sync` first, which finds the message again")
+    fetched = counts.fetched
+    folder_sync = FolderSync(account, repo, store, progress, checkpoint, counts, source, Policy())
+    folder_sync.replace(folder.id, folder.name, folder.path, held.uidvalidity, [held])
+    return counts.fetched > fetched

@@ -19,6 +19,7 @@ from mailsyncd.domain import (
     FlagUpdate,
     FolderInfo,
     FolderSnapshot,
+    LargeMessages,
     MessageState,
     Mode,
     Plan,
@@ -32,7 +33,8 @@ from mailsyncd.domain import (
     RemoteMessage,
 )
 
-_ON_SERVER = (MessageState.STORED, MessageState.SKIPPED)
+_ON_SERVER = (MessageState.STORED, MessageState.SKIPPED, MessageState.PLACEHOLDER)
+_SHOWN = (MessageState.STORED, MessageState.PLACEHOLDER)  # a local file whose flags follow the server's
 _HAS_COPY = (MessageState.STORED, MessageState.GONE, MessageState.RETIRED)
 
 
@@ -51,26 +53,37 @@ def _too_large(message: RemoteMessage, policy: Policy) -> bool:
     return policy.max_message_size is not None and message.size > policy.max_message_size
 
 
+def _large(policy: Policy, placeholders: list[RemoteMessage], skip: list[RemoteMessage]) -> list[RemoteMessage]:
+    """Where a message over the limit goes: a placeholder, or nothing."""
+    return placeholders if policy.large_messages == LargeMessages.HEADERS else skip
+
+
 def plan_folder(snapshot: FolderSnapshot, recorded: RecordedFolder, policy: Policy) -> Plan:
     if recorded.uidvalidity is not None and snapshot.uidvalidity != recorded.uidvalidity:
         return _plan_new_uidvalidity(snapshot, recorded, policy)
 
     fetch: list[RemoteMessage] = []
     skip: list[RemoteMessage] = []
+    placeholders: list[RemoteMessage] = []
+    replace: list[RecordedMessage] = []
     flag_updates: dict[int, FlagUpdate] = {}
     for message in snapshot.new:
         known = recorded.messages.get(message.uid)
         if known is None or known.state == MessageState.PENDING:
-            (skip if _too_large(message, policy) else fetch).append(message)
+            (_large(policy, placeholders, skip) if _too_large(message, policy) else fetch).append(message)
         elif known.state == MessageState.SKIPPED:
             if not _too_large(message, policy):  # the limit was raised since
                 fetch.append(message)
-        elif known.state == MessageState.STORED and known.flags != message.flags and known.location:
+            elif policy.large_messages == LargeMessages.HEADERS:  # placeholders were asked for since
+                placeholders.append(message)
+        elif known.state == MessageState.PLACEHOLDER and not _too_large(message, policy) and known.location:
+            replace.append(known)  # the limit was raised since; its flags come with the whole message
+        elif known.state in _SHOWN and known.flags != message.flags and known.location:
             flag_updates[message.uid] = FlagUpdate(message.uid, known.location, message.flags)
 
     for uid, flags in snapshot.changed_flags.items():
         known = recorded.messages.get(uid)
-        if known is not None and known.state == MessageState.STORED and known.flags != flags and known.location:
+        if known is not None and known.state in _SHOWN and known.flags != flags and known.location:
             flag_updates[uid] = FlagUpdate(uid, known.location, flags)
 
     vanished = _vanished(snapshot, recorded)
@@ -78,7 +91,8 @@ def plan_folder(snapshot: FolderSnapshot, recorded: RecordedFolder, policy: Poli
     remove = tuple(message for message in vanished if policy.mode == Mode.MIRROR)
     return Plan(
         uidvalidity=snapshot.uidvalidity, uidnext=snapshot.uidnext, highestmodseq=snapshot.highestmodseq,
-        fetch=tuple(fetch), skip=tuple(skip),
+        fetch=tuple(fetch), skip=tuple(skip), placeholders=tuple(placeholders),
+        replace=tuple(known for known in replace if known not in vanished),
         flag_updates=tuple(update for uid, update in sorted(flag_updates.items()) if uid not in
                            {message.uid for message in vanished}),
         gone=gone, remove=remove,
@@ -116,18 +130,20 @@ def _plan_new_uidvalidity(snapshot: FolderSnapshot, recorded: RecordedFolder, po
     adopt: list[Adoption] = []
     fetch: list[RemoteMessage] = []
     skip: list[RemoteMessage] = []
+    placeholders: list[RemoteMessage] = []
     for message in sorted(snapshot.new, key=lambda message: message.uid):
         matches = candidates.get((message.message_id, message.size)) if message.message_id else None
         if matches:
             adopt.append(Adoption(message.uid, message, matches.pop(0)))
         elif _too_large(message, policy):
-            skip.append(message)
+            _large(policy, placeholders, skip).append(message)
         else:
             fetch.append(message)
     pool = tuple(unkeyed) + tuple(copy for copies in candidates.values() for copy in copies)
     return Plan(
         uidvalidity=snapshot.uidvalidity, uidnext=snapshot.uidnext, highestmodseq=snapshot.highestmodseq,
         retire=recorded.uidvalidity, adopt=tuple(adopt), adopt_pool=pool, fetch=tuple(fetch), skip=tuple(skip),
+        placeholders=tuple(placeholders),
     )
 
 
@@ -144,23 +160,31 @@ def plan_pop(listing: PopListing, recorded: Mapping[str, RecordedPop], policy: P
         counts[uidl] += 1
     fetch: list[tuple[int, str, int]] = []
     skip: list[tuple[int, str, int]] = []
+    placeholders: list[tuple[int, str, int]] = []
+    replace: list[tuple[int, str, int]] = []
     delete: list[tuple[int, str]] = []
     planned: set[str] = set()
+    large = placeholders if policy.large_messages == LargeMessages.HEADERS else skip
     for number in sorted(listing.entries):
         uidl, size = listing.entries[number]
         known = recorded.get(uidl)
+        too_large = policy.max_message_size is not None and size > policy.max_message_size
         if known is None or known.state in (MessageState.PENDING, MessageState.SKIPPED):
             if uidl in planned:
                 continue  # the first copy of an ambiguous identity decides (fetched or skipped)
             planned.add(uidl)
-            too_large = policy.max_message_size is not None and size > policy.max_message_size
             if known is None or known.state == MessageState.PENDING:
-                (skip if too_large else fetch).append((number, uidl, size))
+                (large if too_large else fetch).append((number, uidl, size))
             elif not too_large:
                 fetch.append((number, uidl, size))  # skipped before; the limit was raised since
+            elif large is placeholders:
+                placeholders.append((number, uidl, size))  # placeholders were asked for since
+        elif known.state == MessageState.PLACEHOLDER and not too_large and counts[uidl] == 1:
+            replace.append((number, uidl, size))  # the limit was raised since
         elif known.state == MessageState.STORED and counts[uidl] == 1 and _pop_due(known, policy, now):
             delete.append((number, uidl))
-    return PopPlan(fetch=tuple(fetch), skip=tuple(skip), delete=tuple(delete))
+    return PopPlan(fetch=tuple(fetch), skip=tuple(skip), placeholders=tuple(placeholders),
+                   replace=tuple(replace), delete=tuple(delete))
 
 
 def _pop_due(known: RecordedPop, policy: PopPolicy, now: datetime) -> bool:

@@ -24,12 +24,24 @@ def recover(repo: StateRepo, store: Store, account_id: int) -> tuple[int, int]:
     if not pending:
         return 0, 0
     found = store.recover(intent.location for intent in pending)
-    adopted = [(intent, found[intent.location]) for intent in pending if intent.location in found]
-    forgotten = [intent for intent in pending if intent.location not in found]
-    repo.resolve_pending(adopted, forgotten)
-    log.info("recovered an interrupted run: %d messages found whole, %d to fetch again",
-             len(adopted), len(forgotten))
-    return len(adopted), len(forgotten)
+    new = [intent for intent in pending if intent.placeholder is None]
+    adopted = [(intent, found[intent.location]) for intent in new if intent.location in found]
+    forgotten = [intent for intent in new if intent.location not in found]
+    # A replacement is written over its placeholder in one rename: the location holds
+    # the placeholder (its SHA-256 unchanged: the rename never happened, so it stays a
+    # placeholder) or the whole message (stored). Never neither, never both.
+    replaced, kept = [], []
+    for intent in pending:
+        if intent.placeholder is not None:
+            there = found.get(intent.location)
+            if there is not None and there.sha256 != intent.placeholder:
+                replaced.append((intent, there))
+            else:
+                kept.append((intent, there))
+    repo.resolve_pending([*adopted, *replaced], forgotten, kept)
+    log.info("recovered an interrupted run: %d messages found whole, %d to fetch again, %d placeholders "
+             "replaced, %d placeholders kept", len(adopted), len(forgotten), len(replaced), len(kept))
+    return len(adopted) + len(replaced), len(forgotten)
 
 
 def reconcile_pushes(repo: StateRepo, store: MaildirStore, source: TwoWaySource, account_id: int) -> int:
