@@ -107,6 +107,10 @@ class Pop3Source(Protocol):
         """One message, dot-unstuffed, with LF line ends."""
         ...
 
+    def header(self, number: int) -> bytes:
+        """TOP n 0: the header block, with LF line ends; MessageError if refused."""
+        ...
+
     def delete(self, number: int) -> None:
         """Mark for deletion; takes effect only when ``quit`` succeeds."""
         ...
