@@ -290,7 +290,7 @@ ERRORS = [
     (account(POP3, exclude='["x"]'), 'account "work".exclude', ['only for protocol = "imap"']),
     (account(POP3, idle='["INBOX"]'), 'account "work".idle', ['only for protocol = "imap"']),
     (account(POP3, mode='"mirror"'), 'account "work".mode', ['only for protocol = "imap"']),
-    (account(POP3, auth='"plain"'), 'account "work".auth', ['only for protocol = "imap"']),
+    (account(POP3, auth='"plain"'), 'account "work".auth', ['"oauth2" is the only choice for protocol = "pop3"']),
     (account(POP3, mode='"sync"'), 'account "work".mode', ['only for protocol = "imap"']),
     (account(leave_on_server="false"), 'account "work".leave_on_server', ['only for protocol = "pop3"']),
     (account(delete_after_days="3"), 'account "work".delete_after_days', ['only for protocol = "pop3"']),
@@ -488,7 +488,8 @@ def test_durations_round_trip(parts: list[tuple[str, int]], spaced: bool) -> Non
 
 # --- the docs cover every key --------------------------------------------------------------------
 
-SECTION_HEADERS = {"general": "[general]", "account": "[[account]]", "account.store": "[account.store]"}
+SECTION_HEADERS = {"general": "[general]", "account": "[[account]]", "account.store": "[account.store]",
+                   "account.oauth2": "[account.oauth2]"}
 
 
 def test_example_config_parses(monkeypatch: pytest.MonkeyPatch) -> None:
