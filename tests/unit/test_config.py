@@ -495,10 +495,11 @@ SECTION_HEADERS = {"general": "[general]", "account": "[[account]]", "account.st
 def test_example_config_parses(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", "/home/me")
     config = load_config(EXAMPLE)
-    imap, pop3 = config.accounts
+    imap, pop3, gmail = config.accounts
     assert (imap.protocol, imap.store.format, imap.password.kind) == ("imap", "maildir", "command")
     assert (pop3.protocol, pop3.store.format, pop3.password.kind) == ("pop3", "mbox", "env")
     assert imap.store.path == Path("/home/me/Mail/personal")
+    assert (gmail.auth, gmail.password, gmail.oauth2 and gmail.oauth2.provider) == ("oauth2", None, "google")
 
 
 def keys_by_section(text: str) -> set[tuple[str, str]]:
