@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from mailsyncd import cli
+from tests.helpers import wait_for
+from tests.integration.test_service import Daemon
 from tests.oauth_server import OAuthServer
 from tests.server_helpers import DevServer
 
@@ -265,3 +267,37 @@ def test_no_token_reaches_any_log_record_or_the_state_database(
     assert not leaked, leaked[:3]
     database = b"".join(path.read_bytes() for path in tmp_path.glob("state.db*"))
     assert database and not any(token.encode() in database for token in tokens)
+
+
+def test_the_daemon_outlives_many_short_lived_tokens(tmp_path: Path, oauth_dovecot: DevServer,
+                                                     provider: OAuthServer, user: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Access tokens good for 3 s, a daemon with an IDLE watch and a 10 s poll over 25 s,
+    and a server restart that makes the watch log in again: every message arrives once,
+    and no stale token is ever sent."""
+    monkeypatch.setattr(provider, "lifetime", 3.0)
+    config = write_config(tmp_path, account_toml(tmp_path, oauth_dovecot, provider, user)
+                          .replace('auth = "oauth2"', 'auth = "oauth2"\ninterval = "10s"\nidle = ["INBOX"]'))
+    seed_token(tmp_path, provider, user)
+    refused = provider.count("introspect-inactive")
+    daemon = Daemon(config)
+    try:
+        daemon.wait_log("acct/INBOX: watching with IDLE")
+        daemon.wait_log("acct: 5 folders, 1 new")
+        time.sleep(4)  # every token handed out so far has expired
+        oauth_dovecot.append(user, "INBOX", MESSAGE.replace(b"oauth-1", b"pushed"))
+        assert wait_for(lambda: len(stored(tmp_path)) == 2, timeout=5), daemon.log()
+        oauth_dovecot.restart()  # the watch logs in again, with a token refreshed for it
+        daemon.wait_log("acct/INBOX: watching with IDLE", count=2, timeout=20)
+        time.sleep(4)
+        oauth_dovecot.append(user, "Polled", MESSAGE.replace(b"oauth-1", b"polled"))
+        assert wait_for(lambda: len(stored(tmp_path)) == 3, timeout=15), daemon.log()
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    log = daemon.log()
+    # The restart's cut connection is a warning; a refused login would be an error.
+    assert "refused" not in log and " ERROR " not in log and "Traceback" not in log, log
+    assert len(set(stored(tmp_path))) == 3  # nothing fetched twice
+    assert provider.count("introspect-inactive") == refused, "a stale token was sent"
+    assert provider.count("/token") >= 3
