@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from mailsyncd import oauth2, sasl
+from mailsyncd import cli, oauth2, sasl
 from mailsyncd.config import AccountConfig, Config, parse_config
 from mailsyncd.errors import AccountError, AuthError, ConfigError
 from tests.oauth_server import OAuthServer
@@ -217,3 +217,12 @@ def test_google_has_no_device_flow_and_says_what_to_do_instead(tmp_path: Path) -
     account = only(config('provider = "google"\nclient_id = "abc"\nclient_secret = "s"'))
     with pytest.raises(AuthError, match=r"--no-browser"):
         oauth2.authorize_on_device(account, lambda text: None)
+
+
+def test_auth_on_a_password_account_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(config("", account_lines='password = "pw"').replace("[account.oauth2]\n", ""))
+    path.chmod(0o600)
+    assert cli.main(["--config", str(path), "auth", "work"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'account "work".auth' in err[0] and 'auth = "oauth2"' in err[0]
