@@ -24,7 +24,7 @@ from mailsyncd.app import App
 from mailsyncd.config import AccountConfig, Config, load_config
 from mailsyncd.domain import AccountStatus, PopCheck, RunResult
 from mailsyncd.errors import AccountError, AlreadyRunning, FatalError, MailsyncError
-from mailsyncd.oauth2 import authorize_in_browser, authorize_on_device, token_file, token_status
+from mailsyncd.oauth2 import authorize_in_browser, authorize_on_device, token_location, token_status
 from mailsyncd.progress import Progress
 from mailsyncd.state import db
 
@@ -293,7 +293,7 @@ def _auth(config: Config, args: argparse.Namespace) -> int:
         authorize_on_device(account, say)
     else:
         authorize_in_browser(account, say, open_browser=not args.no_browser, port=args.port)
-    print(f"{account.name}: logged in; the refresh token is in {token_file(account)}")
+    print(f"{account.name}: logged in; the refresh token is in {token_location(account)}")
     return EXIT_OK
 
 

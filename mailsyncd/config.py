@@ -269,6 +269,9 @@ KEYS: tuple[Key, ...] = (
     Key("account.oauth2", "mechanism", "choice",
         '"auto": XOAUTH2 where the server offers it, else OAUTHBEARER; or either one', "auto",
         choices=("auto", "xoauth2", "oauthbearer")),
+    Key("account.oauth2", "storage", "choice",
+        '"file": the refresh token in token_file (0600); "keyring": in the system keyring, service '
+        '"mailsyncd-oauth2:<name>", user = username', "file", choices=("file", "keyring")),
     Key("account.oauth2", "token_file", "path",
         "where the refresh token is kept (0600); default oauth2/<name>.json beside the state database"),
 )
@@ -350,7 +353,8 @@ class OAuth2Config:
     device_url: str | None
     scopes: tuple[str, ...]
     mechanism: Literal["auto", "xoauth2", "oauthbearer"]
-    token_file: Path  # absolute
+    storage: Literal["file", "keyring"] = "file"
+    token_file: Path  # absolute; with the keyring store, its lock file still lives beside it
     authorize_params: tuple[tuple[str, str], ...] = ()
     redirect_host: str = "127.0.0.1"
 
@@ -571,7 +575,7 @@ def _parse_oauth2(account: Mapping[str, Any], where: _Where, base: Path, token_d
         authorize_url=preset.authorize_url.format(tenant=tenant), token_url=preset.token_url.format(tenant=tenant),
         device_url=preset.device_url.format(tenant=tenant) if preset.device_url else None,
         scopes=tuple(scopes), mechanism=values["mechanism"],
-        token_file=values["token_file"] or token_dir / f"{account['name']}.json",
+        storage=values["storage"], token_file=values["token_file"] or token_dir / f"{account['name']}.json",
         authorize_params=preset.authorize_params, redirect_host=preset.redirect_host)
 
 

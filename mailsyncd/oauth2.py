@@ -7,11 +7,12 @@ urllib does that. A generic OAuth2 library (authlib, requests-oauthlib) would br
 HTTP stack and a larger surface for the same four requests, and the vendors' libraries
 (msal, google-auth-oauthlib) cover one provider each, so none of them is used.
 
-The refresh token lives in ``token_file`` (0600, in a 0700 directory), never in the
-config, the logs or the state database. Each token, and the client secret, is registered
-for redaction (``secrets.register``) the moment it is read or received. A rotated refresh
-token is saved before the access token that came with it is used, so a crash cannot lose
-the only valid one. Refreshes are serialised by a lock on the token file, within the
+The refresh token lives in ``token_file`` (0600, in a 0700 directory) or, with
+``storage = "keyring"``, in the system keyring; never in the config, the logs or the
+state database. Each token, and the client secret, is registered for redaction
+(``secrets.register``) the moment it is read or received. A rotated refresh token is
+saved before the access token that came with it is used, so a crash cannot lose the
+only valid one. Refreshes are serialised by a lock on the token file, within the
 process (the daemon's IDLE threads) and across processes (``check`` beside the daemon).
 """
 
@@ -64,7 +65,7 @@ class TokenRefused(AuthError):
 
 @dataclass(frozen=True)
 class Tokens:
-    """What ``token_file`` holds. Times are Unix seconds."""
+    """What the token store holds, as JSON. Times are Unix seconds."""
 
     refresh_token: str
     issued_at: float  # when ``mailsyncd auth`` got the first refresh token
@@ -109,17 +110,14 @@ def _locked(path: Path) -> Iterator[None]:
 
 def load_tokens(account: AccountConfig) -> Tokens | None:
     """The stored tokens, registered for redaction; None when there are none yet."""
-    path = _config(account).token_file
-    try:
-        data = json.loads(path.read_bytes())
-        tokens = Tokens(**data)
-    except FileNotFoundError:
+    data = _read_keyring(account) if _config(account).storage == "keyring" else _read_file(account)
+    if data is None:
         return None
-    except OSError as error:
-        raise AccountError(f"{account.name}: cannot read the token file {path}: {error.strerror}") from None
+    try:
+        tokens = Tokens(**json.loads(data))
     except (ValueError, TypeError):  # the text may hold a token: it goes nowhere
-        raise AuthError(f"{account.name}: the token file {path} is damaged; run `mailsyncd auth "
-                        f"{account.name}` again") from None
+        raise AuthError(f"{account.name}: the stored token ({token_location(account)}) is damaged; run "
+                        f"`mailsyncd auth {account.name}` again") from None
     register(Secret(tokens.refresh_token))
     if tokens.access_token:
         register(Secret(tokens.access_token))
@@ -127,14 +125,46 @@ def load_tokens(account: AccountConfig) -> Tokens | None:
 
 
 def save_tokens(account: AccountConfig, tokens: Tokens) -> None:
-    """Replace the token file atomically and durably: written 0600 under a temporary name,
-    fsync'd, renamed over the old one, and the directory fsync'd."""
+    """Replace the stored tokens: in the keyring, or in the token file, atomically and durably."""
+    data = json.dumps(asdict(tokens))
+    if _config(account).storage == "keyring":
+        _write_keyring(account, data)
+    else:
+        _write_file(account, data.encode())
+
+
+def token_location(account: AccountConfig) -> str:
+    """Where the account's refresh token is kept, for messages."""
+    config = _config(account)
+    if config.storage == "keyring":
+        return f'the keyring (service "{keyring_service(account)}", user "{account.username}")'
+    return str(config.token_file)
+
+
+def keyring_service(account: AccountConfig) -> str:
+    """The keyring service the tokens are kept under; the keyring user is the username."""
+    return f"mailsyncd-oauth2:{account.name}"
+
+
+def _read_file(account: AccountConfig) -> bytes | None:
+    path = _config(account).token_file
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise AccountError(f"{account.name}: cannot read the token file {path}: {error.strerror}") from None
+
+
+def _write_file(account: AccountConfig, data: bytes) -> None:
+    """Written 0600 under a temporary name, fsync'd, renamed over the old file, and the
+    directory fsync'd: a crash leaves the old tokens or the new ones, never neither."""
     path = _config(account).token_file
     make_private_dirs(path.parent)
     scratch = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         scratch.unlink(missing_ok=True)
-        write_new_file(scratch, json.dumps(asdict(tokens)).encode())
+        write_new_file(scratch, data)
         scratch.replace(path)
     except OSError as error:
         scratch.unlink(missing_ok=True)
@@ -142,9 +172,26 @@ def save_tokens(account: AccountConfig, tokens: Tokens) -> None:
     fsync_dir(path.parent)
 
 
-def token_file(account: AccountConfig) -> Path:
-    """Where the account's refresh token is kept."""
-    return _config(account).token_file
+def _read_keyring(account: AccountConfig) -> str | None:
+    # Imported here, as in secrets: importing keyring probes for backends.
+    import keyring
+    import keyring.errors
+
+    try:
+        value: str | None = keyring.get_password(keyring_service(account), account.username)
+    except keyring.errors.KeyringError as error:
+        raise AccountError(f"{account.name}: the keyring failed: {error}") from None
+    return value
+
+
+def _write_keyring(account: AccountConfig, data: str) -> None:
+    import keyring
+    import keyring.errors
+
+    try:
+        keyring.set_password(keyring_service(account), account.username, data)
+    except keyring.errors.KeyringError as error:
+        raise AccountError(f"{account.name}: cannot store the token in the keyring: {error}") from None
 
 
 def _config(account: AccountConfig) -> OAuth2Config:

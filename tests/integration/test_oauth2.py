@@ -18,6 +18,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import keyring
+import keyring.backend
 import pytest
 
 from mailsyncd import cli
@@ -301,3 +303,42 @@ def test_the_daemon_outlives_many_short_lived_tokens(tmp_path: Path, oauth_dovec
     assert len(set(stored(tmp_path))) == 3  # nothing fetched twice
     assert provider.count("introspect-inactive") == refused, "a stale token was sent"
     assert provider.count("/token") >= 3
+
+
+class MemoryKeyring(keyring.backend.KeyringBackend):
+    """A keyring in this process's memory, standing in for the desktop's."""
+
+    priority = 1  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entries: dict[tuple[str, str], str] = {}
+
+    def get_password(self, service: str, username: str) -> str | None:
+        return self.entries.get((service, username))
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        self.entries[(service, username)] = password
+
+    def delete_password(self, service: str, username: str) -> None:
+        self.entries.pop((service, username), None)
+
+
+def test_tokens_in_the_keyring_are_refreshed_and_rotated_there(
+        tmp_path: Path, oauth_dovecot: DevServer, provider: OAuthServer, user: str) -> None:
+    memory = MemoryKeyring()
+    previous = keyring.get_keyring()
+    keyring.set_keyring(memory)
+    try:
+        config = write_config(tmp_path, account_toml(tmp_path, oauth_dovecot, provider, user).replace(
+            'mechanism = "auto"', 'mechanism = "auto"\nstorage = "keyring"'))
+        first = provider.grant(user)
+        key = ("mailsyncd-oauth2:acct", user)
+        memory.entries[key] = json.dumps({"refresh_token": first, "issued_at": time.time()})
+        assert sync(config) == 0
+        assert len(stored(tmp_path)) == 1
+        kept = json.loads(memory.entries[key])
+        assert kept["refresh_token"] != first and kept["refresh_token"] in provider.refresh  # rotated, saved
+        assert not (tmp_path / "oauth2" / "acct.json").exists()
+    finally:
+        keyring.set_keyring(previous)
