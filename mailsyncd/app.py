@@ -34,8 +34,8 @@ from mailsyncd.domain import (
 )
 from mailsyncd.errors import AccountError, Interrupted, MailsyncError
 from mailsyncd.fsio import make_private_dirs
+from mailsyncd.oauth2 import log_in
 from mailsyncd.progress import Progress
-from mailsyncd.secrets import password_for
 from mailsyncd.sources import imap, pop3
 from mailsyncd.sources.base import ImapSource
 from mailsyncd.state import db
@@ -106,13 +106,12 @@ class App:
     def check(account: AccountConfig) -> AccountCheck:
         """Connect and log in as a sync would, and change nothing: no state database, no
         store, and POP3's QUIT with nothing marked. Raises AccountError as a sync would."""
-        password = password_for(account)
         if account.protocol == "pop3":
-            with pop3.connect(account, password) as pop_session:
+            with log_in(account, lambda secret: pop3.connect(account, secret)) as pop_session:
                 messages, size = pop_session.stat()
                 pop_session.quit()
             return PopCheck(account.name, messages, size, pop_session.login_method)
-        with imap.connect(account, password) as session:
+        with log_in(account, lambda secret: imap.connect(account, secret)) as session:
             listed, selected = _listing(account, session)
         return ImapCheck(account.name, tuple(folder.name for folder in listed),
                          tuple(folder.name for folder in selected))
@@ -160,17 +159,16 @@ class App:
 
     def _sync(self, account: AccountConfig, account_id: int, store: Store, folders: Sequence[str],
               progress: Progress, checkpoint: Checkpoint, counts: Counts) -> None:
-        password = password_for(account)
         deadline = None if account.timeout is None else time.monotonic() + account.timeout
         if account.protocol == "pop3":
             pop_policy = PopPolicy(account.leave_on_server, account.delete_after_days,
                                    account.max_message_size, LargeMessages(account.large_messages))
-            with pop3.connect(account, password, deadline) as pop_session:
+            with log_in(account, lambda secret: pop3.connect(account, secret, deadline)) as pop_session:
                 sync_pop(account.name, account_id, self.repo, store, pop_session, pop_policy, progress,
                          self.clock(), checkpoint, counts=counts)
             return
         policy = Policy(Mode(account.mode), account.max_message_size, LargeMessages(account.large_messages))
-        with imap.connect(account, password, deadline) as session:
+        with log_in(account, lambda secret: imap.connect(account, secret, deadline)) as session:
             listed, selected = _listing(account, session, folders)
             sync_folders(account.name, account_id, self.repo, store, session, selected, policy,
                          progress, checkpoint, counts=counts, fetch_parts=FetchParts(account.fetch_parts))
@@ -185,7 +183,7 @@ class App:
             return
         known = {folder.name: folder for folder in self.repo.folders(account_id)}
         policy = Policy(Mode(account.mode), account.max_message_size)
-        with imap.connect(account, password_for(account)) as session:
+        with log_in(account, lambda secret: imap.connect(account, secret)) as session:
             _, selected = _listing(account, session, folders)
             planner = FolderSync(account.name, self.repo, store, Progress(), no_checkpoint, counts, session, policy)
             for info in selected:
@@ -200,7 +198,7 @@ class App:
                      allow_deletions: Sequence[str]) -> None:
         policy = TwoWayPolicy(Expunge(account.expunge), account.max_deletions, frozenset(allow_deletions))
         deadline = None if account.timeout is None else time.monotonic() + account.timeout
-        with imap.connect(account, password_for(account), deadline) as session:
+        with log_in(account, lambda secret: imap.connect(account, secret, deadline)) as session:
             if not dry_run:
                 assert isinstance(store, MaildirStore)  # config.py allows mode = "sync" with Maildir only
                 reconcile_pushes(self.repo, store, session, account_id)
@@ -229,7 +227,7 @@ class App:
             raise AccountError(f"{account.name}: folder {folder!r} holds no placeholder with {wanted}")
         counts = Counts()
         deadline = None if account.timeout is None else time.monotonic() + account.timeout
-        with imap.connect(account, password_for(account), deadline) as session:
+        with log_in(account, lambda secret: imap.connect(account, secret, deadline)) as session:
             done = replace_placeholder(account.name, self.repo, store, session, known, held, progress, checkpoint,
                                        counts=counts)
         if not done:

@@ -24,6 +24,7 @@ from mailsyncd.app import App
 from mailsyncd.config import AccountConfig, Config, load_config
 from mailsyncd.domain import AccountStatus, PopCheck, RunResult
 from mailsyncd.errors import AccountError, AlreadyRunning, FatalError, MailsyncError
+from mailsyncd.oauth2 import authorize_in_browser, authorize_on_device, token_location, token_status
 from mailsyncd.progress import Progress
 from mailsyncd.state import db
 
@@ -68,7 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="per account and folder: last run, result, counts")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
-    commands.add_parser("check", help="validate the config, connect, log in, list folders; change nothing")
+    commands.add_parser("check", help="validate the config, connect, log in, list folders; change nothing "
+                        "(but an OAuth2 access token is refreshed)")
+
+    auth = commands.add_parser("auth", help="OAuth2 first login for an account: browser (loopback redirect) "
+                               "or --device; stores the refresh token")
+    auth.add_argument("name", metavar="NAME", help="the account")
+    how = auth.add_mutually_exclusive_group()
+    how.add_argument("--device", action="store_true", help="log in on another device with a code (for servers "
+                     "without a browser)")
+    how.add_argument("--no-browser", action="store_true", help="only print the URL, and wait on the loopback "
+                     "port (e.g. forwarded with ssh -L)")
+    auth.add_argument("--port", type=int, default=0, help="the loopback port to wait on (default: any free one)")
 
     fetch = commands.add_parser("fetch", help="replace a placeholder by the whole message")
     fetch.add_argument("account", metavar="NAME", help="the account")
@@ -147,6 +159,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _check(config)
     if args.command == "fetch":
         return _fetch(config, args)
+    if args.command == "auth":
+        return _auth(config, args)
     return _db_upgrade(config)
 
 
@@ -270,6 +284,10 @@ def _check(config: Config) -> int:
     failed = False
     for account in config.accounts:
         try:
+            if account.auth == "oauth2":
+                token = token_status(account)
+                print(f"{account.name}: OAuth2 login of {_when(token.issued)}, the refresh works; access token "
+                      f"good until {_when(token.expires) or 'unknown'}")
             result = App.check(account)
         except AccountError as error:
             print(f"{account.name}: FAILED: {error}")
@@ -283,6 +301,24 @@ def _check(config: Config) -> int:
                   + ", ".join(result.selected))
     print(f"{config.path}: config ok, {len(config.accounts)} accounts")
     return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _auth(config: Config, args: argparse.Namespace) -> int:
+    """The first OAuth2 login; failures are one line and exit 1, as for a sync."""
+    (account,) = _selected(config, [args.name])
+    if account.auth != "oauth2":
+        raise FatalError(f'{config.path}: account "{account.name}".auth: is "{account.auth}"; mailsyncd auth '
+                         'is for auth = "oauth2" with an [account.oauth2] table')
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    if args.device:
+        authorize_on_device(account, say)
+    else:
+        authorize_in_browser(account, say, open_browser=not args.no_browser, port=args.port)
+    print(f"{account.name}: logged in; the refresh token is in {token_location(account)}")
+    return EXIT_OK
 
 
 def _db_upgrade(config: Config) -> int:

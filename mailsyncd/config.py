@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote, urlsplit
 
 from mailsyncd.domain import DEFAULT_MAX_DELETIONS, DeletionLimit
 from mailsyncd.errors import ConfigError
@@ -27,11 +28,12 @@ from mailsyncd.errors import ConfigError
 log = logging.getLogger("mailsyncd.config")
 
 PasswordKind = Literal["command", "env", "file", "keyring", "inline"]
-Section = Literal["general", "account", "account.store"]
+Section = Literal["general", "account", "account.store", "account.oauth2"]
 KeyType = Literal[
     "string", "boolean", "integer", "port", "path", "database", "size", "duration", "strings", "choice",
-    "table", "limit",
+    "table", "limit", "url",
 ]
+PROVIDERS = ("google", "microsoft", "custom")
 
 MIN_INTERVAL = 10  # seconds; anything faster hammers the server for no gain
 
@@ -191,8 +193,9 @@ KEYS: tuple[Key, ...] = (
     Key("account", "password", "string",
         "the password itself; prefer another source, and chmod 600 the config"),
     Key("account", "auth", "choice",
-        'how to log in: "login" (LOGIN) or "plain" (AUTHENTICATE PLAIN)', "login",
-        choices=("login", "plain"), only=_IMAP),
+        'how to log in: "login" (LOGIN) or "plain" (AUTHENTICATE PLAIN), IMAP only; "oauth2" (XOAUTH2 or '
+        'OAUTHBEARER with a token from the [account.oauth2] table), IMAP and POP3', "login",
+        choices=("login", "plain", "oauth2")),
     Key("account", "interval", "duration",
         'time between syncs in the daemon, e.g. "5m" or seconds; at least 10s', 300),
     Key("account", "cron", "string",
@@ -237,6 +240,8 @@ KEYS: tuple[Key, ...] = (
         "never if unset", only=_POP3),
     Key("account", "store", "table",
         "where the mail goes: the [account.store] table", required=True),
+    Key("account", "oauth2", "table",
+        'with auth = "oauth2": the [account.oauth2] table (provider, client_id, ...)', only=("auth", "oauth2")),
     Key("account.store", "format", "choice",
         "the local mailbox format", required=True, choices=("maildir", "mbox")),
     Key("account.store", "path", "path",
@@ -247,11 +252,80 @@ KEYS: tuple[Key, ...] = (
     Key("account.store", "mbox_status_headers", "boolean",
         "write Status: and X-Status: fields from the server's flags into each message appended, so "
         "mail readers show them; false keeps the server's bytes exact", True, only=("format", "mbox")),
+    Key("account.oauth2", "provider", "choice",
+        '"google" and "microsoft" carry their endpoints and scopes; "custom" needs authorize_url and token_url',
+        required=True, choices=PROVIDERS),
+    Key("account.oauth2", "client_id", "string",
+        "the client ID of the app you registered with the provider", required=True),
+    Key("account.oauth2", "client_secret_command", "string",
+        "a shell command that prints the client secret, where the app type has one (Google)"),
+    Key("account.oauth2", "client_secret_env", "string",
+        "an environment variable that holds the client secret"),
+    Key("account.oauth2", "client_secret_file", "path",
+        "a file whose first line is the client secret (chmod 600 it)"),
+    Key("account.oauth2", "client_secret", "string",
+        "the client secret itself (Google desktop apps have one, which Google says is not secret)"),
+    Key("account.oauth2", "tenant", "string",
+        'the Microsoft Entra tenant: "common", "organizations", "consumers" or a tenant ID', "common",
+        only=("provider", "microsoft")),
+    Key("account.oauth2", "authorize_url", "url",
+        "the authorization endpoint (browser login)", only=("provider", "custom")),
+    Key("account.oauth2", "token_url", "url",
+        "the token endpoint", only=("provider", "custom")),
+    Key("account.oauth2", "device_url", "url",
+        "the device authorization endpoint, for mailsyncd auth --device", only=("provider", "custom")),
+    Key("account.oauth2", "scopes", "strings",
+        "the scopes to ask for; default the provider's mail scopes (required for custom)"),
+    Key("account.oauth2", "mechanism", "choice",
+        '"auto": XOAUTH2 where the server offers it, else OAUTHBEARER; or either one', "auto",
+        choices=("auto", "xoauth2", "oauthbearer")),
+    Key("account.oauth2", "storage", "choice",
+        '"file": the refresh token in token_file (0600); "keyring": in the system keyring, service '
+        '"mailsyncd-oauth2:<name>", user = username', "file", choices=("file", "keyring")),
+    Key("account.oauth2", "token_file", "path",
+        "where the refresh token is kept (0600); default oauth2/<name>.json beside the state database"),
 )
 
 _PASSWORD_KEYS: dict[str, PasswordKind] = {
     "password_command": "command", "password_env": "env", "password_file": "file",
     "keyring": "keyring", "password": "inline",
+}
+_CLIENT_SECRET_KEYS: dict[str, PasswordKind] = {
+    "client_secret_command": "command", "client_secret_env": "env", "client_secret_file": "file",
+    "client_secret": "inline",
+}
+_MICROSOFT = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A provider's endpoints and mail scopes, so that a user names the provider only.
+
+    ``authorize_params`` are added to the browser login: Google hands out a refresh token
+    only with ``access_type=offline``, and again on a second login only with a consent
+    prompt. ``redirect_host`` is the loopback name the provider matches registered
+    redirect URIs against (Microsoft's "http://localhost" allows any port).
+    """
+
+    authorize_url: str
+    token_url: str
+    device_url: str | None
+    imap_scopes: tuple[str, ...]
+    pop3_scopes: tuple[str, ...]
+    authorize_params: tuple[tuple[str, str], ...] = ()
+    redirect_host: str = "127.0.0.1"
+
+
+PRESETS: dict[str, Preset] = {
+    # Google allows its device flow only for a few scopes, and https://mail.google.com/
+    # is not one of them: headless servers use --no-browser with an SSH port forward.
+    "google": Preset("https://accounts.google.com/o/oauth2/v2/auth", "https://oauth2.googleapis.com/token", None,
+                     ("https://mail.google.com/",), ("https://mail.google.com/",),
+                     (("access_type", "offline"), ("prompt", "consent"))),
+    "microsoft": Preset(_MICROSOFT + "authorize", _MICROSOFT + "token", _MICROSOFT + "devicecode",
+                        ("https://outlook.office.com/IMAP.AccessAsUser.All", "offline_access"),
+                        ("https://outlook.office.com/POP.AccessAsUser.All", "offline_access"),
+                        redirect_host="localhost"),
 }
 _NAME = re.compile(r"[A-Za-z0-9_.-]+", re.ASCII)
 
@@ -277,6 +351,25 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OAuth2Config:
+    """An [account.oauth2] table with the provider's preset applied: every endpoint and
+    scope is explicit here, whichever provider it came from."""
+
+    provider: Literal["google", "microsoft", "custom"]
+    client_id: str
+    client_secret: PasswordSource | None
+    authorize_url: str
+    token_url: str
+    device_url: str | None
+    scopes: tuple[str, ...]
+    mechanism: Literal["auto", "xoauth2", "oauthbearer"]
+    storage: Literal["file", "keyring"] = "file"
+    token_file: Path  # absolute; with the keyring store, its lock file still lives beside it
+    authorize_params: tuple[tuple[str, str], ...] = ()
+    redirect_host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True, kw_only=True)
 class AccountConfig:
     """One [[account]]. ``interval`` keeps its default when ``cron`` is set; cron wins.
 
@@ -289,13 +382,14 @@ class AccountConfig:
     host: str
     port: int
     username: str
-    password: PasswordSource
+    password: PasswordSource | None  # None with auth = "oauth2", which logs in with a token
     store: StoreConfig
     security: Literal["tls", "starttls", "plain"] = "tls"
     allow_plaintext: bool = False
     tls_ca_file: Path | None = None
     tls_verify: bool = True
-    auth: Literal["login", "plain"] = "login"
+    auth: Literal["login", "plain", "oauth2"] = "login"
+    oauth2: OAuth2Config | None = None  # set exactly when auth = "oauth2"
     interval: int = 300
     cron: str | None = None
     folders: tuple[str, ...] = ("*",)
@@ -357,7 +451,7 @@ def load_config(path: Path) -> Config:
             raise ConfigError(path, f'account "{account.name}".tls_ca_file',
                               f"no such file: {account.tls_ca_file}")
     # A warning, not an error: the file may be private by other means (an encrypted home).
-    if mode & 0o044 and any(account.password.kind == "inline" for account in config.accounts):
+    if mode & 0o044 and any(account.password and account.password.kind == "inline" for account in config.accounts):
         log.warning("%s holds a password and other users can read it; run: chmod 600 %s", path, path)
     return config
 
@@ -378,7 +472,11 @@ def parse_config(text: str, path: Path) -> Config:
     accounts = document.get("account", [])
     if not isinstance(accounts, list):
         raise top.error("account", f"expected an array of tables ([[account]]), got {_a(accounts)}")
-    parsed = tuple(_parse_account(table, index, path, base) for index, table in enumerate(accounts))
+    state = values["state"] or str(default_state_path())
+    # Tokens live beside a state file; a state database elsewhere (a URL) leaves them in
+    # the XDG state directory.
+    token_dir = (default_state_path() if "://" in state else Path(state)).parent / "oauth2"
+    parsed = tuple(_parse_account(table, index, path, base, token_dir) for index, table in enumerate(accounts))
     seen: set[str] = set()
     for account in parsed:
         if account.name in seen:
@@ -400,7 +498,7 @@ class _Where:
         return ConfigError(self.file, ".".join(part for part in (self.prefix, key) if part), problem)
 
 
-def _parse_account(raw: object, index: int, path: Path, base: Path) -> AccountConfig:
+def _parse_account(raw: object, index: int, path: Path, base: Path, token_dir: Path) -> AccountConfig:
     table = _expect_table(raw, _Where(path, f"account[{index}]"), "")
     name = table.get("name")
     valid_name = isinstance(name, str) and bool(_NAME.fullmatch(name)) and name not in (".", "..")
@@ -411,15 +509,20 @@ def _parse_account(raw: object, index: int, path: Path, base: Path) -> AccountCo
     values = _parse_table(table, "account", where, base)
     store = _parse_table(values["store"], "account.store", _Where(path, f"{where.prefix}.store"), base)
 
-    sources = [key for key in _PASSWORD_KEYS if values[key] not in (None, False)]
-    if not sources:
-        raise where.error("", "no password source; set one of: password_command, password_env, "
-                              "password_file, keyring = true, password")
-    if len(sources) > 1:
-        raise where.error(sources[1], "only one password source is allowed, "
-                                      f"but {', '.join(sources)} are set")
-    value = values[sources[0]]
-    source = PasswordSource(_PASSWORD_KEYS[sources[0]], "" if value is True else str(value))
+    if values["protocol"] == "pop3" and values["auth"] != "oauth2" and "auth" in table:
+        raise where.error("auth", '"oauth2" is the only choice for protocol = "pop3", which otherwise logs in '
+                                  "with APOP or USER/PASS by itself")
+    oauth2 = None
+    if values["auth"] == "oauth2":
+        if values["oauth2"] is None:
+            raise where.error("oauth2", 'missing; auth = "oauth2" needs an [account.oauth2] table with provider '
+                                        "and client_id")
+        oauth2 = _parse_oauth2(values, _Where(path, f"{where.prefix}.oauth2"), base, token_dir)
+    source = _password_source(values, _PASSWORD_KEYS, where, required=oauth2 is None)
+    if oauth2 is not None and source is not None:
+        raise where.error(next(key for key in _PASSWORD_KEYS if values[key] not in (None, False)),
+                          'auth = "oauth2" logs in with a token, not a password; remove this key '
+                          "(a client secret goes into [account.oauth2])")
 
     if values["security"] == "plain" and not values["allow_plaintext"]:
         raise where.error("security", '"plain" sends the password unencrypted; use "tls" or "starttls", '
@@ -444,7 +547,49 @@ def _parse_account(raw: object, index: int, path: Path, base: Path) -> AccountCo
     port = values["port"] or default_port(values["protocol"], values["security"])
     # Keys named like their field go straight through; port, password and store are built above.
     same = {field.name: values[field.name] for field in fields(AccountConfig) if field.name in values}
-    return AccountConfig(**{**same, "port": port, "password": source, "store": StoreConfig(**store)})
+    return AccountConfig(**{**same, "port": port, "password": source, "store": StoreConfig(**store),
+                            "oauth2": oauth2})
+
+
+def _password_source(values: Mapping[str, Any], keys: Mapping[str, PasswordKind], where: _Where,
+                     *, required: bool) -> PasswordSource | None:
+    """The one password source among ``keys`` that is set; None (if allowed) when none is."""
+    sources = [key for key in keys if values[key] not in (None, False)]
+    if not sources:
+        if not required:
+            return None
+        names = ", ".join(f"{key} = true" if key == "keyring" else key for key in keys)
+        raise where.error("", f"no password source; set one of: {names}")
+    if len(sources) > 1:
+        raise where.error(sources[1], "only one password source is allowed, "
+                                      f"but {', '.join(sources)} are set")
+    value = values[sources[0]]
+    return PasswordSource(keys[sources[0]], "" if value is True else str(value))
+
+
+def _parse_oauth2(account: Mapping[str, Any], where: _Where, base: Path, token_dir: Path) -> OAuth2Config:
+    """The [account.oauth2] table with the provider's preset filled in."""
+    values = _parse_table(account["oauth2"], "account.oauth2", where, base)
+    provider = values["provider"]
+    preset = PRESETS.get(provider)
+    if preset is None:
+        for name in ("token_url", "authorize_url"):
+            if values[name] is None:
+                raise where.error(name, 'missing; provider = "custom" names its endpoints: authorize_url and '
+                                        "token_url (and device_url for --device)")
+        if not values["scopes"]:
+            raise where.error("scopes", 'missing; provider = "custom" needs the scopes to ask for')
+        preset = Preset(values["authorize_url"], values["token_url"], values["device_url"], (), ())
+    tenant = quote(values["tenant"], safe="")
+    scopes = values["scopes"] or (preset.imap_scopes if account["protocol"] == "imap" else preset.pop3_scopes)
+    return OAuth2Config(
+        provider=provider, client_id=values["client_id"],
+        client_secret=_password_source(values, _CLIENT_SECRET_KEYS, where, required=False),
+        authorize_url=preset.authorize_url.format(tenant=tenant), token_url=preset.token_url.format(tenant=tenant),
+        device_url=preset.device_url.format(tenant=tenant) if preset.device_url else None,
+        scopes=tuple(scopes), mechanism=values["mechanism"],
+        storage=values["storage"], token_file=values["token_file"] or token_dir / f"{account['name']}.json",
+        authorize_params=preset.authorize_params, redirect_host=preset.redirect_host)
 
 
 def _large_messages(values: Mapping[str, Any], given: bool, store_format: str, where: _Where) -> str:
@@ -542,6 +687,8 @@ def _convert(key: Key, raw: object, base: Path) -> Any:
             return choice
         case "table":
             return _expect(raw, dict, "a table")
+        case "url":
+            return _url(_nonempty(raw))
         case "limit":
             return parse_deletion_limit(_expect(raw, (str, int), 'a limit ("50,25%" or a number of messages)'))
 
@@ -550,6 +697,16 @@ def _nonempty(raw: object) -> str:
     text: str = _expect(raw, str, "a string")
     if not text:
         raise ValueError("must not be empty")
+    return text
+
+
+def _url(text: str) -> str:
+    """An endpoint URL: https, or plain http to this machine only (a local test server or
+    a proxy), since what is sent there includes the refresh token."""
+    parts = urlsplit(text)
+    loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+    if not parts.hostname or parts.scheme not in ("https", "http") or (parts.scheme == "http" and not loopback):
+        raise ValueError(f"expected an https:// URL (http:// only to 127.0.0.1 or localhost), got {_shown(text)}")
     return text
 
 

@@ -1,4 +1,4 @@
-"""Turning a PasswordSource into the password, and keeping it out of sight.
+"""Turning a PasswordSource into the password, and keeping secrets out of sight.
 
 This is the only module that reads secrets (design invariant 8). A password travels as a
 ``Secret``, whose repr is ``Secret('***')``, so a stray log line, traceback or f-string
@@ -186,10 +186,19 @@ def _decode(data: bytes) -> str | None:
 
 def password_for(account: AccountConfig) -> Secret:
     """The account's password, registered for redaction (``redact``) before anyone can log it."""
-    password = resolve_password(account.password, account.name, account.username)
-    if len(password.reveal()) >= 3:  # scrubbing "a" from every line would hide more than it protects
-        _REVEALED.add(password.reveal())
-    return password
+    if account.password is None:  # the config allows that only with auth = "oauth2"
+        raise SecretError(f'account "{account.name}": auth = "{account.auth}" has no password')
+    return register(resolve_password(account.password, account.name, account.username))
+
+
+def register(secret: Secret) -> Secret:
+    """Scrub ``secret`` from every log record from now on (``redact``); returns it.
+
+    Every password, client secret and OAuth2 token goes through here as soon as it is known.
+    """
+    if len(secret.reveal()) >= 3:  # scrubbing "a" from every line would hide more than it protects
+        _REVEALED.add(secret.reveal())
+    return secret
 
 
 def redact(text: str) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from mailsyncd.config import AccountConfig
 from mailsyncd.errors import MailsyncError, Retry
-from mailsyncd.secrets import password_for
+from mailsyncd.oauth2 import log_in
 from mailsyncd.service.schedule import BACKOFF_CAP, RECONNECT_CAP, human, reconnect_delay
 from mailsyncd.sources import imap
 
@@ -21,7 +21,7 @@ IDLE_SLICE = 1.0  # an IDLE thread notices a stop within this many seconds
 
 def open_watcher(account: AccountConfig, folder: str, renew: float) -> imap.IdleWatcher:
     """The one place a watch connects and logs in; AccountError (or AuthError) if it cannot."""
-    return imap.watch_folder(account, password_for(account), folder, renew)
+    return log_in(account, lambda secret: imap.watch_folder(account, secret, folder, renew))
 
 
 class FolderWatch(threading.Thread):

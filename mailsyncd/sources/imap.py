@@ -30,6 +30,7 @@ from imapclient import IMAPClient, imap_utf7
 from imapclient import exceptions as imap_errors
 from imapclient.imapclient import _quote
 
+from mailsyncd import sasl
 from mailsyncd.config import AccountConfig
 from mailsyncd.domain import FolderInfo, FolderSnapshot, MimePart, PartialMessage, RemoteMessage, SnapshotBase
 from mailsyncd.errors import AccountError, AuthError, FolderError, MessageError
@@ -235,7 +236,9 @@ def connect(account: AccountConfig, password: Secret, deadline: float | None = N
             client.starttls(tls_context(account))
         client.normalise_times = False
         try:
-            if account.auth == "plain":
+            if account.auth == "oauth2":
+                _oauth2_login(client, account, password)
+            elif account.auth == "plain":
                 client.plain_login(account.username, password.reveal())
             else:
                 client.login(account.username, password.reveal())
@@ -244,6 +247,21 @@ def connect(account: AccountConfig, password: Secret, deadline: float | None = N
                 client.shutdown()
             raise
     return ImapSession(client, account.name, account.host, guard)
+
+
+def _oauth2_login(client: IMAPClient, account: AccountConfig, token: Secret) -> None:
+    """AUTHENTICATE XOAUTH2 or OAUTHBEARER with the access token ``token``.
+
+    The session is checked to be authenticated before anything else is sent: a client
+    that goes on after a refused login meets "LIST illegal in state NONAUTH" instead of
+    the reason.
+    """
+    wanted = account.oauth2.mechanism if account.oauth2 else "auto"
+    mechanism = sasl.choose(lambda name: bool(client.has_capability(f"AUTH={name}")), wanted)
+    first = sasl.initial_response(mechanism, account.username, token.reveal(), account.host, account.port)
+    client.sasl_login(mechanism, sasl.responder(first, mechanism))
+    if client._imap.state not in ("AUTH", "SELECTED"):
+        raise AuthError(f"{account.name}: {account.host} answered AUTHENTICATE {mechanism} without logging in")
 
 
 class ImapSession:

@@ -16,6 +16,7 @@ socket, which is how a POP3 server is told to roll every mark back.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import io
@@ -23,10 +24,11 @@ import logging
 import poplib
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, cast
 
+from mailsyncd import sasl
 from mailsyncd.config import AccountConfig
 from mailsyncd.domain import PopListing
 from mailsyncd.errors import AccountError, AuthError, MessageError
@@ -130,7 +132,10 @@ def connect(account: AccountConfig, password: Secret, deadline: float | None = N
                                        "refusing to log in without TLS")
                 client.stls(tls_context(account))
                 # RFC 2595: what the server said before TLS is forgotten.
-            method = _login(client, account, password, encrypted)
+            if account.auth == "oauth2":
+                method = _oauth2_login(client, account, password, capabilities)
+            else:
+                method = _login(client, account, password, encrypted)
             _guard(client, account, deadline)
             capabilities = _capabilities(client)
         except BaseException:
@@ -192,6 +197,32 @@ def _login(client: poplib.POP3, account: AccountConfig, password: Secret, encryp
     return "USER"
 
 
+def _oauth2_login(client: poplib.POP3, account: AccountConfig, token: Secret,
+                  capabilities: dict[str, list[str]] | None) -> str:
+    """``AUTH XOAUTH2`` or ``AUTH OAUTHBEARER`` (RFC 5034) with the initial response on the
+    command line; returns the mechanism. poplib has no AUTH command, so it is sent here.
+
+    A refusal comes as a ``+`` challenge holding the server's base64 JSON error, which
+    must be answered (see ``sasl``) before the server sends its -ERR.
+    """
+    offered = {mechanism.upper() for mechanism in (capabilities or {}).get("SASL", [])}
+    wanted = account.oauth2.mechanism if account.oauth2 else "auto"
+    mechanism = sasl.choose(lambda name: name in offered, wanted)
+    first = sasl.initial_response(mechanism, account.username, token.reveal(), account.host, account.port)
+    command: Callable[[str], bytes] = cast(Any, client)._shortcmd  # one line, one status line; typeshed omits it
+    try:
+        reply = command(f"AUTH {mechanism} {base64.b64encode(first).decode('ascii')}")
+        if not reply.startswith(b"+OK"):
+            command(base64.b64encode(sasl.AFTER_ERROR[mechanism]).decode("ascii"))
+            raise AuthError(f"{account.name}: {account.host} took the answer to its error challenge as a login")
+    except poplib.error_proto as error:
+        if _is_eof(error):
+            raise
+        said = _reply(error.args[0] if error.args else "")
+        raise AuthError(f"{account.name}: login refused by {account.host}: {said}") from error
+    return mechanism
+
+
 class Pop3Session:
     """One logged-in POP3 session. Use it as a context manager: leaving the block
     closes the socket (rolling back any DELE) unless ``quit`` already succeeded."""
@@ -202,7 +233,7 @@ class Pop3Session:
         self._account = account
         self._host = host
         self.capabilities = capabilities
-        self.login_method = method  # "APOP" or "USER": which one this session logged in with
+        self.login_method = method  # "APOP", "USER", "XOAUTH2" or "OAUTHBEARER": how this session logged in
         self._sizes: dict[int, int] = {}
         self._open = True
 

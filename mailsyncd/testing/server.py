@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Self
 
 from mailsyncd.testing import fill, launch
-from mailsyncd.testing.dovecot_config import Ports, make_certificates, render_config
+from mailsyncd.testing.dovecot_config import Ports, make_certificates, render_config, render_oauth2
 from mailsyncd.testing.users import give_to_mail_user, write_user
 
 
@@ -36,11 +36,14 @@ class DovecotServer:
         users: Sequence[tuple[str, str]] = (("alice", "alice-pw"),),
         *,
         apop: bool = False,
+        oauth2_introspection_url: str | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         if re.search(r'[\s%"]', str(self.workdir)):  # Dovecot splits args on spaces and expands %
             raise launch.DovecotError(f"Dovecot config cannot hold this workdir path: {self.workdir}")
         self.apop = apop
+        # With a URL, Dovecot checks OAuth2 tokens itself, by introspection at that URL.
+        self.oauth2_introspection_url = oauth2_introspection_url
         self.imap_port = self.imaps_port = self.pop3_port = self.pop3s_port = 0
         self.ca_file = self.workdir / "ca.pem"
         self.config_file = self.workdir / "dovecot.conf"
@@ -75,8 +78,11 @@ class DovecotServer:
             if not fixed:
                 self.imap_port, self.imaps_port, self.pop3_port, self.pop3s_port = launch.free_ports(4)
             ports = Ports(self.imap_port, self.imaps_port, self.pop3_port, self.pop3s_port)
-            self.config_file.write_text(
-                render_config(self.workdir, self.log_file, ports, apop=self.apop, root=self._root))
+            if self.oauth2_introspection_url is not None:
+                (self.workdir / "dovecot-oauth2.conf.ext").write_text(render_oauth2(self.oauth2_introspection_url))
+            self.config_file.write_text(render_config(self.workdir, self.log_file, ports, apop=self.apop,
+                                                      root=self._root,
+                                                      oauth2=self.oauth2_introspection_url is not None))
             greeters = [(ports.imap, False), (ports.pop3, False), (ports.imaps, True), (ports.pop3s, True)]
             self._process = launch.launch(
                 dovecot, self.workdir, self.config_file, self.log_file, greeters, self.client_context)

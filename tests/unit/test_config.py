@@ -290,7 +290,7 @@ ERRORS = [
     (account(POP3, exclude='["x"]'), 'account "work".exclude', ['only for protocol = "imap"']),
     (account(POP3, idle='["INBOX"]'), 'account "work".idle', ['only for protocol = "imap"']),
     (account(POP3, mode='"mirror"'), 'account "work".mode', ['only for protocol = "imap"']),
-    (account(POP3, auth='"plain"'), 'account "work".auth', ['only for protocol = "imap"']),
+    (account(POP3, auth='"plain"'), 'account "work".auth', ['"oauth2" is the only choice for protocol = "pop3"']),
     (account(POP3, mode='"sync"'), 'account "work".mode', ['only for protocol = "imap"']),
     (account(leave_on_server="false"), 'account "work".leave_on_server', ['only for protocol = "pop3"']),
     (account(delete_after_days="3"), 'account "work".delete_after_days', ['only for protocol = "pop3"']),
@@ -488,16 +488,18 @@ def test_durations_round_trip(parts: list[tuple[str, int]], spaced: bool) -> Non
 
 # --- the docs cover every key --------------------------------------------------------------------
 
-SECTION_HEADERS = {"general": "[general]", "account": "[[account]]", "account.store": "[account.store]"}
+SECTION_HEADERS = {"general": "[general]", "account": "[[account]]", "account.store": "[account.store]",
+                   "account.oauth2": "[account.oauth2]"}
 
 
 def test_example_config_parses(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", "/home/me")
     config = load_config(EXAMPLE)
-    imap, pop3 = config.accounts
+    imap, pop3, gmail = config.accounts
     assert (imap.protocol, imap.store.format, imap.password.kind) == ("imap", "maildir", "command")
     assert (pop3.protocol, pop3.store.format, pop3.password.kind) == ("pop3", "mbox", "env")
     assert imap.store.path == Path("/home/me/Mail/personal")
+    assert (gmail.auth, gmail.password, gmail.oauth2 and gmail.oauth2.provider) == ("oauth2", None, "google")
 
 
 def keys_by_section(text: str) -> set[tuple[str, str]]:
