@@ -7,10 +7,11 @@ results from here too, and only format them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 
@@ -32,8 +33,8 @@ from mailsyncd.domain import (
     RunResult,
     TwoWayPolicy,
 )
-from mailsyncd.errors import AccountError, Interrupted, MailsyncError
-from mailsyncd.fsio import make_private_dirs
+from mailsyncd.errors import AccountError, Interrupted, MailsyncError, StoreUnavailable
+from mailsyncd.fsio import STORE_ERRNOS, make_private_dirs, write_refusal
 from mailsyncd.oauth2 import log_in
 from mailsyncd.progress import Progress
 from mailsyncd.sources import imap, pop3
@@ -64,6 +65,19 @@ def open_store(account: AccountConfig, create: bool = True) -> Store:
     return MaildirStore(account.store.path, account.store.layout)
 
 
+@contextlib.contextmanager
+def _store_faults(account: AccountConfig) -> Iterator[None]:
+    """A store the disk will not let us write (full, read-only, a file in the way) stops
+    this account with one line; the other accounts go on."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in STORE_ERRNOS:
+            raise
+        where = error.filename or account.store.path
+        raise StoreUnavailable(f"{account.name}: the store cannot be written: {where}: {error.strerror}") from error
+
+
 class App:
     def __init__(self, config: Config, engine: Engine) -> None:
         self.config = config
@@ -76,7 +90,9 @@ class App:
         """Open the state database and bring its schema to head (the caller holds the
         instance lock, so no two processes migrate at once)."""
         engine = db.create(config.general.state)
-        db.upgrade(engine)
+        with db.state_errors(config.general.state):
+            db.check_writable(engine)
+            db.upgrade(engine)
         return cls(config, engine)
 
     def close(self) -> None:
@@ -105,7 +121,11 @@ class App:
     @staticmethod
     def check(account: AccountConfig) -> AccountCheck:
         """Connect and log in as a sync would, and change nothing: no state database, no
-        store, and POP3's QUIT with nothing marked. Raises AccountError as a sync would."""
+        store, and POP3's QUIT with nothing marked. Raises AccountError as a sync would,
+        and StoreUnavailable when the store could not be made or written."""
+        refusal = write_refusal(account.store.path)
+        if refusal is not None:
+            raise StoreUnavailable(f"{account.name}: the store {account.store.path} cannot be written: {refusal}")
         if account.protocol == "pop3":
             with log_in(account, lambda secret: pop3.connect(account, secret)) as pop_session:
                 messages, size = pop_session.stat()
@@ -124,28 +144,37 @@ class App:
         ``dry_run`` (two-way) only plans: the lines are in ``Counts.report``; it changes
         neither side nor the database. ``allow_deletions`` lifts the deletion guard of
         these folders for this pass."""
-        progress = progress or Progress()
+        with db.state_errors(self.config.general.state):
+            return self._sync_account(account, folders, progress or Progress(), checkpoint, dry_run,
+                                      allow_deletions)
+
+    def _sync_account(self, account: AccountConfig, folders: Sequence[str], progress: Progress,
+                      checkpoint: Checkpoint, dry_run: bool, allow_deletions: Sequence[str]) -> Counts:
         started = time.monotonic()
         account_id = self.repo.account_id(account.name, account.protocol)
         two_way = Mode(account.mode) == Mode.SYNC and account.protocol == "imap"
-        store = open_store(account, create=not (two_way and self.repo.has_messages(account_id)))
+        create = not (two_way and self.repo.has_messages(account_id))
         if dry_run:
             counts = Counts()
+            with _store_faults(account):
+                store = open_store(account, create)
             if two_way:
                 self._sync_twoway(account, account_id, store, folders, progress, checkpoint, counts, True,
                                   allow_deletions)
             else:
                 self._plan_pull(account, account_id, store, folders, counts)
             return counts
-        recover(self.repo, store, account_id)
         run_id = self.repo.start_run(account_id)
         counts = Counts()  # ours, so that a run cut short still records what it fetched
         try:
-            if two_way:
-                self._sync_twoway(account, account_id, store, folders, progress, checkpoint, counts, False,
-                                  allow_deletions)
-            else:
-                self._sync(account, account_id, store, folders, progress, checkpoint, counts)
+            with _store_faults(account):
+                store = open_store(account, create)
+                recover(self.repo, store, account_id)
+                if two_way:
+                    self._sync_twoway(account, account_id, store, folders, progress, checkpoint, counts, False,
+                                      allow_deletions)
+                else:
+                    self._sync(account, account_id, store, folders, progress, checkpoint, counts)
         except Interrupted as error:
             self.repo.finish_run(run_id, RunResult.INTERRUPTED, counts.fetched, counts.fetched_bytes, str(error))
             raise
@@ -173,7 +202,6 @@ class App:
             sync_folders(account.name, account_id, self.repo, store, session, selected, policy,
                          progress, checkpoint, counts=counts, fetch_parts=FetchParts(account.fetch_parts))
         self.repo.mark_folders_absent(account_id, [folder.name for folder in listed])
-
 
     def _plan_pull(self, account: AccountConfig, account_id: int, store: Store, folders: Sequence[str],
                    counts: Counts) -> None:
@@ -207,6 +235,7 @@ class App:
                        dry_run).run(account_id, selected)
         if not dry_run:
             self.repo.mark_folders_absent(account_id, [folder.name for folder in listed])
+
     def fetch_whole(self, account: AccountConfig, folder: str, uid: str | None, message_id: str | None,
                     progress: Progress | None = None, checkpoint: Checkpoint = no_checkpoint) -> str:
         """Replace one placeholder by its whole message (by UID, or UIDL for POP3, or by

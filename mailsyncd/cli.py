@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -39,6 +40,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"mailsyncd: {message}\n")
 
 
+def _add_global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options every command takes, before or after its name (``mailsyncd sync -v``).
+    A subcommand's copy has no defaults, so it never overwrites what was given before."""
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--config", type=Path, default=default(None), help="config file (TOML)")
+    parser.add_argument("-v", "--verbose", action="count", default=default(0),
+                        help="debug logging and tracebacks; -vv adds a protocol trace, credentials and "
+                             "message bodies left out")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                        help="only warnings and errors")
+
+
+class _SubcommandParser(_Parser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _add_global_options(self, defaults=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mailsyncd",
@@ -46,11 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 all requested work succeeded, 1 some account or folder failed, "
                "2 usage or config error. Config: --config, else $MAILSYNCD_CONFIG, else "
                "$XDG_CONFIG_HOME/mailsyncd/config.toml.")
-    parser.add_argument("--config", type=Path, help="config file (TOML)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    _add_global_options(parser, defaults=True)
     parser.add_argument("--version", action="version", version=f"mailsyncd {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=_SubcommandParser)
 
     sync = commands.add_parser("sync", help="one pass over the accounts, then exit")
     sync.add_argument("--account", action="append", default=[], metavar="NAME", help="only this account "
@@ -101,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_shipped_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
+def _add_shipped_commands(commands: argparse._SubParsersAction[_SubcommandParser]) -> None:
     """Commands that hand out the files shipped with the program; they need no config."""
     commands.add_parser("example-config", help="print the example config, every key explained")
     units = commands.add_parser("systemd-units", help="print the systemd units, or install them with --install")
@@ -113,14 +133,21 @@ def _add_shipped_commands(commands: argparse._SubParsersAction[_Parser]) -> None
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log_setup.setup(verbose=args.verbose, quiet=args.quiet)
+    log_setup.setup(verbose=args.verbose > 0, quiet=args.quiet)
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
+        sys.stdout.flush()  # here, where a reader gone away can be told apart
+        return code
+    except BrokenPipeError:
+        # The reader went away (``mailsyncd status | head``): nothing more to say to it.
+        # Point stdout at /dev/null so that the interpreter's final flush does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PARTIAL
     except FatalError as error:
-        _report(error, args.verbose)
+        _report(error, args.verbose > 0)
         return error.exit_code
     except MailsyncError as error:
-        _report(error, args.verbose)
+        _report(error, args.verbose > 0)
         return EXIT_PARTIAL
     except KeyboardInterrupt:
         log.error("interrupted")
@@ -195,7 +222,7 @@ def _sync(config: Config, args: argparse.Namespace) -> int:
                 counts = app.sync_account(account, args.folder, progress, dry_run=args.dry_run,
                                           allow_deletions=args.allow_deletions)
             except AccountError as error:
-                log.error("%s", error, exc_info=args.verbose)
+                log.error("%s", error, exc_info=args.verbose > 0)
                 failed = True
                 continue
             for line in counts.report:
@@ -256,7 +283,8 @@ def _status(config: Config, as_json: bool) -> int:
 
 
 def _when(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat(timespec="seconds")
+    """Local time with its UTC offset, as the log lines show it."""
+    return None if moment is None else moment.astimezone().isoformat(timespec="seconds")
 
 
 def _status_json(entry: AccountStatus) -> dict[str, Any]:

@@ -92,6 +92,30 @@ class AlreadyRunning(FatalError):
                          f"{path}; stop it first or point --config at another state")
 
 
+class StateDamaged(StateError):
+    """The state database is not a database any more (overwritten, truncated). Nothing can
+    go on with it, yet it is a fault of this machine, not of the config: exit 1."""
+
+    exit_code = 1
+
+
+class StateLocked(StateError):
+    """Another program holds the state database's write lock (an sqlite3 shell, a backup)."""
+
+    exit_code = 1
+    retry = Retry.TEMPORARY
+
+
+class StateFull(AccountError):
+    """The state database cannot grow: its disk is full. The account's run stops; what
+    is stored and recorded stays consistent, and the next run goes on from there."""
+
+
+class StoreUnavailable(AccountError):
+    """The account's store cannot be written at all: a full or read-only disk, a path that
+    is a file or cannot be made. The other accounts go on."""
+
+
 class StoreError(FolderError):
     """The local store refused a write (disk full, permissions, a path outside the root)."""
 

@@ -55,6 +55,31 @@ def make_private_dirs(path: Path) -> None:
             fsync_dir(directory.parent)
 
 
+# What a local disk answers when a store cannot be written at all, as opposed to the
+# network errors that are OSErrors too.
+STORE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EACCES,
+                          errno.EPERM, errno.EIO, errno.EFBIG, errno.ENAMETOOLONG})
+
+
+def write_refusal(path: Path) -> str | None:
+    """Why ``path`` (a directory, made if missing) could not be made or written, or None.
+    Changes nothing: asks the nearest existing ancestor."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():
+            return f"{existing} is a dangling symbolic link"
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        try:
+            read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        except OSError:
+            read_only = 0
+        return f"{existing} is on a read-only file system" if read_only else f"{existing} is not writable"
+    return None
+
+
 def fsync_dir(path: Path) -> None:
     """Make a directory's entries durable. EINVAL means the filesystem cannot, not that
     anything went wrong, so only that one is swallowed."""

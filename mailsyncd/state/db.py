@@ -12,15 +12,17 @@ import contextlib
 import fcntl
 import importlib.resources
 import os
+import shutil
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
-from mailsyncd.errors import AlreadyRunning, StateError
+from mailsyncd.errors import AlreadyRunning, StateDamaged, StateError, StateFull, StateLocked
 from mailsyncd.fsio import PRIVATE_FILE, make_private_dirs
 
 if TYPE_CHECKING:
@@ -81,6 +83,68 @@ def create(state: str) -> Engine:
     return engine
 
 
+def _where(state: str) -> str:
+    """The state database as a user finds it: the file, or the URL without its password."""
+    url = database_url(state)
+    path = sqlite_path(url)
+    return str(path) if path is not None else _safe(url)
+
+
+def graded(state: str, error: DBAPIError | sqlite3.Error) -> StateError | StateFull:
+    """The database's own complaint as the error a user can act on, naming the database."""
+    detail = str(getattr(error, "orig", None) or error).splitlines()[0]
+    where = _where(state)
+    lowered = detail.lower()
+    if "is not a database" in lowered or "malformed" in lowered or "file is encrypted" in lowered:
+        return StateDamaged(f"the state database {where} is damaged ({detail}); move it aside (mv {where} "
+                            f"{where}.damaged) and run again: the stores are indexed and only what they lack "
+                            "is fetched; or restore it from a backup")
+    if "locked" in lowered or "busy" in lowered:
+        return StateLocked(f"the state database {where} is locked by another program; close it (an sqlite3 "
+                           "shell, a backup tool) and run again")
+    if "disk is full" in lowered or "no space" in lowered or ("disk i/o error" in lowered and _full(state)):
+        return StateFull(f"the state database {where} cannot grow: its disk is full; make room and run again")
+    return StateError(f"the state database {where}: {detail}")
+
+
+def _full(state: str) -> bool:
+    """SQLite reports a write refused for want of room in its WAL index as a mere I/O
+    error; the disk's free space tells the two apart."""
+    path = sqlite_path(database_url(state))
+    try:
+        return path is not None and shutil.disk_usage(path.parent).free < 64 * 1024
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def state_errors(state: str) -> Iterator[None]:
+    """Turn what the database driver raises into one graded line (invariant: no traceback)."""
+    try:
+        yield
+    except (DBAPIError, sqlite3.Error) as error:
+        raise graded(state, error) from error
+
+
+def check_writable(engine: Engine) -> None:
+    """Take SQLite's write lock once, waiting two seconds at most: a lock another program
+    holds is then reported at once, not after the long wait meant for short readers."""
+    if engine.dialect.name != "sqlite":
+        return
+    raw = engine.raw_connection()
+    try:
+        connection = raw.driver_connection
+        assert connection is not None
+        connection.execute("PRAGMA busy_timeout=2000")
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute("ROLLBACK")
+        finally:
+            connection.execute("PRAGMA busy_timeout=10000")
+    finally:
+        raw.close()
+
+
 def _safe(url: str) -> str:
     """The URL without its password, for messages and logs (invariant 8)."""
     return make_url(url).render_as_string(hide_password=True)
@@ -106,7 +170,9 @@ def at_head(engine: Engine) -> bool:
     try:
         with engine.connect() as connection:
             current = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-    except OperationalError:
+    except OperationalError as error:
+        if "no such table" not in str(error):
+            raise
         return False  # no alembic_version table: a new database
     return current == [HEAD_REVISION]
 
@@ -118,6 +184,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
     try:
         command.upgrade(alembic_config(engine), revision)
+    except (DBAPIError, sqlite3.Error):
+        raise  # graded by state_errors, like every other query
     except Exception as error:
         raise StateError(f"cannot migrate the state database: {error}") from error
 
@@ -144,7 +212,10 @@ def instance_lock(state: str, daemon: bool = False) -> Iterator[None]:
         except BlockingIOError:
             raise AlreadyRunning(path, os.pread(fd, 64, 0).decode(errors="replace").strip()) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}{' daemon' if daemon else ''}".encode(), 0)
+        # The holder's name only helps a second instance say who holds the lock; on a full
+        # disk the lock holds without it, and the database says what is wrong.
+        with contextlib.suppress(OSError):
+            os.pwrite(fd, f"pid {os.getpid()}{' daemon' if daemon else ''}".encode(), 0)
         yield
     finally:
         os.close(fd)
