@@ -133,7 +133,7 @@ def _add_shipped_commands(commands: argparse._SubParsersAction[_SubcommandParser
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log_setup.setup(verbose=args.verbose > 0, quiet=args.quiet)
+    log_setup.setup(verbose=args.verbose > 0, quiet=args.quiet, trace=args.verbose > 1)
     try:
         code = _dispatch(args)
         sys.stdout.flush()  # here, where a reader gone away can be told apart

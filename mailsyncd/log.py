@@ -42,8 +42,11 @@ class JournalFormatter(logging.Formatter):
         return f"<{priority}>{super().format(record)}"
 
 
-def setup(level: str = "info", verbose: bool = False, quiet: bool = False, stream: TextIO | None = None) -> None:
+def setup(level: str = "info", verbose: bool = False, quiet: bool = False, stream: TextIO | None = None,
+          trace: bool = False) -> None:
+    """``trace`` adds the protocol trace (``-vv``) to the debug lines of ``verbose``."""
     name = "DEBUG" if verbose else "WARNING" if quiet else level.upper()
+    logging.getLogger("mailsyncd.trace").setLevel(logging.DEBUG if trace else logging.INFO)
     handler = logging.StreamHandler(stream or sys.stderr)
     if os.environ.get("JOURNAL_STREAM"):
         handler.setFormatter(JournalFormatter())

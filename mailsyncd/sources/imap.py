@@ -38,6 +38,7 @@ from mailsyncd.message import message_id, to_crlf
 from mailsyncd.secrets import Secret
 from mailsyncd.sources.progress import GuardedReader, Stalled
 from mailsyncd.sources.tls import connecting, echoed, tls_context
+from mailsyncd.sources.trace import ImapTrace, tracing
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ class _ReadGuard:
                                      account.progress_timeout, deadline)
         self._readline: Callable[[], bytes] = self._imap.readline
         self._send: Callable[[bytes], None] = self._imap.send
+        self._trace = ImapTrace(account.host) if tracing() else None
         self._imap.read = self.read
         self._imap.readline = self.readline
         self._imap.send = self.send
@@ -175,18 +177,25 @@ class _ReadGuard:
             self._limit = limit
 
     def send(self, data: bytes) -> None:
+        if self._trace is not None:
+            self._trace.sent(data)
         self._reader.sent()
         self._send(data)
 
     def readline(self) -> bytes:
         if self._imap.sock.gettimeout() == 0.0:
-            return self._readline()
-        line = self._reader.readline(MAX_LINE + 1)
-        if len(line) > MAX_LINE:
-            raise self._imap.abort(f"{self._host} sent a line of more than {MAX_LINE} bytes")
+            line = self._readline()
+        else:
+            line = self._reader.readline(MAX_LINE + 1)
+            if len(line) > MAX_LINE:
+                raise self._imap.abort(f"{self._host} sent a line of more than {MAX_LINE} bytes")
+        if self._trace is not None and line:
+            self._trace.received(line)
         return line
 
     def read(self, size: int) -> bytes:
+        if self._trace is not None:
+            self._trace.literal_received(size)
         if size <= self._limit:
             return self._reader.read(size)
         over = f"{size} bytes, over {self._limit_name} ({self._limit} bytes)"

@@ -36,6 +36,7 @@ from mailsyncd.message import to_lf
 from mailsyncd.secrets import Secret
 from mailsyncd.sources.progress import GuardedReader, Stalled
 from mailsyncd.sources.tls import connecting, echoed, tls_context
+from mailsyncd.sources.trace import PopTrace, tracing
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,11 @@ def connect(account: AccountConfig, password: Secret, deadline: float | None = N
         else:
             client = poplib.POP3(account.host, account.port, timeout=TIMEOUT)
         try:
+            trace = PopTrace(account.host) if tracing() else None
+            if trace is not None:
+                trace.received(client.getwelcome())
+                wired = cast(Any, client)  # typeshed omits poplib's line functions
+                wired._putline, wired._getline = trace.wrap(wired._putline, wired._getline)
             capabilities = _capabilities(client)
             if account.security == "starttls":
                 if capabilities is None or "STLS" not in capabilities:
@@ -142,7 +148,7 @@ def connect(account: AccountConfig, password: Secret, deadline: float | None = N
             with contextlib.suppress(Exception):
                 client.close()
             raise
-    return Pop3Session(client, account.name, account.host, capabilities, method)
+    return Pop3Session(client, account.name, account.host, capabilities, method, trace)
 
 
 def _guard(client: poplib.POP3, account: AccountConfig, deadline: float | None) -> None:
@@ -228,8 +234,9 @@ class Pop3Session:
     closes the socket (rolling back any DELE) unless ``quit`` already succeeded."""
 
     def __init__(self, client: poplib.POP3, account: str, host: str,
-                 capabilities: dict[str, list[str]] | None, method: str) -> None:
+                 capabilities: dict[str, list[str]] | None, method: str, trace: PopTrace | None = None) -> None:
         self._client = client
+        self._trace = trace
         self._account = account
         self._host = host
         self.capabilities = capabilities
@@ -258,10 +265,15 @@ class Pop3Session:
     # --- reading multi-line answers ---------------------------------------------------
 
     def _send(self, *commands: str) -> None:
+        if self._trace is not None:
+            for command in commands:
+                self._trace.sent(command.encode("ascii"))
         self._client.sock.sendall(b"".join(command.encode("ascii") + b"\r\n" for command in commands))
 
     def _status(self) -> bytes:
         line = self._client.file.readline(READ_CHUNK)
+        if self._trace is not None:
+            self._trace.received(line)
         if not line:
             raise _ConnectionLost("closed by the server")
         if not line.startswith(b"+OK"):
