@@ -53,6 +53,19 @@ class Stored:
 
 
 @dataclass(frozen=True, slots=True)  # one per message: thousands at once
+class LocalCopy:
+    """A message found in the store by indexing it (a state database that knows nothing
+    of the store, or a store another program wrote). ``size`` and ``sha256`` are of its
+    bytes without the fields other programs add (message.without_marks), with ``size``
+    as a server counts it, so both compare with what the server lists and sends."""
+
+    location: str
+    message_id: str | None
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)  # one per message: thousands at once
 class RemoteMessage:
     """What the server told us about one message, before its body is fetched."""
 

@@ -1,6 +1,8 @@
 """PURE rules about message bytes, each written once: what the store keeps (CRLF turned
 into LF, nothing else), where the header block ends, what the Message-ID is, and the
-digest by which a stored copy is known again.
+digest by which a stored copy is known again, and how a copy another program wrote
+(or rewrote) is compared with the server's bytes: without the fields it added, at the
+size the server reports.
 
 No I/O and nothing of ours is imported, so every layer may use these. Large messages
 pass through here, so nothing copies a body it does not need: the header block is a
@@ -13,6 +15,11 @@ import hashlib
 import re
 
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(.*(?:\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+# Header fields other programs add to a stored copy, never part of what a server sent:
+# mbsync's X-TUID and offlineimap's X-OfflineIMAP, and the flag and length fields that
+# mutt, neomutt and Dovecot (and mailsyncd's own mbox store) keep in an mbox.
+_MARKS = re.compile(rb"(?:x-tuid|x-offlineimap|status|x-status|x-keywords|x-uid|x-imap|x-imapbase|content-length"
+                    rb"|lines)[ \t]*:", re.IGNORECASE)
 
 
 def to_lf(raw: bytes) -> bytes:
@@ -40,3 +47,31 @@ def message_id(data: bytes) -> str | None:
 def digest(data: bytes) -> str:
     """SHA-256 of the stored bytes, in hex: how a local copy is recognised again."""
     return hashlib.sha256(data).hexdigest()
+
+
+def without_marks(data: bytes) -> bytes:
+    """An LF message without the fields sync tools and mail readers add to a stored copy
+    (``_MARKS``, with their folded continuations): the server's bytes again, as far as
+    they can be told. Everything else, the body above all, stays byte for byte."""
+    if data.startswith(b"\n"):
+        return data  # no header fields at all
+    header = header_block(data)
+    if not _MARKS.search(header):
+        return data
+    kept: list[bytes] = []
+    dropping = False
+    for line in header.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t"):  # a folded continuation belongs to the field before
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = bool(_MARKS.match(line))
+        if not dropping:
+            kept.append(line)
+    return b"".join(kept) + data[len(header):]
+
+
+def wire_size(data: bytes) -> int:
+    """The RFC822.SIZE (or POP3 LIST size) a server reports for an LF message: each line
+    end counted as CRLF."""
+    return len(data) + data.count(b"\n")

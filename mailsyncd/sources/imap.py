@@ -293,7 +293,7 @@ class ImapSession:
         self._client.raw_names[raw] = name
         return raw
 
-    def snapshot(self, name: str, base: SnapshotBase | None) -> FolderSnapshot:
+    def snapshot(self, name: str, base: SnapshotBase | None, *, message_ids: bool = False) -> FolderSnapshot:
         with self._folder_errors(name):
             status = self._client.select_folder(name, readonly=True)  # EXAMINE
             uidvalidity = int(status[b"UIDVALIDITY"])
@@ -303,20 +303,20 @@ class ImapSession:
             highestmodseq = int(modseq) if modseq is not None else None
             if base is None or base.uidvalidity != uidvalidity:
                 uids = self._client.search("ALL") if exists else []
-                new = self._metadata(uids, with_message_id=base is not None)
+                new = self._metadata(uids, with_message_id=base is not None or message_ids)
                 return FolderSnapshot(uidvalidity, uidnext or _next(new), highestmodseq, exists, new=new,
                                       present=frozenset(message.uid for message in new))
-            return self._incremental(base, uidvalidity, uidnext, highestmodseq, exists)
+            return self._incremental(base, uidvalidity, uidnext, highestmodseq, exists, message_ids)
 
     def _incremental(self, base: SnapshotBase, uidvalidity: int, uidnext: int, highestmodseq: int | None,
-                     exists: int) -> FolderSnapshot:
+                     exists: int, message_ids: bool) -> FolderSnapshot:
         unchanged_modseq = highestmodseq is not None and highestmodseq == base.highestmodseq
         if unchanged_modseq and uidnext == base.uidnext and exists == base.present_count:
             return FolderSnapshot(uidvalidity, uidnext, highestmodseq, exists)
         new: tuple[RemoteMessage, ...] = ()
         if uidnext == 0 or uidnext > base.uidnext:
             found = [uid for uid in self._client.search(["UID", f"{base.uidnext}:*"]) if uid >= base.uidnext]
-            new = self._metadata(found)
+            new = self._metadata(found, with_message_id=message_ids)
         changed: dict[int, frozenset[str]] = {}
         present: frozenset[int] | None = None
         if highestmodseq is not None and base.highestmodseq is not None:
