@@ -71,6 +71,14 @@ def without_marks(data: bytes) -> bytes:
     return b"".join(kept) + data[len(header):]
 
 
+def comparable(data: bytes) -> bytes:
+    """What a stored copy and the server's bytes are compared by: the message without
+    the fields other programs add (``without_marks``) and with one line end at its end,
+    however many empty lines a store or another program left after it (an mbox ends a
+    message with a blank line, and not every writer adds exactly one)."""
+    return without_marks(data).rstrip(b"\n") + b"\n"
+
+
 def wire_size(data: bytes) -> int:
     """The RFC822.SIZE (or POP3 LIST size) a server reports for an LF message: each line
     end counted as CRLF."""

@@ -111,6 +111,12 @@ class StateRepo:
                 return int(found)
             return _new_id(connection.execute(insert(ACCOUNTS).values(name=name, protocol=protocol)))
 
+    def find_account(self, name: str) -> int | None:
+        """The account's id, without recording it when it is new (for read-only commands)."""
+        with self.engine.connect() as connection:
+            found = connection.execute(select(ACCOUNTS.c.id).where(ACCOUNTS.c.name == name)).scalar()
+            return None if found is None else int(found)
+
     def folders(self, account_id: int) -> list[KnownFolder]:
         with self.engine.connect() as connection:
             rows = connection.execute(select(FOLDERS).where(FOLDERS.c.account_id == account_id)

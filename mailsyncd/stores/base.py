@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mailsyncd.domain import NO_FLAGS, Flags, LocalCopy, Stored
-from mailsyncd.message import digest, message_id, wire_size, without_marks
+from mailsyncd.message import comparable, digest, message_id, wire_size
 
 
 class Reservation(Protocol):
@@ -94,8 +94,8 @@ class Store(Protocol):
 
 def local_copy(location: str, data: bytes) -> LocalCopy:
     """How an indexed message is compared with the server's: its Message-ID, and the
-    wire size and digest of its bytes without what other programs added to them."""
-    server_bytes = without_marks(data)
+    wire size and digest of its bytes as ``comparable`` gives them."""
+    server_bytes = comparable(data)
     return LocalCopy(location, message_id(data), wire_size(server_bytes), digest(server_bytes))
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Protocol, TypeVar
 
 from mailsyncd.domain import RecordedMessage, Stored
-from mailsyncd.message import digest, message_id, without_marks
+from mailsyncd.message import comparable, digest, message_id
 from mailsyncd.stores.base import FolderWriter, Reservation
 from mailsyncd.sync.effects import Effects
 
@@ -59,8 +59,8 @@ def batches(items: Iterable[Item], size_of: Callable[[Item], int], budget: int, 
 
 class ContentPool:
     """Local copies a fetched message may turn out to be, by the SHA-256 their record
-    holds: of the stored bytes (our own copies), or of the bytes without the fields
-    other programs add (copies found by indexing). Each copy is claimed at most once."""
+    holds: of the stored bytes (our own copies), or of the bytes as message.comparable
+    gives them (copies found by indexing). Each copy is claimed at most once."""
 
     def __init__(self, copies: Iterable[RecordedMessage] = ()) -> None:
         self._by_digest: dict[str, list[RecordedMessage]] = {}
@@ -72,11 +72,10 @@ class ContentPool:
         """The copy these LF bytes are, taken out of the pool; None when none is."""
         if not self._by_digest:
             return None
-        exact = digest(data)
-        copies = self._by_digest.get(exact)
+        copies = self._by_digest.get(digest(data))
         if not copies:
-            unmarked = without_marks(data)
-            copies = self._by_digest.get(digest(unmarked)) if unmarked is not data else None
+            normalised = comparable(data)
+            copies = self._by_digest.get(digest(normalised)) if normalised != data else None
         return copies.pop() if copies else None
 
 

@@ -19,10 +19,12 @@ from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from mailsyncd.domain import (
+    AdoptPreview,
     FolderInfo,
     MessageState,
     Plan,
     Policy,
+    RecordedFolder,
     RecordedMessage,
     RemoteMessage,
     SnapshotBase,
@@ -32,7 +34,7 @@ from mailsyncd.errors import FolderError, MailsyncError, MessageError
 from mailsyncd.message import to_lf
 from mailsyncd.progress import Progress
 from mailsyncd.sources.base import ImapSource
-from mailsyncd.state.repo import KnownFolder, StateRepo
+from mailsyncd.state.repo import FOUND_UIDVALIDITY, KnownFolder, StateRepo
 from mailsyncd.stores.base import FolderWriter, Reservation, Store
 from mailsyncd.sync.batch import FETCH_BUDGET, ContentPool, batches, store_batch
 from mailsyncd.sync.effects import Checkpoint, Counts, Effects, no_checkpoint
@@ -241,3 +243,16 @@ def sync_folders(account: str, account_id: int, repo: StateRepo, store: Store, s
             counts.errors.append(f"{info.name}: {error}")
     repo.touch_folders(folder_sync.unchanged)
 
+
+
+def preview_folder(store: Store, source: ImapSource, info: FolderInfo, path: str, policy: Policy) -> AdoptPreview:
+    """What syncing a folder the state database knows nothing of would do with the
+    copies the store holds there, by the same match a sync makes; reads only (the
+    store, and the server through EXAMINE)."""
+    found = store.index(path)
+    snapshot = source.snapshot(info.name, None, message_ids=bool(found))
+    copies = tuple(RecordedMessage(uid=number, uidvalidity=FOUND_UIDVALIDITY, state=MessageState.RETIRED,
+                                   location=copy.location, size=copy.size, sha256=copy.sha256,
+                                   message_id=copy.message_id) for number, copy in enumerate(found, 1))
+    plan = plan_folder(snapshot, RecordedFolder(None, None, None, retired=copies), policy)
+    return AdoptPreview(info.name, len(found), len(plan.adopt), len(plan.fetch), len(plan.adopt_pool))
