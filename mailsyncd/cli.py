@@ -292,7 +292,7 @@ def _adopt(config: Config, name: str, dry_run: bool) -> int:
     if status is not None:
         local_only = sum(folder.messages.get("retired", 0) for folder in status.folders)
         local_only += status.pop_messages.get("retired", 0)
-    print(f"{account.name}: {counts.adopted} matched and recorded where they lie, {counts.fetched} fetched "
+    print(f"{account.name}: {counts.adopted} matched and recorded where they lie, {counts.fetched} new stored "
           f"({counts.fetched_bytes} bytes), {local_only} local only (kept, never removed)")
     return EXIT_PARTIAL if counts.errors else EXIT_OK
 

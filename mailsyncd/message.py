@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(.*(?:\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 # Header fields other programs add to a stored copy, never part of what a server sent:
@@ -83,3 +84,28 @@ def wire_size(data: bytes) -> int:
     """The RFC822.SIZE (or POP3 LIST size) a server reports for an LF message: each line
     end counted as CRLF."""
     return len(data) + data.count(b"\n")
+
+
+def _fields(header: bytes) -> Counter[bytes]:
+    """The header fields of a header block, each with its continuation lines."""
+    fields: list[bytes] = []
+    for line in header.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        else:
+            fields.append(line)
+    return Counter(fields)
+
+
+def holds(copy: bytes, message: bytes) -> bool:
+    """Whether a stored ``copy`` is ``message`` (both LF) with header fields added and
+    nothing else changed: every field of the message still there byte for byte, and the
+    same body (trailing empty lines aside). This is how a copy is known whose tool added
+    fields no list names, such as the Delivered-To:, Return-Path: and Received: that
+    getmail puts on top of what it stores."""
+    if copy.startswith(b"\n") or message.startswith(b"\n"):
+        return copy.rstrip(b"\n") == message.rstrip(b"\n")
+    copy_header, message_header = header_block(copy), header_block(message)
+    if copy[len(copy_header):].rstrip(b"\n") != message[len(message_header):].rstrip(b"\n"):
+        return False
+    return not _fields(message_header) - _fields(copy_header)

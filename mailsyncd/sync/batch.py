@@ -28,7 +28,8 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Protocol, TypeVar
 
 from mailsyncd.domain import RecordedMessage, Stored
-from mailsyncd.message import comparable, digest, message_id
+from mailsyncd.errors import StoreError
+from mailsyncd.message import comparable, digest, holds, message_id
 from mailsyncd.stores.base import FolderWriter, Reservation
 from mailsyncd.sync.effects import Effects
 
@@ -60,23 +61,51 @@ def batches(items: Iterable[Item], size_of: Callable[[Item], int], budget: int, 
 class ContentPool:
     """Local copies a fetched message may turn out to be, by the SHA-256 their record
     holds: of the stored bytes (our own copies), or of the bytes as message.comparable
-    gives them (copies found by indexing). Each copy is claimed at most once."""
+    gives them (copies found by indexing); failing that, a copy with the same Message-ID
+    that ``read`` shows to be the message with fields added (message.holds). Each copy
+    is claimed at most once."""
 
-    def __init__(self, copies: Iterable[RecordedMessage] = ()) -> None:
+    def __init__(self, copies: Iterable[RecordedMessage] = (),
+                 read: Callable[[str], bytes] | None = None) -> None:
         self._by_digest: dict[str, list[RecordedMessage]] = {}
+        self._by_id: dict[str, list[RecordedMessage]] = {}
+        self._claimed: set[str] = set()  # locations
+        self._read = read
         for copy in copies:
-            if copy.sha256 and copy.location:
+            if copy.location and copy.sha256:
                 self._by_digest.setdefault(copy.sha256, []).append(copy)
+            if copy.location and copy.message_id and read is not None:
+                self._by_id.setdefault(copy.message_id, []).append(copy)
 
     def claim(self, data: bytes) -> RecordedMessage | None:
         """The copy these LF bytes are, taken out of the pool; None when none is."""
-        if not self._by_digest:
+        if not self._by_digest and not self._by_id:
             return None
-        copies = self._by_digest.get(digest(data))
-        if not copies:
+        found = self._take(self._by_digest.get(digest(data), []))
+        if found is None:
             normalised = comparable(data)
-            copies = self._by_digest.get(digest(normalised)) if normalised != data else None
-        return copies.pop() if copies else None
+            if normalised != data:
+                found = self._take(self._by_digest.get(digest(normalised), []))
+        if found is None and self._by_id:
+            found = self._take(self._by_id.get(message_id(data) or "", []), data)
+        if found is not None:
+            self._claimed.add(found.location or "")
+        return found
+
+    def _take(self, copies: list[RecordedMessage], data: bytes | None = None) -> RecordedMessage | None:
+        """The first unclaimed copy (that holds ``data``, when given)."""
+        for copy in copies:
+            if copy.location in self._claimed:
+                continue
+            if data is not None:
+                assert self._read is not None and copy.location is not None
+                try:
+                    if not holds(comparable(self._read(copy.location)), comparable(data)):
+                        continue
+                except StoreError:
+                    continue  # gone from the store meanwhile
+            return copy
+        return None
 
 
 NO_POOL = ContentPool()

@@ -162,7 +162,7 @@ class FolderSync(Effects):
         return self.store.set_flags(copy.location, remote.flags)
 
     def _fetch(self, folder_id: int, name: str, path: str, plan: Plan) -> None:
-        pool = ContentPool(plan.adopt_pool)
+        pool = ContentPool(plan.adopt_pool, self.store.read)
         planned = list(batches(plan.fetch, lambda message: message.size, FETCH_BUDGET, BATCH_MAX_COUNT))
         self.progress.start_folder(self.account, name, len(plan.fetch), sum(m.size for m in plan.fetch))
         try:

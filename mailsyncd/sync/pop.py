@@ -87,7 +87,7 @@ class PopSync(Effects):
         try:
             with self.store.open_folder(self.store.folder_path(INBOX, None)) as writer:
                 ledger = PopLedger(self)
-                pool = ContentPool(self.repo.pop_unclaimed(self.account_id))
+                pool = ContentPool(self.repo.pop_unclaimed(self.account_id), self.store.read)
                 for batch in batches(fetches, _size, FETCH_BUDGET, BATCH_MAX_COUNT):
                     store_batch(self, writer, ledger, batch, pool)
         finally:

@@ -265,7 +265,7 @@ def test_adopt_a_maildir_written_by_mbsync(tmp_path: Path, dovecot: DovecotUser,
     proxy.bytes_to_client = 0
     real = run_cli(config, "adopt", "acct")
     assert real.returncode == 0, real.stderr
-    assert "40 matched and recorded where they lie, 5 fetched" in real.stdout, real.stdout
+    assert "40 matched and recorded where they lie, 5 new stored" in real.stdout, real.stdout
     assert "1 local only (kept, never removed)" in real.stdout
     new_bytes = sum(len(data) for data in files[40:])
     print(f"mbsync adopt: dry run {listing_only} bytes, adopt {proxy.bytes_to_client} bytes on the wire "
@@ -285,3 +285,27 @@ def maildir_contents_of(files: dict[str, bytes], folder: str) -> Counter[bytes]:
     return Counter(data for name, data in files.items()
                    if name.startswith(prefix) and name[len(prefix):].split("/")[0] in ("cur", "new")
                    and name.count("/") == prefix.count("/") + 1)
+
+
+def test_adopt_a_maildir_as_getmail_writes_it(tmp_path: Path, dovecot: DovecotUser) -> None:
+    """getmail puts Delivered-To:, Return-Path: and Received: on top of what it stores, so
+    neither the size nor the digest matches: each message is fetched, found to be its
+    copy with fields added, and not stored a second time (by Message-ID: a message without
+    one is stored beside such a copy)."""
+    server = dovecot.server
+    files = corpus_and_mail(20, 0)
+    server.append_many(dovecot.user, "INBOX", files)
+    config = write_config(tmp_path, server, dovecot.user, dovecot.password)
+    root = load_config(config).accounts[0].store.path
+    for sub in ("tmp", "new", "cur"):
+        (root / sub).mkdir(parents=True)
+    for number, data in enumerate(files):
+        added = (b"Return-Path: <sender@example.org>\nDelivered-To: me@example.org\nReceived: from pop.example.org "
+                 b"by laptop with POP3 (getmail 6.19)\n\tfor <me@example.org>; Mon, 1 Jan 2024 10:00:00 +0000\n")
+        (root / "new" / f"1700000000.M{number}P1.laptop").write_bytes(added + normalize(data))
+    before = maildir_contents(root)
+    real = run_cli(config, "adopt", "acct")
+    assert real.returncode == 0, real.stderr
+    assert "20 matched and recorded where they lie, 0 new stored" in real.stdout, real.stdout
+    assert maildir_contents(root) == before
+    assert sync_counts(config).fetched == 0

@@ -88,3 +88,13 @@ def test_the_content_pool_finds_marked_copies_once() -> None:
     assert pool.claim(server) == found
     assert pool.claim(server) is None  # claimed at most once
     assert pool.claim(b"other\n") == own
+
+
+def test_a_copy_holds_the_message_when_only_fields_were_added() -> None:
+    from mailsyncd.message import holds
+
+    message = b"From: a@b\nSubject: s\n folded\nMessage-ID: <x@y>\n\nbody\n"
+    assert holds(b"Return-Path: <a@b>\nDelivered-To: me\n" + message + b"\n", message)
+    assert not holds(message.replace(b"body", b"Body"), message)
+    assert not holds(message.replace(b" folded\n", b""), message)  # a field changed, not added
+    assert not holds(b"From: a@b\nMessage-ID: <x@y>\n\nbody\n", message)  # fields missing
