@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,15 @@ from mailsyncd.config import load_config
 from mailsyncd.message import message_id, without_marks
 from mailsyncd.sync.effects import Counts
 from tests.conftest import DovecotUser
-from tests.helpers import corpus_messages, maildir_contents, mbox_contents, neomutt, normalize, run_cli, write_config
+from tests.helpers import (
+    corpus_messages,
+    maildir_contents,
+    mbox_contents,
+    neomutt,
+    normalize,
+    run_cli,
+    write_config,
+)
 from tests.proxy import CutProxy
 
 LOSSES = ["deleted", "zeroed", "replaced"]
@@ -309,3 +318,68 @@ def test_adopt_a_maildir_as_getmail_writes_it(tmp_path: Path, dovecot: DovecotUs
     assert "20 matched and recorded where they lie, 0 new stored" in real.stdout, real.stdout
     assert maildir_contents(root) == before
     assert sync_counts(config).fetched == 0
+
+
+STOP_AT_STEP = """
+import os, sys
+from pathlib import Path
+from mailsyncd.app import App
+from mailsyncd.config import load_config
+from mailsyncd.state import db
+
+steps = 0
+
+def checkpoint(_name):
+    global steps
+    steps += 1
+    if steps == int(sys.argv[2]):
+        os._exit(9)  # skips every finally block, as a kill does
+
+loaded = load_config(Path(sys.argv[1]))
+with db.instance_lock(loaded.general.state):
+    App.open(loaded).sync_account(loaded.accounts[0], checkpoint=checkpoint)
+"""
+
+
+def stop_at_step(config: Path, step: int) -> bool:
+    """One sync in a process of its own that dies at effect step ``step``; False when
+    it finished first."""
+    done = subprocess.run([sys.executable, "-c", STOP_AT_STEP, str(config), str(step)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode in (0, 9), done.stderr
+    return done.returncode == 9
+
+
+@pytest.mark.parametrize("store_format", ["maildir", "mbox"])
+def test_a_sync_after_a_loss_stopped_at_every_step_still_stores_each_message_once(
+        tmp_path: Path, dovecot: DovecotUser, store_format: str) -> None:
+    """The index is recorded before anything else, and each adoption with its batch:
+    stopped at any step of the sync that follows a loss, the next run ends with every
+    message once."""
+    server = dovecot.server
+    files = corpus_and_mail(10, 3)
+    server.append_many(dovecot.user, "INBOX", files[:8])
+    config = write_config(tmp_path, server, dovecot.user, dovecot.password, store_format)
+    root = load_config(config).accounts[0].store.path
+    assert sync_counts(config).fetched == 8
+    add_local_only(root, store_format)
+    server.append_many(dovecot.user, "INBOX", files[8:])
+    saved = tmp_path / "saved"
+    shutil.copytree(root, saved)
+    wanted = store_bags(root, store_format)
+    wanted["" if store_format == "maildir" else "INBOX"] += expected_bag(files[8:], store_format)
+
+    step = 1
+    while True:
+        shutil.rmtree(root)
+        shutil.copytree(saved, root)
+        lose_state(tmp_path, config, "deleted")
+        stopped = stop_at_step(config, step)
+        counts = sync_counts(config)
+        assert store_bags(root, store_format) == wanted, f"stopped at step {step}"
+        assert sync_counts(config).fetched == 0
+        if not stopped:  # the run finished before this step: every step was tried
+            break
+        assert counts.fetched <= 2
+        step += 1
+    assert step > 5
