@@ -88,11 +88,11 @@ class FolderSync(Effects):
         # Until its first sync finishes, a folder may hold copies no UID claims yet.
         unclaimed = known.uidnext is None and self.index_store(known)
         snapshot = self.source.snapshot(info.name, base, message_ids=unclaimed)
-        if base is not None and snapshot.uidvalidity != base.uidvalidity:
+        changed = base is not None and snapshot.uidvalidity != base.uidvalidity
+        if base is not None and changed:
             log.warning("%s/%s: UIDVALIDITY changed (%d -> %d); matching local copies by content",
                         self.account, info.name, base.uidvalidity, snapshot.uidvalidity)
-            recorded = self.repo.recorded_folder(known, None, with_retired=True)
-        elif unclaimed:
+        if changed or unclaimed:
             recorded = self.repo.recorded_folder(known, None, with_retired=True)
         elif snapshot.present is not None:
             recorded = self.repo.recorded_folder(known, None)
