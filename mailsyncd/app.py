@@ -21,6 +21,7 @@ from mailsyncd.config import AccountConfig, Config
 from mailsyncd.domain import (
     AccountCheck,
     AccountStatus,
+    AdoptPreview,
     Expunge,
     FetchParts,
     FolderInfo,
@@ -45,9 +46,9 @@ from mailsyncd.stores.base import Store
 from mailsyncd.stores.maildir import MaildirStore
 from mailsyncd.stores.mbox import MboxStore
 from mailsyncd.sync.effects import Checkpoint, Counts, no_checkpoint
-from mailsyncd.sync.imap import FolderSync, replace_placeholder, sync_folders
+from mailsyncd.sync.imap import FolderSync, preview_folder, replace_placeholder, sync_folders
 from mailsyncd.sync.plan import select_folders
-from mailsyncd.sync.pop import sync_pop
+from mailsyncd.sync.pop import INBOX, sync_pop
 from mailsyncd.sync.recover import reconcile_pushes, recover
 from mailsyncd.sync.twoway_run import TwoWaySync
 
@@ -135,6 +136,38 @@ class App:
             listed, selected = _listing(account, session)
         return ImapCheck(account.name, tuple(folder.name for folder in listed),
                          tuple(folder.name for folder in selected))
+
+    def adopt(self, account: AccountConfig, dry_run: bool,
+              progress: Progress | None = None) -> tuple[list[AdoptPreview], Counts | None]:
+        """Match a store the state database knows nothing of (written by mbsync,
+        offlineimap, getmail, or by mailsyncd with a state database since lost) with the
+        server: what a sync would adopt, fetch and leave local only, per folder; then,
+        unless ``dry_run``, that sync (the same ``sync_account``, whose counts are returned).
+        The preview reads only: the store, the state database and the server (EXAMINE)."""
+        store = open_store(account, create=not dry_run)
+        account_id = self.repo.find_account(account.name)
+        known = {folder.name: folder for folder in self.repo.folders(account_id)} if account_id is not None else {}
+        previews: list[AdoptPreview] = []
+        if account.protocol == "pop3":
+            recorded = account_id is not None and bool(self.repo.pop_messages(account_id))
+            with log_in(account, lambda secret: pop3.connect(account, secret)) as pop_session:
+                listed = len(pop_session.listing().entries)
+                pop_session.quit()
+            found = 0 if recorded else len(store.index(store.folder_path(INBOX, None)))
+            previews.append(AdoptPreview(INBOX, found, 0, listed, found, recorded))
+        else:
+            policy = Policy(Mode(account.mode), account.max_message_size, LargeMessages(account.large_messages))
+            with log_in(account, lambda secret: imap.connect(account, secret)) as session:
+                for info in _listing(account, session)[1]:
+                    folder = known.get(info.name)
+                    if folder is not None and (folder.uidnext is not None or self.repo.folder_has_records(folder.id)):
+                        previews.append(AdoptPreview(info.name, 0, recorded=True))
+                        continue
+                    path = folder.path if folder else store.folder_path(info.name, info.delimiter)
+                    previews.append(preview_folder(store, session, info, path, policy))
+        if dry_run:
+            return previews, None
+        return previews, self.sync_account(account, progress=progress)
 
     def sync_account(self, account: AccountConfig, folders: Sequence[str] = (),
                      progress: Progress | None = None, checkpoint: Checkpoint = no_checkpoint, *,

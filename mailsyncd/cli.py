@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--uid", metavar="N", help="the message's UID (POP3: its UIDL), as the placeholder says")
     which.add_argument("--message-id", metavar="ID", help="the message's Message-ID, <...> included")
 
+    adopt = commands.add_parser("adopt", help="take over a store another program wrote (mbsync, offlineimap, "
+                                "getmail) or a lost state database left: match it with the server, fetch only "
+                                "what is missing")
+    adopt.add_argument("name", metavar="NAME", help="the account")
+    adopt.add_argument("--dry-run", action="store_true", help="only report what would be matched, fetched "
+                       "and left local only; change nothing")
+
     database = commands.add_parser("db", help="state database maintenance")
     database_commands = database.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
     database_commands.add_parser("upgrade", help="apply migrations (also done at start)")
@@ -188,6 +195,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _fetch(config, args)
     if args.command == "auth":
         return _auth(config, args)
+    if args.command == "adopt":
+        return _adopt(config, args.name, args.dry_run)
     return _db_upgrade(config)
 
 
@@ -347,6 +356,33 @@ def _auth(config: Config, args: argparse.Namespace) -> int:
         authorize_in_browser(account, say, open_browser=not args.no_browser, port=args.port)
     print(f"{account.name}: logged in; the refresh token is in {token_location(account)}")
     return EXIT_OK
+
+
+def _adopt(config: Config, name: str, dry_run: bool) -> int:
+    [account] = _selected(config, [name])
+    with db.instance_lock(config.general.state), App.open(config) as app:
+        previews, counts = app.adopt(account, dry_run)
+        status = {entry.account: entry for entry in app.status()}.get(account.name)
+    for preview in previews:
+        if preview.recorded:
+            print(f"{preview.folder}: already in the state database; synced as usual")
+        elif account.protocol == "pop3":
+            print(f"{preview.folder}: {preview.found} messages in the store, {preview.fetch} on the server: each is "
+                  "retrieved and compared by content; a copy already in the store is not stored again")
+        else:
+            print(f"{preview.folder}: {preview.found} messages in the store: {preview.matched} matched by "
+                  f"Message-ID and size, {preview.fetch} to fetch (compared by content first), "
+                  f"{preview.local_only} local only so far")
+    if counts is None:
+        print("dry run: nothing was changed")
+        return EXIT_OK
+    local_only = 0
+    if status is not None:
+        local_only = sum(folder.messages.get("retired", 0) for folder in status.folders)
+        local_only += status.pop_messages.get("retired", 0)
+    print(f"{account.name}: {counts.adopted} matched and recorded where they lie, {counts.fetched} new stored "
+          f"({counts.fetched_bytes} bytes), {local_only} local only (kept, never removed)")
+    return EXIT_PARTIAL if counts.errors else EXIT_OK
 
 
 def _db_upgrade(config: Config) -> int:

@@ -69,6 +69,19 @@ class Stored:
 
 
 @dataclass(frozen=True, slots=True)  # one per message: thousands at once
+class LocalCopy:
+    """A message found in the store by indexing it (a state database that knows nothing
+    of the store, or a store another program wrote). ``size`` and ``sha256`` are of its
+    bytes without the fields other programs add (message.comparable), with ``size`` as
+    a server counts it, so both compare with what the server lists and sends."""
+
+    location: str
+    message_id: str | None
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)  # one per message: thousands at once
 class RemoteMessage:
     """What the server told us about one message, before its body is fetched."""
 
@@ -317,6 +330,24 @@ class AccountStatus:
     pop_messages: Mapping[str, int]  # POP message state -> how many
     configured: bool = False
     schedule: str | None = None
+
+
+@dataclass(frozen=True)
+class AdoptPreview:
+    """What ``adopt`` finds for one folder (a POP3 account's mailbox is its INBOX).
+    ``matched`` copies are the server's messages by Message-ID and size: recorded where
+    they lie, not downloaded. The ``fetch`` server messages are downloaded; one of them
+    whose bytes turn out to be a copy of ``local_only`` is recorded there instead of being
+    stored again, so ``local_only`` is at most what stays local only. POP3 UIDLs tell
+    nothing of a message's content, so there everything is retrieved and compared.
+    ``recorded`` folders are already in the state database and sync as usual."""
+
+    folder: str
+    found: int
+    matched: int = 0
+    fetch: int = 0
+    local_only: int = 0
+    recorded: bool = False
 
 
 @dataclass(frozen=True)

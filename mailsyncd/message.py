@@ -1,6 +1,8 @@
 """PURE rules about message bytes, each written once: what the store keeps (CRLF turned
 into LF, nothing else), where the header block ends, what the Message-ID is, and the
-digest by which a stored copy is known again.
+digest by which a stored copy is known again, and how a copy another program wrote
+(or rewrote) is compared with the server's bytes: without the fields it added, at the
+size the server reports.
 
 No I/O and nothing of ours but domain values is imported, so every layer may use these. Large messages
 pass through here, so nothing copies a body it does not need: the header block is a
@@ -15,10 +17,16 @@ import email.policy
 import hashlib
 import quopri
 import re
+from collections import Counter
 
 from mailsyncd.domain import MimePart, PartialMessage
 
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(.*(?:\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+# Header fields other programs add to a stored copy, never part of what a server sent:
+# mbsync's X-TUID and offlineimap's X-OfflineIMAP, and the flag and length fields that
+# mutt, neomutt and Dovecot (and mailsyncd's own mbox store) keep in an mbox.
+_MARKS = re.compile(rb"(?:x-tuid|x-offlineimap|status|x-status|x-keywords|x-uid|x-imap|x-imapbase|content-length"
+                    rb"|lines)[ \t]*:", re.IGNORECASE)
 
 
 def to_lf(raw: bytes) -> bytes:
@@ -136,3 +144,58 @@ def _encoded(text: bytes, transfer_encoding: str) -> bytes:
     if transfer_encoding == "quoted-printable":
         return quopri.encodestring(text)
     return text
+
+
+def without_marks(data: bytes) -> bytes:
+    """An LF message without the fields sync tools and mail readers add to a stored copy
+    (``_MARKS``, with their folded continuations): the server's bytes again, as far as
+    they can be told. Everything else, the body above all, stays byte for byte."""
+    if data.startswith(b"\n"):
+        return data  # no header fields at all
+    header = header_block(data)
+    if not _MARKS.search(header):
+        return data
+    kept: list[bytes] = []
+    dropping = False
+    for line in header.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t"):  # a folded continuation belongs to the field before
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = bool(_MARKS.match(line))
+        if not dropping:
+            kept.append(line)
+    return b"".join(kept) + data[len(header):]
+
+
+def comparable(data: bytes) -> bytes:
+    """What a stored copy and the server's bytes are compared by: the message without
+    the fields other programs add (``without_marks``) and with one line end at its end,
+    however many empty lines a store or another program left after it (an mbox ends a
+    message with a blank line, and not every writer adds exactly one)."""
+    return without_marks(data).rstrip(b"\n") + b"\n"
+
+
+def _fields(header: bytes) -> Counter[bytes]:
+    """The header fields of a header block, each with its continuation lines."""
+    fields: list[bytes] = []
+    for line in header.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        else:
+            fields.append(line)
+    return Counter(fields)
+
+
+def holds(copy: bytes, message: bytes) -> bool:
+    """Whether a stored ``copy`` is ``message`` (both LF) with header fields added and
+    nothing else changed: every field of the message still there byte for byte, and the
+    same body (trailing empty lines aside). This is how a copy is known whose tool added
+    fields no list names, such as the Delivered-To:, Return-Path: and Received: that
+    getmail puts on top of what it stores."""
+    if copy.startswith(b"\n") or message.startswith(b"\n"):
+        return copy.rstrip(b"\n") == message.rstrip(b"\n")
+    copy_header, message_header = header_block(copy), header_block(message)
+    if copy[len(copy_header):].rstrip(b"\n") != message[len(message_header):].rstrip(b"\n"):
+        return False
+    return not _fields(message_header) - _fields(copy_header)

@@ -18,10 +18,11 @@ from mailsyncd.errors import MessageError
 class ImapSource(Protocol):
     def list_folders(self) -> list[FolderInfo]: ...
 
-    def snapshot(self, name: str, base: SnapshotBase | None) -> FolderSnapshot:
+    def snapshot(self, name: str, base: SnapshotBase | None, *, message_ids: bool = False) -> FolderSnapshot:
         """Open ``name`` read-only and describe what changed since ``base`` (everything
         when ``base`` is None or its UIDVALIDITY no longer holds). Leaves the folder
-        selected for ``fetch``."""
+        selected for ``fetch``. New messages carry their Message-ID when the UIDVALIDITY
+        changed or ``message_ids`` asks for it (local copies are to be matched)."""
         ...
 
     def fetch_ahead(self, name: str, batches: Iterable[Sequence[int]], whole: bool = False

@@ -333,8 +333,8 @@ class ImapSession:
         self._client.raw_names[raw] = name
         return raw
 
-    def snapshot(self, name: str, base: SnapshotBase | None) -> FolderSnapshot:
-        return self._snapshot(name, base, readonly=True, with_message_id=base is not None)
+    def snapshot(self, name: str, base: SnapshotBase | None, *, message_ids: bool = False) -> FolderSnapshot:
+        return self._snapshot(name, base, readonly=True, with_message_id=base is not None or message_ids)
 
     def _snapshot(self, name: str, base: SnapshotBase | None, *, readonly: bool,
                   with_message_id: bool) -> FolderSnapshot:

@@ -21,6 +21,7 @@ from mailsyncd.domain import (
     Flags,
     FolderInfo,
     FolderStatus,
+    LocalCopy,
     MessageState,
     RecordedFolder,
     RecordedMessage,
@@ -33,6 +34,13 @@ from mailsyncd.domain import (
 from mailsyncd.state.models import ACCOUNTS, FOLDERS, MESSAGES, PUSH_INTENTS
 from mailsyncd.state.models import POP_MESSAGES as POP
 from mailsyncd.state.models import SYNC_RUNS as RUNS
+
+# The UIDVALIDITY under which copies found by indexing the store are recorded: no
+# server's (RFC 3501 makes it a non-zero 32-bit number), so they are always retired
+# ones, and none of them is ever taken for a message of the folder's own UIDVALIDITY.
+FOUND_UIDVALIDITY = -1
+# How a found copy is named among a POP account's UIDLs: no UIDL has a space in it.
+FOUND_UIDL = "found: "
 
 
 def _flags_text(flags: Flags) -> str:
@@ -126,6 +134,12 @@ class StateRepo:
             if found is not None:
                 return int(found)
             return _new_id(connection.execute(insert(ACCOUNTS).values(name=name, protocol=protocol)))
+
+    def find_account(self, name: str) -> int | None:
+        """The account's id, without recording it when it is new (for read-only commands)."""
+        with self.engine.connect() as connection:
+            found = connection.execute(select(ACCOUNTS.c.id).where(ACCOUNTS.c.name == name)).scalar()
+            return None if found is None else int(found)
 
     def folders(self, account_id: int) -> list[KnownFolder]:
         with self.engine.connect() as connection:
@@ -356,6 +370,28 @@ class StateRepo:
                 MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity,
                 MESSAGES.c.uid.in_(list(uids))).values(state=state))
 
+    def folder_has_records(self, folder_id: int) -> bool:
+        """Whether anything at all is recorded for the folder."""
+        with self.engine.connect() as connection:
+            return connection.execute(select(MESSAGES.c.id).where(MESSAGES.c.folder_id == folder_id).limit(1)
+                                      ).first() is not None
+
+    def has_unclaimed(self, folder_id: int) -> bool:
+        """Whether the folder has local copies no UID claims (retired, or found)."""
+        with self.engine.connect() as connection:
+            return connection.execute(select(MESSAGES.c.id).where(
+                MESSAGES.c.folder_id == folder_id, MESSAGES.c.state == MessageState.RETIRED).limit(1)
+                                      ).first() is not None
+
+    def record_found(self, folder_id: int, copies: Sequence[LocalCopy]) -> None:
+        """Copies found by indexing the store, recorded as retired copies of no server's
+        UIDVALIDITY: matched and adopted like those, and never removed."""
+        with self.engine.begin() as connection:
+            connection.execute(insert(MESSAGES), [
+                {"folder_id": folder_id, "uidvalidity": FOUND_UIDVALIDITY, "uid": number,
+                 "state": MessageState.RETIRED, "location": copy.location, "size": copy.size, "sha256": copy.sha256,
+                 "message_id": copy.message_id, "flags": ""} for number, copy in enumerate(copies, 1)])
+
     def retire(self, folder_id: int, old_uidvalidity: int) -> None:
         """Old UIDs are over; their local copies stay, waiting to be re-adopted.
         Pending and skipped rows of the old UIDVALIDITY are dropped: nothing is stored
@@ -512,6 +548,25 @@ class StateRepo:
             return {row.uidl: RecordedPop(row.uidl, MessageState(row.state), row.first_seen, row.location)
                     for row in rows}
 
+    def pop_record_found(self, account_id: int, copies: Sequence[LocalCopy]) -> None:
+        """Copies found by indexing the store, under a stand-in identity no listing has
+        (``FOUND_UIDL``): a message fetched again is matched to one of them by content."""
+        with self.engine.begin() as connection:
+            now = _now()
+            connection.execute(insert(POP), [
+                {"account_id": account_id, "uidl": f"{FOUND_UIDL}{copy.location}", "state": MessageState.RETIRED,
+                 "location": copy.location, "size": copy.size, "sha256": copy.sha256, "message_id": copy.message_id,
+                 "first_seen": now} for copy in copies])
+
+    def pop_unclaimed(self, account_id: int) -> list[RecordedMessage]:
+        """The found copies no UIDL claimed yet, as retired messages (``row_id`` is theirs)."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(POP).where(POP.c.account_id == account_id,
+                                                        POP.c.state == MessageState.RETIRED))
+            return [RecordedMessage(uid=0, uidvalidity=FOUND_UIDVALIDITY, state=MessageState.RETIRED,
+                                    location=row.location, size=row.size, sha256=row.sha256,
+                                    message_id=row.message_id, row_id=row.id) for row in rows]
+
     def pop_record_pending(self, account_id: int, intents: Sequence[tuple[str, int, str]]) -> None:
         """(uidl, size, location) intents, before the download."""
         if not intents:
@@ -527,10 +582,12 @@ class StateRepo:
 
     def pop_finish_batch(self, account_id: int, done: Sequence[tuple[str, Stored, str | None]],
                          unfinished: Sequence[tuple[str, str]],
-                         stored_as: MessageState = MessageState.STORED) -> None:
+                         stored_as: MessageState = MessageState.STORED,
+                         adopted: Sequence[tuple[str, RecordedMessage]] = ()) -> None:
         """Record a committed batch in ONE transaction, as ``finish_batch`` does for IMAP:
-        the stored messages as ``stored_as``, and the (uidl, location) intents not yet
-        finished at the location their reservation names now."""
+        the stored messages as ``stored_as``, the (uidl, location) intents not yet
+        finished at the location their reservation names now, and found copies that
+        turned out to be (uidl)'s message: the found row takes the UIDL, its intent ends here."""
         uidl = POP.c.uidl == bindparam("b_uidl")
         with self.engine.begin() as connection:
             if done:
@@ -544,6 +601,11 @@ class StateRepo:
                     POP.c.account_id == account_id, uidl, POP.c.state == MessageState.PENDING,
                 ).values(location=bindparam("b_location")), [
                     {"b_uidl": key, "b_location": location} for key, location in unfinished])
+            for key, copy in adopted:
+                connection.execute(delete(POP).where(POP.c.account_id == account_id, POP.c.uidl == key,
+                                                     POP.c.state == MessageState.PENDING))
+                connection.execute(update(POP).where(POP.c.id == copy.row_id).values(
+                    uidl=key, state=MessageState.STORED, first_seen=_now()))
 
     def pop_forget(self, account_id: int, uidls: Sequence[str]) -> None:
         """Intents that came to nothing this run: dropped, so they are fetched again."""

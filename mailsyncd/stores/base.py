@@ -21,6 +21,11 @@ intent may stay recorded beside stored ones.
 ``stored``; it reports which of them are whole in the store (to adopt) and clears away
 the rest (temporary files, a torn mbox tail it can prove it wrote), so the message can
 simply be fetched again. It never removes what another program wrote (invariant 10).
+
+``index`` lists what a folder holds, whoever wrote it, so that a state database that
+knows nothing of the store (lost, zeroed, another machine's, or a store written by
+mbsync, offlineimap or getmail) can match it with the server instead of storing every
+message again. It reads only: it creates, moves and removes nothing.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from mailsyncd.domain import NO_FLAGS, Flags, Stored
+from mailsyncd.domain import NO_FLAGS, Flags, LocalCopy, Stored
+from mailsyncd.message import comparable, digest, message_id, server_size
 
 
 class Reservation(Protocol):
@@ -78,6 +84,11 @@ class Store(Protocol):
         """Whole messages behind pending locations, keyed by the pending location."""
         ...
 
+    def index(self, folder: str) -> list[LocalCopy]:
+        """Every whole message in ``folder``, in the store's order; empty when the folder
+        is not there."""
+        ...
+
     def set_flags(self, location: str, flags: Flags) -> str:
         """Apply flags; returns the (possibly new) location. A message no longer in the
         store is left alone and its location returned unchanged."""
@@ -91,6 +102,13 @@ class Store(Protocol):
     def remove(self, location: str) -> None: ...
 
     def read(self, location: str) -> bytes: ...
+
+
+def local_copy(location: str, data: bytes) -> LocalCopy:
+    """How an indexed message is compared with the server's: its Message-ID, and the
+    wire size and digest of its bytes as ``comparable`` gives them."""
+    server_bytes = comparable(data)
+    return LocalCopy(location, message_id(data), server_size(server_bytes), digest(server_bytes))
 
 
 __all__ = ["FolderWriter", "Reservation", "Store", "Stored"]  # Stored lives in domain; stores hand it out

@@ -20,10 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mailsyncd import names
-from mailsyncd.domain import NO_FLAGS, Flags, LocalContent, LocalFolderScan, LocalMessage, Stored
+from mailsyncd.domain import NO_FLAGS, Flags, LocalContent, LocalCopy, LocalFolderScan, LocalMessage, Stored
 from mailsyncd.errors import StoreError
 from mailsyncd.fsio import fsync_dir, make_private_dirs, safe_join, sync_files, write_new_file
 from mailsyncd.message import digest, message_id, server_size
+from mailsyncd.stores.base import local_copy
 
 SUBDIRS = ("tmp", "new", "cur")
 INFO = ":2,"
@@ -221,6 +222,21 @@ class MaildirStore:
                 data = self._path(current).read_bytes()
                 found[location] = Stored(current, digest(data))
         return found
+
+    def index(self, folder: str) -> list[LocalCopy]:
+        """The files of new/ and cur/, by name (tmp/ holds no whole message); a file
+        removed while the index is read is passed over."""
+        directory = safe_join(self.root, folder) if folder else self.root
+        prefix = f"{folder}/" if folder else ""
+        copies: list[LocalCopy] = []
+        for sub in ("new", "cur"):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                names_found = sorted(entry.name for entry in os.scandir(directory / sub)
+                                     if not entry.name.startswith(".") and entry.is_file())
+                for name in names_found:
+                    with contextlib.suppress(FileNotFoundError):
+                        copies.append(local_copy(f"{prefix}{sub}/{name}", (directory / sub / name).read_bytes()))
+        return copies
 
     def set_flags(self, location: str, flags: Flags) -> str:
         current = self.find(location)

@@ -46,10 +46,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from mailsyncd import names
-from mailsyncd.domain import NO_FLAGS, Flags, Stored
+from mailsyncd.domain import NO_FLAGS, Flags, LocalCopy, Stored
 from mailsyncd.errors import StoreError
 from mailsyncd.fsio import PRIVATE_FILE, fsync_dir, locked_file, make_private_dirs, safe_join
 from mailsyncd.message import digest, header_block
+from mailsyncd.stores.base import local_copy
 
 log = logging.getLogger(__name__)
 
@@ -436,6 +437,15 @@ class MboxStore:
                 offsets.setdefault(content_key(data)[:KEY_LENGTH], []).append(offset)
             cached = self._index[path] = (version, offsets)
         return cached[1]
+
+    def index(self, folder: str) -> list[LocalCopy]:
+        """Every message of the file, located by offset and content key, whoever wrote
+        it; the status fields we or a mail reader added are left out of the comparison."""
+        path = safe_join(self.root, folder)
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError), self._reading(path) as handle:
+            return [local_copy(_stored_location(folder, offset, content_key(data)), data)
+                    for offset, data in _messages(handle)]
+        return []
 
     def read(self, location: str) -> bytes:
         """The message, without the status fields we added to it."""

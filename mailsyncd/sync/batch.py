@@ -15,6 +15,11 @@ For each batch, in the order that keeps invariant 1 (durable, then recorded):
 Steps 3 to 5 run on errors too (a dropped connection), so what arrived is kept. What
 differs between protocols (how messages are named, fetched and recorded) is a
 ``Ledger``; the sequence itself lives only here.
+
+Before a message is written, its bytes are looked up in a ``ContentPool``: the local
+copies no record claims (retired by a UIDVALIDITY change, or found by indexing a store
+the state database knew nothing of). A match is adopted where it lies instead of being
+stored a second time; this is how a lost state database costs no duplicate.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Protocol, TypeVar
 
-from mailsyncd.domain import Stored
-from mailsyncd.message import message_id
+from mailsyncd.domain import RecordedMessage, Stored
+from mailsyncd.errors import StoreError
+from mailsyncd.message import comparable, digest, holds, message_id
 from mailsyncd.stores.base import FolderWriter, Reservation
 from mailsyncd.sync.effects import Effects
 
@@ -52,6 +58,59 @@ def batches(items: Iterable[Item], size_of: Callable[[Item], int], budget: int, 
         yield batch
 
 
+class ContentPool:
+    """Local copies a fetched message may turn out to be, by the SHA-256 their record
+    holds: of the stored bytes (our own copies), or of the bytes as message.comparable
+    gives them (copies found by indexing); failing that, a copy with the same Message-ID
+    that ``read`` shows to be the message with fields added (message.holds). Each copy
+    is claimed at most once."""
+
+    def __init__(self, copies: Iterable[RecordedMessage] = (),
+                 read: Callable[[str], bytes] | None = None) -> None:
+        self._by_digest: dict[str, list[RecordedMessage]] = {}
+        self._by_id: dict[str, list[RecordedMessage]] = {}
+        self._claimed: set[str] = set()  # locations
+        self._read = read
+        for copy in copies:
+            if copy.location and copy.sha256:
+                self._by_digest.setdefault(copy.sha256, []).append(copy)
+            if copy.location and copy.message_id and read is not None:
+                self._by_id.setdefault(copy.message_id, []).append(copy)
+
+    def claim(self, data: bytes) -> RecordedMessage | None:
+        """The copy these LF bytes are, taken out of the pool; None when none is."""
+        if not self._by_digest and not self._by_id:
+            return None
+        found = self._take(self._by_digest.get(digest(data), []))
+        if found is None:
+            normalised = comparable(data)
+            if normalised != data:
+                found = self._take(self._by_digest.get(digest(normalised), []))
+        if found is None and self._by_id:
+            found = self._take(self._by_id.get(message_id(data) or "", []), data)
+        if found is not None:
+            self._claimed.add(found.location or "")
+        return found
+
+    def _take(self, copies: list[RecordedMessage], data: bytes | None = None) -> RecordedMessage | None:
+        """The first unclaimed copy (that holds ``data``, when given)."""
+        for copy in copies:
+            if copy.location in self._claimed:
+                continue
+            if data is not None:
+                assert self._read is not None and copy.location is not None
+                try:
+                    if not holds(comparable(self._read(copy.location)), comparable(data)):
+                        continue
+                except StoreError:
+                    continue  # gone from the store meanwhile
+            return copy
+        return None
+
+
+NO_POOL = ContentPool()
+
+
 class Ledger(Protocol[Message_contra]):
     """One protocol's part in ``store_batch``: its messages' places, bodies and rows."""
 
@@ -70,14 +129,14 @@ class Ledger(Protocol[Message_contra]):
         asked for; None for one the server no longer has."""
         ...
 
-    def claim(self, message: Message_contra, data: bytes) -> bool:
-        """True when a local copy of these bytes is adopted instead of writing them."""
+    def adopt(self, message: Message_contra, copy: RecordedMessage) -> None:
+        """The message is ``copy``, from the pool: recorded at its location by ``finish``."""
         ...
 
     def finish(self, done: Sequence[tuple[Message_contra, Stored, str | None]],
                unfinished: Sequence[tuple[Message_contra, str]]) -> None:
         """Stored messages (with their Message-ID) and the unfinished intents' current
-        locations, in ONE transaction, with whatever ``claim`` adopted."""
+        locations, in ONE transaction, with whatever ``adopt`` was given."""
         ...
 
     def forget(self, unfinished: Sequence[Message_contra]) -> None:
@@ -85,12 +144,13 @@ class Ledger(Protocol[Message_contra]):
         ...
 
 
-def store_batch(effects: Effects, writer: FolderWriter, ledger: Ledger[Message], batch: Sequence[Message]) -> None:
+def store_batch(effects: Effects, writer: FolderWriter, ledger: Ledger[Message], batch: Sequence[Message],
+                pool: ContentPool = NO_POOL) -> None:
     reserved = [(message, ledger.reserve(writer, message)) for message in batch]
     ledger.record_intents([(message, reservation.location) for message, reservation in reserved])
     effects.checkpoint("intent")
     written: list[tuple[Message, str | None]] = []
-    finished: set[int] = set()  # indexes into ``reserved`` that were written or claimed
+    finished: set[int] = set()  # indexes into ``reserved`` that were written or adopted
     bodies = ledger.bodies(batch)
     try:
         for index, (message, reservation) in enumerate(reserved):
@@ -98,7 +158,9 @@ def store_batch(effects: Effects, writer: FolderWriter, ledger: Ledger[Message],
             if data is None:
                 continue  # gone from the server meanwhile: nothing to keep
             finished.add(index)
-            if ledger.claim(message, data):
+            copy = pool.claim(data)
+            if copy is not None:
+                ledger.adopt(message, copy)  # already in the store: not written again
                 continue
             reservation.write(data)
             written.append((message, message_id(data)))

@@ -3,6 +3,12 @@
 Snapshot -> plan (pure) -> retire, adopt, skip, fetch (through ``store_batch``), flags,
 vanished -> only then advance the folder's sync point, so an interrupted sync starts
 again from the old one.
+
+A folder that has never finished a sync in this state database, and of which it
+records nothing, is indexed first: whatever the store already holds there (the state
+database was lost, or another program wrote the store) is recorded as local copies no
+UID claims, and the plan matches them with the server's messages as it does after a
+UIDVALIDITY change, so only what is missing is downloaded (invariant 10).
 """
 
 from __future__ import annotations
@@ -15,24 +21,26 @@ from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from mailsyncd.domain import (
+    AdoptPreview,
     FetchParts,
     FolderInfo,
     LargeMessages,
     MessageState,
     Plan,
     Policy,
+    RecordedFolder,
     RecordedMessage,
     RemoteMessage,
     SnapshotBase,
     Stored,
 )
 from mailsyncd.errors import FolderError, MailsyncError, MessageError
-from mailsyncd.message import digest, placeholder, to_lf
+from mailsyncd.message import placeholder, to_lf
 from mailsyncd.progress import Progress
 from mailsyncd.sources.base import ImapSource
-from mailsyncd.state.repo import KnownFolder, StateRepo
+from mailsyncd.state.repo import FOUND_UIDVALIDITY, KnownFolder, StateRepo
 from mailsyncd.stores.base import FolderWriter, Reservation, Store
-from mailsyncd.sync.batch import FETCH_BUDGET, batches, store_batch
+from mailsyncd.sync.batch import FETCH_BUDGET, ContentPool, batches, store_batch
 from mailsyncd.sync.effects import Checkpoint, Counts, Effects, no_checkpoint
 from mailsyncd.sync.plan import plan_folder
 
@@ -96,10 +104,14 @@ class FolderSync(Effects):
                 present, _ = self.repo.sync_base(known.id, known.uidvalidity, uidnext, self.policy.max_message_size,
                                                  placeholders)
             base = SnapshotBase(known.uidvalidity, uidnext, known.highestmodseq, present)
-        snapshot = self.source.snapshot(info.name, base)
-        if base is not None and snapshot.uidvalidity != base.uidvalidity:
+        # Until its first sync finishes, a folder may hold copies no UID claims yet.
+        unclaimed = known.uidnext is None and self.index_store(known)
+        snapshot = self.source.snapshot(info.name, base, message_ids=unclaimed)
+        changed = base is not None and snapshot.uidvalidity != base.uidvalidity
+        if base is not None and changed:
             log.warning("%s/%s: UIDVALIDITY changed (%d -> %d); matching local copies by content",
                         self.account, info.name, base.uidvalidity, snapshot.uidvalidity)
+        if changed or unclaimed:
             recorded = self.repo.recorded_folder(known, None, with_retired=True)
         elif snapshot.present is not None:
             recorded = self.repo.recorded_folder(known, None)
@@ -107,6 +119,19 @@ class FolderSync(Effects):
             mentioned = [message.uid for message in snapshot.new] + [*snapshot.changed_flags, *snapshot.vanished]
             recorded = self.repo.recorded_folder(known, mentioned)
         return plan_folder(snapshot, recorded, self.policy)
+
+    def index_store(self, known: KnownFolder) -> bool:
+        """Record what the store holds in a folder the state database knows nothing of,
+        as copies no UID claims (before the snapshot, so a run cut short finds them
+        recorded); True when the folder has such copies."""
+        if not self.repo.folder_has_records(known.id):
+            found = self.store.index(known.path)
+            if found:
+                log.info("%s/%s: the store already holds %d messages the state database does not know; "
+                         "matching them with the server", self.account, known.name, len(found))
+                self.repo.record_found(known.id, found)
+                self.checkpoint("indexed")
+        return self.repo.has_unclaimed(known.id)
 
     def _execute(self, folder_id: int, name: str, path: str, known_uidvalidity: int | None, plan: Plan) -> None:
         if plan.retire is not None:
@@ -179,7 +204,7 @@ class FolderSync(Effects):
                      self.account, name, message.uid, message.size)
         text_budget = self.policy.max_message_size if self.fetch_parts == FetchParts.TEXT else None
         with self.store.open_folder(path) as writer:
-            ledger = PlaceholderLedger(self, folder_id, plan.uidvalidity, iter(()), {}, name=name,
+            ledger = PlaceholderLedger(self, folder_id, plan.uidvalidity, iter(()), name=name,
                                        text_budget=text_budget)
             for batch in batches(plan.placeholders, lambda _: 0, FETCH_BUDGET, PLACEHOLDER_BATCH):
                 store_batch(self, writer, ledger, batch)
@@ -204,19 +229,16 @@ class FolderSync(Effects):
             self.progress.end_folder()
 
     def _fetch(self, folder_id: int, name: str, path: str, plan: Plan) -> None:
-        pool: dict[tuple[str, int], list[RecordedMessage]] = {}
-        for copy in plan.adopt_pool:
-            if copy.sha256:
-                pool.setdefault((copy.sha256, copy.size or 0), []).append(copy)
+        pool = ContentPool(plan.adopt_pool, self.store.read)
         planned = list(batches(plan.fetch, lambda message: message.size, FETCH_BUDGET, BATCH_MAX_COUNT))
         self.progress.start_folder(self.account, name, len(plan.fetch), sum(m.size for m in plan.fetch))
         try:
             with (self.store.open_folder(path) as writer,
                   contextlib.closing(self.source.fetch_ahead(name, ([m.uid for m in batch] for batch in planned)))
                   as fetched):
-                ledger = ImapLedger(self, folder_id, plan.uidvalidity, fetched, pool)
+                ledger = ImapLedger(self, folder_id, plan.uidvalidity, fetched)
                 for batch in planned:
-                    store_batch(self, writer, ledger, batch)
+                    store_batch(self, writer, ledger, batch, pool)
         finally:
             self.progress.end_folder()
 
@@ -224,14 +246,13 @@ class FolderSync(Effects):
 @dataclass
 class ImapLedger:
     """IMAP's part in ``store_batch``: messages are keyed by UID within the folder's
-    UIDVALIDITY, their bodies come from the fetch running ahead, and a body whose digest
-    matches a retired local copy (``pool``) adopts that copy instead of storing it again."""
+    UIDVALIDITY, their bodies come from the fetch running ahead, and a local copy a body
+    turned out to be takes the UID (and the server's flags)."""
 
     folder: FolderSync
     folder_id: int
     uidvalidity: int
     fetched: Iterator[dict[int, bytes | MessageError]]  # one dict of bodies per planned batch, in order
-    pool: dict[tuple[str, int], list[RecordedMessage]]
     adopted: list[tuple[RemoteMessage, RecordedMessage, str]] = field(default_factory=list)
     refused: list[RemoteMessage] = field(default_factory=list)  # bodies over the limit, in this batch
 
@@ -253,13 +274,8 @@ class ImapLedger:
                 raw = None
             yield None if raw is None else to_lf(raw)
 
-    def claim(self, message: RemoteMessage, data: bytes) -> bool:
-        copies = self.pool.get((digest(data), message.size)) if self.pool else None
-        if not copies:
-            return False
-        copy = copies.pop()
+    def adopt(self, message: RemoteMessage, copy: RecordedMessage) -> None:
         self.adopted.append((message, copy, self.folder.adopt_flags(copy, message)))
-        return True
 
     def finish(self, done: Sequence[tuple[RemoteMessage, Stored, str | None]],
                unfinished: Sequence[tuple[RemoteMessage, str]]) -> None:
@@ -313,9 +329,6 @@ class PlaceholderLedger(ImapLedger):
             self.downloaded[message.uid] = found.fetched
             yield placeholder(found, how_to_fetch(self.folder.account, self.name, message.uid))
 
-    def claim(self, message: RemoteMessage, data: bytes) -> bool:
-        return False  # a placeholder is never a retired copy
-
     def finish(self, done: Sequence[tuple[RemoteMessage, Stored, str | None]],
                unfinished: Sequence[tuple[RemoteMessage, str]]) -> None:
         self.folder.repo.finish_batch(self.folder_id, self.uidvalidity, done, unfinished, [],
@@ -347,8 +360,8 @@ class ReplaceLedger:
         for raw in _next_bodies(self.folder, self.fetched, messages):
             yield None if raw is None or isinstance(raw, MessageError) else to_lf(raw)
 
-    def claim(self, message: RecordedMessage, data: bytes) -> bool:
-        return False
+    def adopt(self, message: RecordedMessage, copy: RecordedMessage) -> None:
+        raise AssertionError("a replacement is never matched to a copy: its batches have no pool")
 
     def finish(self, done: Sequence[tuple[RecordedMessage, Stored, str | None]],
                unfinished: Sequence[tuple[RecordedMessage, str]]) -> None:
@@ -389,3 +402,16 @@ def replace_placeholder(account: str, repo: StateRepo, store: Store, source: Ima
     folder_sync = FolderSync(account, repo, store, progress, checkpoint, counts, source, Policy())
     folder_sync.replace(folder.id, folder.name, folder.path, held.uidvalidity, [held])
     return counts.fetched > fetched
+
+
+def preview_folder(store: Store, source: ImapSource, info: FolderInfo, path: str, policy: Policy) -> AdoptPreview:
+    """What syncing a folder the state database knows nothing of would do with the
+    copies the store holds there, by the same match a sync makes; reads only (the
+    store, and the server through EXAMINE)."""
+    found = store.index(path)
+    snapshot = source.snapshot(info.name, None, message_ids=bool(found))
+    copies = tuple(RecordedMessage(uid=number, uidvalidity=FOUND_UIDVALIDITY, state=MessageState.RETIRED,
+                                   location=copy.location, size=copy.size, sha256=copy.sha256,
+                                   message_id=copy.message_id) for number, copy in enumerate(found, 1))
+    plan = plan_folder(snapshot, RecordedFolder(None, None, None, retired=copies), policy)
+    return AdoptPreview(info.name, len(found), len(plan.adopt), len(plan.fetch), len(plan.adopt_pool))

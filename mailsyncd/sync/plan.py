@@ -62,15 +62,15 @@ def plan_folder(snapshot: FolderSnapshot, recorded: RecordedFolder, policy: Poli
     if recorded.uidvalidity is not None and snapshot.uidvalidity != recorded.uidvalidity:
         return _plan_new_uidvalidity(snapshot, recorded, policy)
 
+    unknown: list[RemoteMessage] = []
     fetch: list[RemoteMessage] = []
-    skip: list[RemoteMessage] = []
     placeholders: list[RemoteMessage] = []
     replace: list[RecordedMessage] = []
     flag_updates: dict[int, FlagUpdate] = {}
     for message in snapshot.new:
         known = recorded.messages.get(message.uid)
         if known is None or known.state == MessageState.PENDING:
-            (_large(policy, placeholders, skip) if _too_large(message, policy) else fetch).append(message)
+            unknown.append(message)
         elif known.state == MessageState.SKIPPED:
             if not _too_large(message, policy):  # the limit was raised since
                 fetch.append(message)
@@ -80,6 +80,10 @@ def plan_folder(snapshot: FolderSnapshot, recorded: RecordedFolder, policy: Poli
             replace.append(known)  # the limit was raised since; its flags come with the whole message
         elif known.state in _SHOWN and known.flags != message.flags and known.location:
             flag_updates[message.uid] = FlagUpdate(message.uid, known.location, message.flags)
+    # Local copies no UID claims yet (found by indexing the store) are matched first.
+    adopt, pool, more, skip, large = _match(unknown, recorded.retired, policy)
+    fetch += more
+    placeholders += large
 
     for uid, flags in snapshot.changed_flags.items():
         known = recorded.messages.get(uid)
@@ -91,7 +95,8 @@ def plan_folder(snapshot: FolderSnapshot, recorded: RecordedFolder, policy: Poli
     remove = tuple(message for message in vanished if policy.mode == Mode.MIRROR)
     return Plan(
         uidvalidity=snapshot.uidvalidity, uidnext=snapshot.uidnext, highestmodseq=snapshot.highestmodseq,
-        fetch=tuple(fetch), skip=tuple(skip), placeholders=tuple(placeholders),
+        adopt=adopt, adopt_pool=pool, fetch=tuple(sorted(fetch, key=lambda message: message.uid)), skip=skip,
+        placeholders=tuple(sorted(placeholders, key=lambda message: message.uid)),
         replace=tuple(known for known in replace if known not in vanished),
         flag_updates=tuple(update for uid, update in sorted(flag_updates.items()) if uid not in
                            {message.uid for message in vanished}),
@@ -113,13 +118,27 @@ def _vanished(snapshot: FolderSnapshot, recorded: RecordedFolder) -> list[Record
 
 
 def _plan_new_uidvalidity(snapshot: FolderSnapshot, recorded: RecordedFolder, policy: Policy) -> Plan:
-    """Invariant 5: every old UID is retired; server messages are matched to local
-    copies by (Message-ID, size), each copy claimed at most once; the rest is fetched
-    and may still be matched by content hash (``adopt_pool``). Nothing is removed."""
+    """Invariant 5: every old UID is retired and its copy matched again; nothing is removed."""
+    old = [message for message in recorded.messages.values() if message.state in _HAS_COPY]
+    adopt, pool, fetch, skip, placeholders = _match(snapshot.new, [*recorded.retired, *old], policy)
+    return Plan(
+        uidvalidity=snapshot.uidvalidity, uidnext=snapshot.uidnext, highestmodseq=snapshot.highestmodseq,
+        retire=recorded.uidvalidity, adopt=adopt, adopt_pool=pool, fetch=fetch, skip=skip,
+        placeholders=placeholders,
+    )
+
+
+def _match(messages: Sequence[RemoteMessage], copies: Sequence[RecordedMessage], policy: Policy
+           ) -> tuple[tuple[Adoption, ...], tuple[RecordedMessage, ...], tuple[RemoteMessage, ...],
+                      tuple[RemoteMessage, ...], tuple[RemoteMessage, ...]]:
+    """(adopt, adopt_pool, fetch, skip, placeholders): server messages no UID of ours holds, matched to
+    local copies no UID claims (retired ones, or found by indexing the store) by
+    (Message-ID, size), each copy claimed at most once; the rest is fetched (or, too large,
+    skipped or kept as a placeholder), and may still turn out, by content hash, to be one of ``adopt_pool``:
+    the copies left unclaimed. Nothing is removed."""
     candidates: dict[tuple[str, int], list[RecordedMessage]] = defaultdict(list)
     unkeyed: list[RecordedMessage] = []
-    old = [message for message in recorded.messages.values() if message.state in _HAS_COPY]
-    for copy in sorted([*recorded.retired, *old], key=lambda message: (message.uidvalidity, message.uid)):
+    for copy in sorted(copies, key=lambda message: (message.uidvalidity, message.uid)):
         if not copy.location:
             continue
         if copy.message_id and copy.size is not None:
@@ -131,7 +150,7 @@ def _plan_new_uidvalidity(snapshot: FolderSnapshot, recorded: RecordedFolder, po
     fetch: list[RemoteMessage] = []
     skip: list[RemoteMessage] = []
     placeholders: list[RemoteMessage] = []
-    for message in sorted(snapshot.new, key=lambda message: message.uid):
+    for message in sorted(messages, key=lambda message: message.uid):
         matches = candidates.get((message.message_id, message.size)) if message.message_id else None
         if matches:
             adopt.append(Adoption(message.uid, message, matches.pop(0)))
@@ -140,11 +159,7 @@ def _plan_new_uidvalidity(snapshot: FolderSnapshot, recorded: RecordedFolder, po
         else:
             fetch.append(message)
     pool = tuple(unkeyed) + tuple(copy for copies in candidates.values() for copy in copies)
-    return Plan(
-        uidvalidity=snapshot.uidvalidity, uidnext=snapshot.uidnext, highestmodseq=snapshot.highestmodseq,
-        retire=recorded.uidvalidity, adopt=tuple(adopt), adopt_pool=pool, fetch=tuple(fetch), skip=tuple(skip),
-        placeholders=tuple(placeholders),
-    )
+    return tuple(adopt), pool, tuple(fetch), tuple(skip), tuple(placeholders)
 
 
 # --- POP3 -------------------------------------------------------------------------------

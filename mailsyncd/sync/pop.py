@@ -6,22 +6,27 @@ numbers of this session's listing and only for identities recorded stored -> QUI
 only after +OK, record the deletions. A kill or a dropped connection anywhere before
 QUIT leaves the server as it was (POP rolls DELE back) and the next run's recovery
 finishes or forgets the half-done writes.
+
+An account of which the state database records nothing has its store indexed first
+(invariant 10): UIDLs tell nothing about local copies, so each message is still
+retrieved, and one whose bytes are a copy already in the store is recorded there
+instead of being written again.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from mailsyncd.domain import PopListing, PopPlan, PopPolicy, Stored
+from mailsyncd.domain import PopListing, PopPlan, PopPolicy, RecordedMessage, Stored
 from mailsyncd.errors import MessageError
 from mailsyncd.progress import Progress
 from mailsyncd.sources.base import Pop3Source
 from mailsyncd.state.repo import StateRepo
 from mailsyncd.stores.base import FolderWriter, Reservation, Store
-from mailsyncd.sync.batch import FETCH_BUDGET, batches, store_batch
+from mailsyncd.sync.batch import FETCH_BUDGET, ContentPool, batches, store_batch
 from mailsyncd.sync.effects import Checkpoint, Counts, Effects, no_checkpoint
 from mailsyncd.sync.plan import plan_pop
 
@@ -40,9 +45,12 @@ class PopSync(Effects):
     policy: PopPolicy
 
     def run(self, now: datetime) -> None:
+        recorded = self.repo.pop_messages(self.account_id)
+        if not recorded:
+            self._index_store()
         listing = self.source.listing()
         self.checkpoint("listing")
-        plan = plan_pop(listing, self.repo.pop_messages(self.account_id), self.policy, now)
+        plan = plan_pop(listing, recorded, self.policy, now)
         if plan.skip:
             for number, uidl, size in plan.skip:
                 log.warning("%s: POP message %d (UIDL %s) skipped: %d bytes is over max_message_size",
@@ -65,13 +73,23 @@ class PopSync(Effects):
             self.checkpoint("deleted")
         self.counts.folders += 1
 
+    def _index_store(self) -> None:
+        """Record what the store's INBOX already holds, before anything is fetched."""
+        found = self.store.index(self.store.folder_path(INBOX, None))
+        if found:
+            log.info("%s: the store already holds %d messages the state database does not know; a message "
+                     "retrieved that is one of them is not stored again", self.account, len(found))
+            self.repo.pop_record_found(self.account_id, found)
+            self.checkpoint("indexed")
+
     def _fetch(self, fetches: Sequence[Fetch]) -> None:
         self.progress.start_folder(self.account, INBOX, len(fetches), sum(size for _, _, size in fetches))
         try:
             with self.store.open_folder(self.store.folder_path(INBOX, None)) as writer:
                 ledger = PopLedger(self)
+                pool = ContentPool(self.repo.pop_unclaimed(self.account_id), self.store.read)
                 for batch in batches(fetches, _size, FETCH_BUDGET, BATCH_MAX_COUNT):
-                    store_batch(self, writer, ledger, batch)
+                    store_batch(self, writer, ledger, batch, pool)
         finally:
             self.progress.end_folder()
 
@@ -124,6 +142,7 @@ class PopLedger:
     retrieved one at a time, so memory is bounded by one message."""
 
     session: PopSync
+    adopted: list[tuple[str, RecordedMessage]] = field(default_factory=list)
 
     def size(self, message: Fetch) -> int:
         return _size(message)
@@ -150,14 +169,15 @@ class PopLedger:
         self.session.checkpoint("fetched")
         return data
 
-    def claim(self, message: Fetch, data: bytes) -> bool:
-        return False  # a POP mailbox has no earlier copies to adopt
+    def adopt(self, message: Fetch, copy: RecordedMessage) -> None:
+        self.adopted.append((message[1], copy))
 
     def finish(self, done: Sequence[tuple[Fetch, Stored, str | None]],
                unfinished: Sequence[tuple[Fetch, str]]) -> None:
+        adopted, self.adopted = self.adopted, []
         self.session.repo.pop_finish_batch(self.session.account_id, [
             (uidl, stored, found_id) for (_, uidl, _), stored, found_id in done], [
-            (uidl, location) for (_, uidl, _), location in unfinished])
+            (uidl, location) for (_, uidl, _), location in unfinished], adopted=adopted)
 
     def forget(self, unfinished: Sequence[Fetch]) -> None:
         self.session.repo.pop_forget(self.session.account_id, [uidl for _, uidl, _ in unfinished])

@@ -24,6 +24,7 @@ from enum import StrEnum
 
 from mailsyncd.domain import (
     HOLDABLE_FLAGS,
+    NO_FLAGS,
     Append,
     Download,
     FlagMerge,
@@ -49,7 +50,7 @@ from mailsyncd.sources.base import TwoWaySource
 from mailsyncd.state.repo import KnownFolder, PushIntent
 from mailsyncd.stores.base import FolderWriter, Reservation
 from mailsyncd.stores.maildir import MaildirListing, MaildirStore, unique_part
-from mailsyncd.sync.batch import FETCH_BUDGET, batches, store_batch
+from mailsyncd.sync.batch import FETCH_BUDGET, ContentPool, batches, store_batch
 from mailsyncd.sync.effects import Effects
 from mailsyncd.sync.twoway import DELETED, canonical, first_base, holdable, needs_content, plan_account
 
@@ -442,18 +443,19 @@ class FolderPass:
         restored = [download.remote.uid for download in downloads if download.restores is not None]
         if restored:
             self.sync.repo.record_pushes(self.folder_id, self.plan.uidvalidity, forget=restored)
-        pool: dict[tuple[str, int], list[str]] = defaultdict(list)
-        for append in self.plan.appends:
-            if append.unique in self.plan.adopt_pool:
-                pool[(append.content.sha256, append.content.server_size)].append(append.unique)
+        waiting = {self.location(append.unique): append for append in self.plan.appends
+                   if append.unique in self.plan.adopt_pool}
+        pool = ContentPool(RecordedMessage(
+            0, self.plan.uidvalidity, MessageState.STORED, NO_FLAGS, location, append.content.server_size,
+            append.content.sha256, append.content.message_id) for location, append in waiting.items())
         remotes = [download.remote for download in downloads]
         planned = list(batches(remotes, lambda message: message.size, FETCH_BUDGET, BATCH_MAX_COUNT))
         with (self.sync.store.open_folder(self.side.known.path) as writer,
               contextlib.closing(self.sync.source.fetch_ahead(self.name, ([m.uid for m in batch]
                                                                           for batch in planned))) as fetched):
-            ledger = TwoWayLedger(self, pool, fetched)
+            ledger = TwoWayLedger(self, {location: append.unique for location, append in waiting.items()}, fetched)
             for batch in planned:
-                store_batch(self.sync, writer, ledger, batch)
+                store_batch(self.sync, writer, ledger, batch, pool)
         self.pulled += len(remotes)
         return ledger.claimed
 
@@ -554,11 +556,11 @@ class FolderPass:
 @dataclass
 class TwoWayLedger:
     """The two-way part in ``store_batch`` (see sync/batch.py's Ledger): like the pull
-    path's, keyed by UID; a body whose bytes are a file waiting to be appended (the
-    ``pool``, by SHA-256 and server size) pairs with that file instead of being stored."""
+    path's, keyed by UID; a body whose bytes are a file waiting to be appended (found in
+    the batch's pool by SHA-256) pairs with that file instead of being stored."""
 
     folder: FolderPass
-    pool: dict[tuple[str, int], list[str]]
+    waiting: dict[str, str]  # location -> unique of the files the pool holds
     fetched: Iterator[dict[int, bytes | MessageError]]  # one dict of bodies per planned batch, in order
     claimed: set[str] = field(default_factory=set)
     adopted: list[RecordedMessage] = field(default_factory=list)
@@ -583,17 +585,13 @@ class TwoWayLedger:
                 raw = None
             yield None if raw is None else to_lf(raw)
 
-    def claim(self, message: RemoteMessage, data: bytes) -> bool:
-        uniques = self.pool.get((digest(data), message.size))
-        if not uniques:
-            return False
-        unique = uniques.pop()
+    def adopt(self, message: RemoteMessage, copy: RecordedMessage) -> None:
+        unique = self.waiting[copy.location or ""]
         self.claimed.add(unique)
         file = self.folder.side.listing.scan.messages[unique]
         self.adopted.append(RecordedMessage(
             message.uid, self.folder.plan.uidvalidity, MessageState.STORED, first_base(file.flags, message.flags),
-            self.folder.location(unique), message.size, digest(data), message_id(data)))
-        return True
+            copy.location, message.size, copy.sha256, copy.message_id))
 
     def finish(self, done: Sequence[tuple[RemoteMessage, Stored, str | None]],
                unfinished: Sequence[tuple[RemoteMessage, str]]) -> None:

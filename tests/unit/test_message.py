@@ -60,3 +60,41 @@ def test_message_id_never_raises(data: bytes) -> None:
 def test_digest_is_sha256_hex() -> None:
     assert digest(b"x\n") == hashlib.sha256(b"x\n").hexdigest()
     assert len(digest(b"")) == 64
+
+
+def test_without_marks_drops_what_sync_tools_and_readers_add_and_nothing_else() -> None:
+    from mailsyncd.message import comparable, server_size, without_marks
+
+    server = b"From: a@b\nSubject: Status: fine\nMessage-ID: <x@y>\n\nStatus: in the body stays\n"
+    marked = (b"From: a@b\nX-TUID: AbCdEf\nSubject: Status: fine\nMessage-ID: <x@y>\nStatus: RO\n"
+              b"X-Status: F\n folded on\nContent-Length: 27\nLines: 1\n\nStatus: in the body stays\n")
+    assert without_marks(marked) == server
+    assert without_marks(server) == server
+    assert comparable(marked + b"\n\n") == server
+    assert server_size(server) == len(server.replace(b"\n", b"\r\n"))
+
+
+def test_the_content_pool_finds_marked_copies_once() -> None:
+    from mailsyncd.domain import MessageState, RecordedMessage
+    from mailsyncd.message import comparable
+    from mailsyncd.sync.batch import ContentPool
+
+    server = b"From: a@b\nMessage-ID: <x@y>\n\nbody\n"
+    found = RecordedMessage(1, -1, MessageState.RETIRED, location="cur/a",
+                            sha256=digest(comparable(b"X-TUID: q\n" + server)))
+    own = RecordedMessage(2, 7, MessageState.RETIRED, location="cur/b", sha256=digest(b"other\n"))
+    pool = ContentPool([found, own])
+    assert pool.claim(b"unrelated\n") is None
+    assert pool.claim(server) == found
+    assert pool.claim(server) is None  # claimed at most once
+    assert pool.claim(b"other\n") == own
+
+
+def test_a_copy_holds_the_message_when_only_fields_were_added() -> None:
+    from mailsyncd.message import holds
+
+    message = b"From: a@b\nSubject: s\n folded\nMessage-ID: <x@y>\n\nbody\n"
+    assert holds(b"Return-Path: <a@b>\nDelivered-To: me\n" + message + b"\n", message)
+    assert not holds(message.replace(b"body", b"Body"), message)
+    assert not holds(message.replace(b" folded\n", b""), message)  # a field changed, not added
+    assert not holds(b"From: a@b\nMessage-ID: <x@y>\n\nbody\n", message)  # fields missing

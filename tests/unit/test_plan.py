@@ -181,3 +181,21 @@ def test_oversize_messages_are_skipped_and_fetched_once_the_limit_allows() -> No
     assert plan_folder(snapshot, as_recorded(1, 3, state), Policy(max_message_size=1000)).empty
     raised = plan_folder(snapshot, as_recorded(1, 3, state), Policy(max_message_size=10_000))
     assert [m.uid for m in raised.fetch] == [2]
+
+
+def test_a_first_sync_over_found_copies_adopts_them_and_fetches_only_the_rest() -> None:
+    """A state database that knows nothing of the store: the copies indexing found are
+    matched by Message-ID and size, each once; too large ones that match are adopted, not
+    skipped; nothing is retired, nothing removed."""
+    found = tuple(RecordedMessage(number, -1, MessageState.RETIRED, location=f"cur/{number}", size=size,
+                                  message_id=mid, sha256=f"s{number}", row_id=number)
+                  for number, (mid, size) in enumerate([("<a@x>", 10), ("<b@x>", 900), ("<a@x>", 10), (None, 5)], 1))
+    server = {1: RemoteMessage(1, 10, message_id="<a@x>"), 2: RemoteMessage(2, 900, message_id="<b@x>"),
+              3: RemoteMessage(3, 11, message_id="<a@x>"), 4: RemoteMessage(4, 5)}
+    plan = plan_folder(full_snapshot(9, server), RecordedFolder(None, None, None, retired=found),
+                       Policy(Mode.MIRROR, max_message_size=100))
+    assert plan.retire is None
+    assert [(adoption.uid, adoption.copy.location) for adoption in plan.adopt] == [(1, "cur/1"), (2, "cur/2")]
+    assert [message.uid for message in plan.fetch] == [3, 4]
+    assert sorted(copy.location or "" for copy in plan.adopt_pool) == ["cur/3", "cur/4"]
+    assert not plan.skip and not plan.gone and not plan.remove
