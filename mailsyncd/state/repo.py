@@ -531,7 +531,7 @@ class StateRepo:
             by_folder.setdefault(folder_id, {})[state] = count
         folders = tuple(
             FolderStatus(row.name, row.path, row.last_sync, row.last_error, row.on_server, row.uidvalidity,
-                         by_folder.get(row.id, {}))
+                         by_folder.get(row.id, {}), row.pushed, row.pulled)
             for row in connection.execute(select(FOLDERS).where(FOLDERS.c.account_id == account.id)
                                           .order_by(FOLDERS.c.name))
         )

@@ -4,12 +4,14 @@ transcript. The rules under test are in twoway.md."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
 import pytest
 
+from mailsyncd import cli
 from mailsyncd.stores.maildir import INFO
 from tests.conftest import DovecotUser
 from tests.helpers import normalize
@@ -223,3 +225,18 @@ def test_unchanged_folders_are_not_listed(two: tuple[Machine, Machine], dovecot:
     (first.root / "cur").touch()
     assert first.sync() == 0
     assert server_flags(dovecot)["message 1 in INBOX"] == {"\\Seen"}
+
+
+def test_status_shows_each_direction(two: tuple[Machine, Machine], dovecot: DovecotUser,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    first, _ = two
+    first.set_letters("message 1 in INBOX", "S")
+    dovecot.server.add_flags(dovecot.user, "INBOX", [dovecot.server.uids(dovecot.user, "INBOX")[1]], ["\\Flagged"])
+    assert first.sync() == 0
+    capsys.readouterr()
+    assert cli.main(["--config", str(first.config), "status"]) == 0
+    assert "INBOX: 5 stored; synced" in capsys.readouterr().out
+    assert cli.main(["--config", str(first.config), "status", "--json"]) == 0
+    [account] = json.loads(capsys.readouterr().out)
+    inbox = next(folder for folder in account["folders"] if folder["name"] == "INBOX")
+    assert (inbox["pushed"], inbox["pulled"]) == (1, 1)
