@@ -199,6 +199,11 @@ class App:
         policy = TwoWayPolicy(Expunge(account.expunge), account.max_deletions, frozenset(allow_deletions))
         deadline = None if account.timeout is None else time.monotonic() + account.timeout
         with imap.connect(account, password_for(account), deadline) as session:
+            if policy.expunge == Expunge.OWN and not session.uidplus:
+                # Only UID EXPUNGE removes exactly our own: without it, deletions only mark.
+                log.warning('%s: %s has no UIDPLUS: expunge = "own" works as "never" (deletions are only '
+                            "marked \\Deleted)", account.name, account.host)
+                policy = dataclasses.replace(policy, expunge=Expunge.NEVER)
             if not dry_run:
                 assert isinstance(store, MaildirStore)  # config.py allows mode = "sync" with Maildir only
                 reconcile_pushes(self.repo, store, session, account_id)

@@ -380,7 +380,13 @@ class FolderPass:
         if new_uid is not None:
             base, location = self._write_flags_in(move.target, new_uid, move.flags, pair.flags, location)
         self.sync.source.select(self.name)
-        self._record_move(move.uid, target_side, new_uid, base, location, pair, intent)
+        if not self.sync.source.moves_away:
+            # The original stays on the server, marked \Deleted: its pair stays too, with
+            # that in its base and no file, so it is neither deleted again nor downloaded.
+            self.sync.repo.record_pushes(self.folder_id, self.plan.uidvalidity,
+                                         rebases=[(move.uid, pair.flags | {DELETED}, None)])
+        self._record_move(move.uid if self.sync.source.moves_away else None, target_side, new_uid, base, location,
+                          pair, intent)
 
     def _rename_into(self, unique: str, target: str, target_uid: int, merge: FlagMerge, base: Flags,
                      old_uid: int | None) -> None:

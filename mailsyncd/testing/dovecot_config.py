@@ -29,8 +29,11 @@ class Ports:
     pop3s: int
 
 
-def render_config(workdir: Path, log_file: Path, ports: Ports, *, apop: bool, root: bool) -> str:
-    """The whole ``dovecot.conf``: loopback only, passwd-file per user, Maildir LAYOUT=fs."""
+def render_config(workdir: Path, log_file: Path, ports: Ports, *, apop: bool, root: bool,
+                  imap_capability: str | None = None) -> str:
+    """The whole ``dovecot.conf``: loopback only, passwd-file per user, Maildir LAYOUT=fs.
+    ``imap_capability`` replaces what IMAP announces after login (to test clients on
+    servers without, say, UIDPLUS or MOVE)."""
     work = workdir
     if root:
         # "/./" in home chroots the mail process into <workdir>/mail while still root; only
@@ -72,7 +75,8 @@ def render_config(workdir: Path, log_file: Path, ports: Ports, *, apop: bool, ro
         "auth_username_format = %u\nauth_failure_delay = 0\nauth_verbose = yes\n"
         "mail_plugins =\nmail_location = maildir:~/Maildir:LAYOUT=fs\nmail_fsync = never\n"
         "mail_max_userip_connections = 100\nimap_idle_notify_interval = 10 secs\n"
-        f"passdb {{\n  driver = passwd-file\n  args = {work}/users/%u\n}}\n"
+        + (f"imap_capability = {imap_capability}\n" if imap_capability else "")
+        + f"passdb {{\n  driver = passwd-file\n  args = {work}/users/%u\n}}\n"
         f"userdb {{\n  driver = static\n  args = home={home} allow_all_users=yes\n}}\n"
         f"namespace inbox {{\n  inbox = yes\n  separator = /\n{specials}}}\n{listeners}"
     )

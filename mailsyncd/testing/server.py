@@ -36,11 +36,13 @@ class DovecotServer:
         users: Sequence[tuple[str, str]] = (("alice", "alice-pw"),),
         *,
         apop: bool = False,
+        imap_capability: str | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         if re.search(r'[\s%"]', str(self.workdir)):  # Dovecot splits args on spaces and expands %
             raise launch.DovecotError(f"Dovecot config cannot hold this workdir path: {self.workdir}")
         self.apop = apop
+        self.imap_capability = imap_capability
         self.imap_port = self.imaps_port = self.pop3_port = self.pop3s_port = 0
         self.ca_file = self.workdir / "ca.pem"
         self.config_file = self.workdir / "dovecot.conf"
@@ -76,7 +78,8 @@ class DovecotServer:
                 self.imap_port, self.imaps_port, self.pop3_port, self.pop3s_port = launch.free_ports(4)
             ports = Ports(self.imap_port, self.imaps_port, self.pop3_port, self.pop3s_port)
             self.config_file.write_text(
-                render_config(self.workdir, self.log_file, ports, apop=self.apop, root=self._root))
+                render_config(self.workdir, self.log_file, ports, apop=self.apop, root=self._root,
+                              imap_capability=self.imap_capability))
             greeters = [(ports.imap, False), (ports.pop3, False), (ports.imaps, True), (ports.pop3s, True)]
             self._process = launch.launch(
                 dovecot, self.workdir, self.config_file, self.log_file, greeters, self.client_context)
