@@ -46,7 +46,7 @@ from mailsyncd.sync.imap import FolderSync, sync_folders
 from mailsyncd.sync.plan import select_folders
 from mailsyncd.sync.pop import sync_pop
 from mailsyncd.sync.recover import reconcile_pushes, recover
-from mailsyncd.sync.twoway_run import TwoWaySync
+from mailsyncd.sync.twoway_run import TwoWaySync, create_local_folders
 
 log = logging.getLogger(__name__)
 
@@ -208,10 +208,17 @@ class App:
                 assert isinstance(store, MaildirStore)  # config.py allows mode = "sync" with Maildir only
                 reconcile_pushes(self.repo, store, session, account_id)
             listed, selected = _listing(account, session, folders)
+            if not dry_run and create_local_folders(self.repo, store, session, account_id, listed,
+                                                    lambda name: bool(_selected_names(account, [name], folders))):
+                listed, selected = _listing(account, session, folders)
             TwoWaySync(account.name, self.repo, store, progress, checkpoint, counts, session, policy,
                        dry_run).run(account_id, selected)
         if not dry_run:
             self.repo.mark_folders_absent(account_id, [folder.name for folder in listed])
+
+
+def _selected_names(account: AccountConfig, names: Sequence[str], only: Sequence[str]) -> list[FolderInfo]:
+    return select_folders([FolderInfo(name, None) for name in names], account.folders, account.exclude, only)
 
 
 def _listing(account: AccountConfig, session: ImapSource,

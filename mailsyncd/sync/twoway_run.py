@@ -17,11 +17,12 @@ import contextlib
 import dataclasses
 import logging
 from collections import defaultdict
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
+from mailsyncd import names
 from mailsyncd.domain import (
     HOLDABLE_FLAGS,
     Append,
@@ -46,8 +47,8 @@ from mailsyncd.domain import (
 from mailsyncd.errors import FolderError, MailsyncError, MessageError
 from mailsyncd.message import digest, message_id, server_size, to_lf
 from mailsyncd.sources.base import TwoWaySource
-from mailsyncd.state.repo import KnownFolder, PushIntent
-from mailsyncd.stores.base import FolderWriter, Reservation
+from mailsyncd.state.repo import KnownFolder, PushIntent, StateRepo
+from mailsyncd.stores.base import FolderWriter, Reservation, Store
 from mailsyncd.stores.maildir import MaildirListing, MaildirStore, unique_part
 from mailsyncd.sync.batch import FETCH_BUDGET, batches, store_batch
 from mailsyncd.sync.effects import Effects
@@ -613,6 +614,34 @@ class TwoWayLedger:
     def forget(self, unfinished: Sequence[RemoteMessage]) -> None:
         self.folder.sync.repo.forget(self.folder.folder_id, self.folder.plan.uidvalidity,
                                      [message.uid for message in unfinished])
+
+
+def create_local_folders(repo: StateRepo, store: Store, source: TwoWaySource, account_id: int,
+                         listed: Sequence[FolderInfo], wanted: Callable[[str], bool]) -> list[str]:
+    """CREATE on the server each folder made in the Maildir that the server does not list,
+    that the account's globs select, and that was never synced: a folder the state knows
+    was deleted on the server and is not made again (a deletion on either side is never
+    repeated on the other; it is reported). Returns the names created."""
+    if not isinstance(store, MaildirStore):
+        return []
+    delimiter = next((folder.delimiter for folder in listed if folder.delimiter), None)
+    known = {folder.path for folder in repo.folders(account_id)}
+    on_server = {store.folder_path(folder.name, folder.delimiter) for folder in listed}
+    created = []
+    here = store.local_folders()
+    for path in here:
+        if path in on_server or path in known:
+            continue
+        name = names.folder_name(path, delimiter, store.layout)
+        if name is None or not wanted(name):
+            continue
+        source.create_folder(name)
+        log.info("folder %r made here: created on the server", name)
+        created.append(name)
+    for folder in repo.folders(account_id):
+        if not folder.on_server and folder.path in here:
+            log.warning("folder %r is gone from the server; its local copy stays and is not synced", folder.name)
+    return created
 
 
 def find_uploaded(source: TwoWaySource, name: str, since_uid: int, found_id: str | None, size: int,

@@ -240,3 +240,22 @@ def test_status_shows_each_direction(two: tuple[Machine, Machine], dovecot: Dove
     [account] = json.loads(capsys.readouterr().out)
     inbox = next(folder for folder in account["folders"] if folder["name"] == "INBOX")
     assert (inbox["pushed"], inbox["pulled"]) == (1, 1)
+
+
+def test_a_folder_made_here_is_created_on_the_server(tmp_path: Path, dovecot: DovecotUser) -> None:
+    folders = '["INBOX", "Archive", "Lists*"]'
+    dovecot.server.append_many(dovecot.user, "INBOX", [message(1)])
+    first = machine(tmp_path, dovecot, "a", folders=folders)
+    assert first.sync() == 0
+    for sub in ("cur", "new", "tmp"):
+        (first.root / ".Lists.Python" / sub).mkdir(parents=True)
+    path = first.files()["message 1 in INBOX"]
+    os.rename(path, first.root / ".Lists.Python" / "cur" / path.name)
+    (first.root / ".notmuch" / "xapian").mkdir(parents=True)  # not a Maildir folder
+    assert first.sync() == 0
+    assert "Lists/Python" in dovecot.server.list_folders(dovecot.user)
+    assert set(server_subjects(dovecot, "Lists/Python")) == {"message 1 in INBOX"}
+    assert not server_subjects(dovecot)
+    second = machine(tmp_path, dovecot, "b", folders=folders)
+    assert second.sync() == 0
+    assert set(second.files("Lists.Python")) == {"message 1 in INBOX"}
