@@ -259,3 +259,24 @@ def test_a_folder_made_here_is_created_on_the_server(tmp_path: Path, dovecot: Do
     second = machine(tmp_path, dovecot, "b", folders=folders)
     assert second.sync() == 0
     assert set(second.files("Lists.Python")) == {"message 1 in INBOX"}
+
+
+def test_moved_to_different_folders_on_both_sides(tmp_path: Path, dovecot: DovecotUser) -> None:
+    """Moved here into Archive while another client moved it into Lists: the server's
+    folder wins (other machines may show it there already), and nothing is copied."""
+    folders = '["INBOX", "Archive", "Lists"]'
+    for name in ("Archive", "Lists"):
+        dovecot.server.create_folder(dovecot.user, name)
+    dovecot.server.append_many(dovecot.user, "INBOX", [message(n) for n in (1, 2, 3)])
+    first = machine(tmp_path, dovecot, "a", folders=folders)
+    assert first.sync() == 0
+    path = first.files()["message 3 in INBOX"]
+    os.rename(path, first.folder_dir("Archive") / "cur" / f"{path.name.split(INFO)[0]}{INFO}F")
+    with dovecot.server.session(dovecot.user, "INBOX") as conn:
+        conn.uid("MOVE", str(dovecot.server.uids(dovecot.user, "INBOX")[2]), "Lists")
+    assert first.sync() == 0 and first.sync() == 0
+    everywhere = [server_subjects(dovecot, name) for name in ("INBOX", "Archive", "Lists")]
+    assert everywhere[2] == {"message 3 in INBOX": 1} and "message 3 in INBOX" not in everywhere[0] + everywhere[1]
+    assert "message 3 in INBOX" not in first.files("Archive")
+    assert first.letters("Lists") == {"message 3 in INBOX": "F"}
+    assert server_flags(dovecot, "Lists")["message 3 in INBOX"] == {"\\Flagged"}
