@@ -199,6 +199,8 @@ class TwoWaySync(Effects):
         if not pairs and not root_missing and not self.dry_run:
             self.maildir.ensure_folder(known.path)  # a folder first met: made here, never read as emptied
         listing, listed = self._listing(known, pairs, locations, root_missing)
+        if not pairs and not root_missing and not listing.scan.present:
+            listing = MaildirListing(LocalFolderScan(True), {}, None)  # a dry run's folder it would make
         sides[info.name] = Side(known, listing, pairs, locations, listed)
         folder = TwoWayFolder(info.name, snapshot, RecordedPairs(known.uidvalidity if pairs else None, pairs),
                               listing.scan)

@@ -160,3 +160,22 @@ def test_random_sigkills_while_pushing_and_pulling(tmp_path: Path, dovecot: Dove
         flags = server_flags(dovecot, folder)
         letters_of = {"\\Flagged": "F", "\\Answered": "R", "\\Seen": "S"}
         assert {s: "".join(sorted(letters_of[f] for f in fl)) for s, fl in flags.items()} == wanted
+
+
+def test_a_flag_write_cut_short_then_undone_by_the_user(tmp_path: Path, dovecot: DovecotUser) -> None:
+    """Killed after the STORE reached the server but before the base moved; the user then
+    takes the change back. Recovery counts the write into the base, so the user's last
+    word (no \\Seen) wins; without it the server's \\Seen would be pulled back in."""
+    dovecot.server.append_many(dovecot.user, "INBOX", [message(1), message(2)])
+    mine = machine(tmp_path, dovecot, "a")
+    assert mine.sync() == 0
+    mine.set_letters("message 1 in INBOX", "S")
+    step = 0
+    while not server_flags(dovecot)["message 1 in INBOX"]:
+        step += 1
+        assert crash_at_step(mine.config, step) == step
+    assert mine.intents() == 1  # stopped between the STORE and its record
+    mine.set_letters("message 1 in INBOX", "")
+    assert mine.sync() == 0
+    assert server_flags(dovecot)["message 1 in INBOX"] == set()
+    assert mine.letters()["message 1 in INBOX"] == ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -193,6 +194,12 @@ def test_dry_run_changes_nothing(two: tuple[Machine, Machine], dovecot: DovecotU
     assert "acct/INBOX: to the server: 1 flag writes, 1 deletions; here: 1 flag renames" in out
     assert sorted(p.name for p in first.root.rglob("*")) == before
     assert server_flags(dovecot) == flags_before
+    # A folder with nothing paired and no directory yet: what would come down, not a stop.
+    dovecot.server.append_many(dovecot.user, "Archive", [message(7, "Archive")])
+    shutil.rmtree(first.folder_dir("Archive"))
+    assert first.sync("--dry-run") == 0
+    assert "acct/Archive: to the server: nothing; here: 1 downloads" in capsys.readouterr().out
+    assert not first.folder_dir("Archive").exists()
 
 
 def test_uidvalidity_change_loses_and_copies_nothing(two: tuple[Machine, Machine], dovecot: DovecotUser) -> None:
