@@ -15,7 +15,7 @@ import pytest
 from mailsyncd import cli
 from mailsyncd.stores.maildir import INFO
 from tests.conftest import DovecotUser
-from tests.helpers import normalize
+from tests.helpers import normalize, write_config
 from tests.twoway_helpers import Machine, internaldates, machine, message, server_flags, server_subjects
 
 
@@ -287,3 +287,24 @@ def test_moved_to_different_folders_on_both_sides(tmp_path: Path, dovecot: Dovec
     assert "message 3 in INBOX" not in first.files("Archive")
     assert first.letters("Lists") == {"message 3 in INBOX": "F"}
     assert server_flags(dovecot, "Lists")["message 3 in INBOX"] == {"\\Flagged"}
+
+
+def test_a_folder_emptied_on_the_server_is_not_emptied_here(two: tuple[Machine, Machine],
+                                                             dovecot: DovecotUser) -> None:
+    first, _ = two
+    dovecot.server.expunge(dovecot.user, "INBOX", dovecot.server.uids(dovecot.user, "INBOX"))
+    assert first.sync() == 1
+    assert len(first.files()) == 5
+    assert first.sync("--allow-deletions", "INBOX") == 0
+    assert not first.files()
+
+
+def test_dry_run_of_a_pull_account(tmp_path: Path, dovecot: DovecotUser,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    dovecot.server.append_many(dovecot.user, "INBOX", [message(n) for n in (1, 2)])
+    config = write_config(tmp_path, dovecot.server, dovecot.user, dovecot.password, extra='folders = ["INBOX"]')
+    capsys.readouterr()
+    assert cli.main(["--config", str(config), "sync", "--dry-run"]) == 0
+    assert "acct/INBOX: here: 2 downloads, 0 flag changes, 0 removals; to the server: nothing" in \
+        capsys.readouterr().out
+    assert not list((tmp_path / "store-acct").rglob("*:2,*")) and not list((tmp_path / "store-acct").rglob("new/*"))
