@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 from mailsyncd import cli
 from mailsyncd.stores.maildir import INFO
 from tests.conftest import DovecotUser
-from tests.helpers import normalize, write_config
+from tests.helpers import normalize, wait_for, write_config
 from tests.twoway_helpers import Machine, internaldates, machine, message, server_flags, server_subjects
 
 
@@ -308,3 +310,21 @@ def test_dry_run_of_a_pull_account(tmp_path: Path, dovecot: DovecotUser,
     assert "acct/INBOX: here: 2 downloads, 0 flag changes, 0 removals; to the server: nothing" in \
         capsys.readouterr().out
     assert not list((tmp_path / "store-acct").rglob("*:2,*")) and not list((tmp_path / "store-acct").rglob("new/*"))
+
+
+def test_the_daemon_pushes_a_change_made_in_the_maildir_within_seconds(two: tuple[Machine, Machine],
+                                                                        dovecot: DovecotUser) -> None:
+    first, _ = two
+    config = first.config.read_text().replace("[account.store]", 'interval = "1h"\n\n[account.store]')
+    first.config.write_text(config)
+    daemon = subprocess.Popen([sys.executable, "-m", "mailsyncd", "--config", str(first.config), "run"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(3)  # the first pass at start
+        first.set_letters("message 1 in INBOX", "FS")
+        changed = time.monotonic()
+        assert wait_for(lambda: server_flags(dovecot)["message 1 in INBOX"] == {"\\Flagged", "\\Seen"}, 15)
+        assert time.monotonic() - changed < 15
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
