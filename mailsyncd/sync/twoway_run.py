@@ -201,6 +201,16 @@ class TwoWaySync(Effects):
         listing, listed = self._listing(known, pairs, locations, root_missing)
         if not pairs and not root_missing and not listing.scan.present:
             listing = MaildirListing(LocalFolderScan(True), {}, None)  # a dry run's folder it would make
+        archived = {unique_part(row.location.rsplit("/", 1)[-1]) for row in (recorded.messages.values() if recorded
+                    else ()) if row.state == MessageState.GONE and row.location}
+        if archived & listing.scan.messages.keys():
+            # Kept here when the server deleted them while the account was an archive:
+            # they stay here only, never uploaded again behind the user's back.
+            listing = MaildirListing(
+                LocalFolderScan(True, {unique: file for unique, file in listing.scan.messages.items()
+                                       if unique not in archived}),
+                {unique: where for unique, where in listing.locations.items() if unique not in archived},
+                listing.mtimes)
         sides[info.name] = Side(known, listing, pairs, locations, listed)
         folder = TwoWayFolder(info.name, snapshot, RecordedPairs(known.uidvalidity if pairs else None, pairs),
                               listing.scan)

@@ -328,3 +328,18 @@ def test_the_daemon_pushes_a_change_made_in_the_maildir_within_seconds(two: tupl
     finally:
         daemon.terminate()
         daemon.wait(10)
+
+
+def test_an_archive_turned_two_way_does_not_upload_what_the_server_deleted(tmp_path: Path,
+                                                                          dovecot: DovecotUser) -> None:
+    dovecot.server.append_many(dovecot.user, "INBOX", [message(n) for n in (1, 2, 3)])
+    mine = machine(tmp_path, dovecot, "a")
+    archive = mine.config.read_text()
+    mine.config.write_text(archive.replace('mode = "sync"', 'mode = "archive"'))
+    assert mine.sync() == 0
+    dovecot.server.expunge(dovecot.user, "INBOX", dovecot.server.uids(dovecot.user, "INBOX")[:1])
+    assert mine.sync() == 0  # kept here, recorded as gone
+    mine.config.write_text(archive)
+    assert mine.sync() == 0 and mine.sync() == 0
+    assert set(server_subjects(dovecot)) == {"message 2 in INBOX", "message 3 in INBOX"}
+    assert len(mine.files()) == 3
