@@ -114,7 +114,6 @@ class Side:
     listing: MaildirListing
     pairs: dict[int, RecordedPair]
     locations: dict[int, str]  # uid -> recorded location
-    listed: bool  # false: the directories were unchanged and the listing comes from the pairs
 
 
 @dataclass
@@ -198,7 +197,7 @@ class TwoWaySync(Effects):
         locations = {row.uid: row.location for row in rows if row.location}
         if not pairs and not root_missing and not self.dry_run:
             self.maildir.ensure_folder(known.path)  # a folder first met: made here, never read as emptied
-        listing, listed = self._listing(known, pairs, locations, root_missing)
+        listing = self._listing(known, pairs, locations, root_missing)
         if not pairs and not root_missing and not listing.scan.present:
             listing = MaildirListing(LocalFolderScan(True), {}, None)  # a dry run's folder it would make
         archived = {unique_part(row.location.rsplit("/", 1)[-1]) for row in (recorded.messages.values() if recorded
@@ -211,7 +210,7 @@ class TwoWaySync(Effects):
                                        if unique not in archived}),
                 {unique: where for unique, where in listing.locations.items() if unique not in archived},
                 listing.mtimes)
-        sides[info.name] = Side(known, listing, pairs, locations, listed)
+        sides[info.name] = Side(known, listing, pairs, locations)
         folder = TwoWayFolder(info.name, snapshot, RecordedPairs(known.uidvalidity if pairs else None, pairs),
                               listing.scan)
         wanted = needs_content(folder)
@@ -227,11 +226,11 @@ class TwoWaySync(Effects):
         return dataclasses.replace(folder, local=LocalFolderScan(listing.scan.present, messages))
 
     def _listing(self, known: KnownFolder, pairs: dict[int, RecordedPair], locations: dict[int, str],
-                 root_missing: bool) -> tuple[MaildirListing, bool]:
+                 root_missing: bool) -> MaildirListing:
         """The folder's files: listed, or, when cur/ and new/ have the mtimes recorded
         after a pass that left every file matching its pair, taken from the pairs."""
         if root_missing:
-            return MaildirListing(LocalFolderScan(False), {}, None), True
+            return MaildirListing(LocalFolderScan(False), {}, None)
         mtimes = self.maildir.dir_mtimes(known.path)
         if mtimes is not None and known.local_mtimes == mtimes and pairs:
             messages, where = {}, {}
@@ -239,8 +238,8 @@ class TwoWaySync(Effects):
                 subdir = locations[uid].rsplit("/", 2)[-2]
                 messages[pair.unique] = LocalMessage(pair.unique, subdir, holdable(pair.flags), 0, 0)
                 where[pair.unique] = locations[uid]
-            return MaildirListing(LocalFolderScan(True, messages), where, mtimes), False
-        return self.maildir.list_folder(known.path), True
+            return MaildirListing(LocalFolderScan(True, messages), where, mtimes)
+        return self.maildir.list_folder(known.path)
 
 
 @dataclass
