@@ -144,6 +144,15 @@ class TwoWaySync(Effects):
                 continue
             folders.append(folder)
         plans = plan_account(folders, self.policy)
+        # A message another client moved is claimed by its old folder's plan, which
+        # renames the file. Until that is done, the new folder must list it again: its
+        # sync point stays below the lowest such UID, or a kill in between would leave the
+        # message unseen there and its file removed from the old folder.
+        awaited: dict[str, int] = {}
+        for plan in plans.values():
+            for target, uid in [*((move.target, move.target_uid) for move in plan.server_moves),
+                                *((rejoin.target, rejoin.target_uid) for rejoin in plan.rejoins)]:
+                awaited[target] = min(uid, awaited.get(target, uid))
         if self.dry_run:
             self.counts.report.extend(describe(plan) for plan in plans.values())
             return
@@ -154,7 +163,7 @@ class TwoWaySync(Effects):
                                  f"--allow-deletions {name}` once if that is what you want", side.known)
                 continue
             try:
-                FolderPass(self, side, plan, sides).execute()
+                FolderPass(self, side, plan, sides, awaited.get(name)).execute()
             except MailsyncError as error:
                 self._fail(name, str(error), side.known)
             self.counts.folders += 1
@@ -195,6 +204,13 @@ class TwoWaySync(Effects):
         pairs = {row.uid: RecordedPair(row.uid, unique_part(row.location.rsplit("/", 1)[-1]), row.flags, row.size,
                                        row.sha256, row.message_id) for row in rows if row.location}
         locations = {row.uid: row.location for row in rows if row.location}
+        if base is not None and base.uidvalidity == snapshot.uidvalidity:
+            # ``new`` lists every UID from the base's UIDNEXT on; a pair up there that it
+            # does not list (an upload or a move of ours, since expunged) is gone.
+            listed = {remote.uid for remote in snapshot.new}
+            gone = {uid for uid in pairs if uid >= base.uidnext and uid not in listed}
+            if gone:
+                snapshot = dataclasses.replace(snapshot, vanished=snapshot.vanished | gone)
         if not pairs and not root_missing and not self.dry_run:
             self.maildir.ensure_folder(known.path)  # a folder first met: made here, never read as emptied
         listing = self._listing(known, pairs, locations, root_missing)
@@ -250,6 +266,7 @@ class FolderPass:
     side: Side
     plan: TwoWayPlan
     sides: dict[str, Side]
+    awaited: int | None  # the lowest UID a move from another folder still has to pair here
     modified: frozenset[int] = frozenset()
     pushed: int = 0
     pulled: int = 0
@@ -298,7 +315,8 @@ class FolderPass:
             log.warning("%s/%s: conflict: %s", self.sync.account, self.name, conflict.note)
         self.sync.counts.pushed += self.pushed
         self.sync.counts.pulled += self.pulled
-        self.sync.repo.finish_twoway_folder(self.folder_id, plan.uidvalidity, plan.uidnext, plan.highestmodseq,
+        uidnext = plan.uidnext if self.awaited is None else min(plan.uidnext, self.awaited)
+        self.sync.repo.finish_twoway_folder(self.folder_id, plan.uidvalidity, uidnext, plan.highestmodseq,
                                             self._mtimes_to_keep(), self.pushed, self.pulled)
 
     # --- 1. flags ------------------------------------------------------------------------
@@ -459,7 +477,10 @@ class FolderPass:
         files so claimed are returned, and not appended."""
         restored = [download.remote.uid for download in downloads if download.restores is not None]
         if restored:
-            self.sync.repo.record_pushes(self.folder_id, self.plan.uidvalidity, forget=restored)
+            # The pair goes, so the download's intent can take its UID; the folder's sync
+            # point goes below it, so a kill before the download cannot hide the message.
+            self.sync.repo.record_pushes(self.folder_id, self.plan.uidvalidity, forget=restored,
+                                         relist_from=min(restored))
         pool: dict[tuple[str, int], list[str]] = defaultdict(list)
         for append in self.plan.appends:
             if append.unique in self.plan.adopt_pool:

@@ -58,10 +58,14 @@ def prepare(tmp_path: Path, server: DevServer, name: str) -> tuple[DovecotUser, 
     (mine.folder_dir("Archive") / "new" / "1700000001.bare.host").write_bytes(normalize(bare(2)))
     moved = mine.files()["message 5 in INBOX"]
     os.rename(moved, mine.folder_dir("Archive") / "cur" / f"{moved.name.split(INFO)[0]}{INFO}S")
+    mine.files()["message 6 in INBOX"].unlink()  # while the server answers it: a conflict
+    mine.set_letters("message 7 in INBOX", "F")  # while the server expunges it: a conflict
     uids = server.uids(user.user, "INBOX")
     server.add_flags(user.user, "INBOX", [uids[5]], ["\\Answered"])
     server.expunge(user.user, "INBOX", [uids[6]])
     server.append_many(user.user, "INBOX", [message(60)])
+    with server.session(user.user, "INBOX") as conn:  # another client files message 8
+        conn.uid("MOVE", str(uids[7]), "Archive")
     return user, mine
 
 
@@ -89,6 +93,9 @@ def test_stop_at_every_step_then_resume(tmp_path: Path, dovecot_server: DevServe
     wanted = state(user, reference)
     assert wanted["owed"] == 0
     assert ("message 2 in INBOX", ("\\Flagged", "\\Seen")) in wanted["server"]["INBOX"]  # type: ignore[index]
+    assert ("message 6 in INBOX", ("\\Answered",)) in wanted["server"]["INBOX"]  # type: ignore[index]
+    assert ("message 7 in INBOX", ("\\Flagged",)) in wanted["server"]["INBOX"]  # type: ignore[index]
+    assert ("message 8 in INBOX", "") in wanted["local"]["Archive"]  # type: ignore[index]
     assert steps >= 15
     for step in range(1, steps + 1):
         user, mine = prepare(tmp_path, dovecot_server, f"k{step}")

@@ -343,3 +343,16 @@ def test_an_archive_turned_two_way_does_not_upload_what_the_server_deleted(tmp_p
     assert mine.sync() == 0 and mine.sync() == 0
     assert set(server_subjects(dovecot)) == {"message 2 in INBOX", "message 3 in INBOX"}
     assert len(mine.files()) == 3
+
+
+def test_an_upload_expunged_by_another_client_is_removed_here(two: tuple[Machine, Machine],
+                                                               dovecot: DovecotUser) -> None:
+    """Its UID is above the folder's recorded UIDNEXT: the next listing of new UIDs not
+    showing it proves it gone."""
+    first, _ = two
+    (first.root / "cur" / f"1700000000.new.host{INFO}S").write_bytes(normalize(message(99)))
+    assert first.sync() == 0
+    dovecot.server.expunge(dovecot.user, "INBOX", dovecot.server.uids(dovecot.user, "INBOX")[-1:])
+    assert first.sync() == 0
+    assert "message 99 in INBOX" not in first.files()
+    assert "message 99 in INBOX" not in server_subjects(dovecot)
