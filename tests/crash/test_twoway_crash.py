@@ -86,8 +86,11 @@ def state(user: DovecotUser, mine: Machine) -> dict[str, object]:
     }
 
 
-def test_stop_at_every_step_then_resume(tmp_path: Path, dovecot_server: DevServer) -> None:
-    user, reference = prepare(tmp_path, dovecot_server, "reference")
+@pytest.mark.parametrize("server_kind", ["dovecot_server", "plain_server"])
+def test_stop_at_every_step_then_resume(tmp_path: Path, server_kind: str, request: pytest.FixtureRequest) -> None:
+    """On Dovecot as it is, and on one without UIDPLUS, MOVE and CONDSTORE."""
+    server: DevServer = request.getfixturevalue(server_kind)
+    user, reference = prepare(tmp_path, server, "reference")
     steps = crash_at_step(reference.config, 10**9) - 1
     assert reference.sync() == 0
     wanted = state(user, reference)
@@ -98,7 +101,7 @@ def test_stop_at_every_step_then_resume(tmp_path: Path, dovecot_server: DevServe
     assert ("message 8 in INBOX", "") in wanted["local"]["Archive"]  # type: ignore[index]
     assert steps >= 15
     for step in range(1, steps + 1):
-        user, mine = prepare(tmp_path, dovecot_server, f"k{step}")
+        user, mine = prepare(tmp_path, server, f"k{step}")
         assert crash_at_step(mine.config, step) == step
         assert mine.sync() == 0
         assert mine.sync() == 0

@@ -5,25 +5,15 @@ COPY + \\Deleted, and with no UID EXPUNGE nothing is ever expunged: deletions st
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from mailsyncd.stores.maildir import INFO
-from tests.conftest import DovecotUser, require_dovecot
+from tests.conftest import DovecotUser
 from tests.helpers import crash_at_step, normalize
 from tests.server_helpers import DevServer
 from tests.twoway_helpers import machine, message, server_flags, server_subjects
-
-PLAIN_IMAP = "IMAP4rev1 LITERAL+ SASL-IR LOGIN-REFERRALS ID ENABLE IDLE"
-
-
-@pytest.fixture(scope="module")
-def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
-    require_dovecot()
-    with DevServer(tmp_path_factory.mktemp("dovecot-plain"), users=(), imap_capability=PLAIN_IMAP) as server:
-        yield server
 
 
 @pytest.fixture
