@@ -40,13 +40,13 @@ def new_user(server: DevServer) -> DovecotUser:
     return user
 
 
-def prepare(tmp_path: Path, server: DevServer, name: str) -> tuple[DovecotUser, Machine]:
+def prepare(tmp_path: Path, server: DevServer, name: str, extra: str = "") -> tuple[DovecotUser, Machine]:
     """A synced machine, then changes on both sides: every kind of effect in one pass."""
     user = new_user(server)
     server.create_folder(user.user, "Archive")
     server.append_many(user.user, "INBOX", [message(n) for n in range(1, 9)] + [bare(1)])
     server.append_many(user.user, "Archive", [message(n, "Archive") for n in (1, 2)])
-    mine = machine(tmp_path, user, name)
+    mine = machine(tmp_path, user, name, extra)
     assert mine.sync() == 0
     mine.set_letters("message 1 in INBOX", "S")
     mine.set_letters("message 2 in INBOX", "FS")
@@ -86,11 +86,14 @@ def state(user: DovecotUser, mine: Machine) -> dict[str, object]:
     }
 
 
-@pytest.mark.parametrize("server_kind", ["dovecot_server", "plain_server"])
-def test_stop_at_every_step_then_resume(tmp_path: Path, server_kind: str, request: pytest.FixtureRequest) -> None:
-    """On Dovecot as it is, and on one without UIDPLUS, MOVE and CONDSTORE."""
+@pytest.mark.parametrize(("server_kind", "extra"), [("dovecot_server", ""), ("dovecot_server", 'expunge = "never"'),
+                                                    ("plain_server", "")])
+def test_stop_at_every_step_then_resume(tmp_path: Path, server_kind: str, extra: str,
+                                        request: pytest.FixtureRequest) -> None:
+    """On Dovecot as it is (expunging our own deletions, or only marking them), and on
+    one without UIDPLUS, MOVE and CONDSTORE."""
     server: DevServer = request.getfixturevalue(server_kind)
-    user, reference = prepare(tmp_path, server, "reference")
+    user, reference = prepare(tmp_path, server, "reference", extra)
     steps = crash_at_step(reference.config, 10**9) - 1
     assert reference.sync() == 0
     wanted = state(user, reference)
@@ -101,7 +104,7 @@ def test_stop_at_every_step_then_resume(tmp_path: Path, server_kind: str, reques
     assert ("message 8 in INBOX", "") in wanted["local"]["Archive"]  # type: ignore[index]
     assert steps >= 15
     for step in range(1, steps + 1):
-        user, mine = prepare(tmp_path, server, f"k{step}")
+        user, mine = prepare(tmp_path, server, f"k{step}", extra)
         assert crash_at_step(mine.config, step) == step
         assert mine.sync() == 0
         assert mine.sync() == 0
