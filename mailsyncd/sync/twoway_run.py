@@ -159,8 +159,11 @@ class TwoWaySync(Effects):
         for name, plan in plans.items():
             side = sides[name]
             if plan.stop is not None:
-                self._fail(name, f"stopped, nothing changed: {plan.stop.reason}; run `mailsyncd sync "
-                                 f"--allow-deletions {name}` once if that is what you want", side.known)
+                # A missing directory is most likely a disk not mounted: the way out is to
+                # bring it back, not to let the deletions through.
+                hint = ("nothing changes here until it is back" if not side.listing.scan.present else
+                        f"run `mailsyncd sync --allow-deletions {name}` once if that is what you want")
+                self._fail(name, f"stopped, nothing changed: {plan.stop.reason}; {hint}", side.known)
                 continue
             try:
                 FolderPass(self, side, plan, sides, awaited.get(name)).execute()

@@ -174,10 +174,15 @@ def test_deletion_guard_and_allow_deletions(two: tuple[Machine, Machine], doveco
     assert len(server_subjects(dovecot)) == 0
 
 
-def test_missing_store_root_changes_nothing(two: tuple[Machine, Machine], dovecot: DovecotUser) -> None:
+def test_missing_store_root_changes_nothing(two: tuple[Machine, Machine], dovecot: DovecotUser,
+                                           capfd: pytest.CaptureFixture[str]) -> None:
     first, _ = two
     first.root.rename(first.root.with_name("away"))
+    capfd.readouterr()
     assert first.sync() == 1
+    errors = capfd.readouterr().err.splitlines()
+    assert len(errors) == 2 and all("not mounted" in line and "--allow-deletions" not in line for line in errors)
+    assert any("acct/INBOX" in line for line in errors)
     assert not first.root.exists()
     assert len(server_subjects(dovecot)) == 5
 
