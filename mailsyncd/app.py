@@ -50,7 +50,7 @@ from mailsyncd.sync.imap import FolderSync, preview_folder, replace_placeholder,
 from mailsyncd.sync.plan import select_folders
 from mailsyncd.sync.pop import INBOX, sync_pop
 from mailsyncd.sync.recover import reconcile_pushes, recover
-from mailsyncd.sync.twoway_run import TwoWaySync
+from mailsyncd.sync.twoway_run import TwoWaySync, create_local_folders
 
 log = logging.getLogger(__name__)
 
@@ -260,10 +260,18 @@ class App:
         policy = TwoWayPolicy(Expunge(account.expunge), account.max_deletions, frozenset(allow_deletions))
         deadline = None if account.timeout is None else time.monotonic() + account.timeout
         with log_in(account, lambda secret: imap.connect(account, secret, deadline)) as session:
+            if policy.expunge == Expunge.OWN and not session.uidplus:
+                # Only UID EXPUNGE removes exactly our own: without it, deletions only mark.
+                log.warning('%s: %s has no UIDPLUS: expunge = "own" works as "never" (deletions are only '
+                            "marked \\Deleted)", account.name, account.host)
+                policy = dataclasses.replace(policy, expunge=Expunge.NEVER)
             if not dry_run:
                 assert isinstance(store, MaildirStore)  # config.py allows mode = "sync" with Maildir only
                 reconcile_pushes(self.repo, store, session, account_id)
             listed, selected = _listing(account, session, folders)
+            if not dry_run and create_local_folders(self.repo, store, session, account_id, listed,
+                                                    lambda name: bool(_selected_names(account, [name], folders))):
+                listed, selected = _listing(account, session, folders)
             TwoWaySync(account.name, self.repo, store, progress, checkpoint, counts, session, policy,
                        dry_run).run(account_id, selected)
         if not dry_run:
@@ -297,6 +305,10 @@ class App:
             raise AccountError(f"{account.name}: folder {folder!r}: {reason} ({wanted}); the placeholder stays")
         found = self.repo.find_stored(known.id, held.uidvalidity, held.uid)
         return f"{account.store.path / found}" if found else str(account.store.path)
+
+
+def _selected_names(account: AccountConfig, names: Sequence[str], only: Sequence[str]) -> list[FolderInfo]:
+    return select_folders([FolderInfo(name, None) for name in names], account.folders, account.exclude, only)
 
 
 def _listing(account: AccountConfig, session: ImapSource,

@@ -285,7 +285,10 @@ def _status(config: Config, as_json: bool) -> int:
             counts = ", ".join(f"{count} {state}" for state, count in sorted(folder.messages.items()))
             note = "" if folder.on_server else " (gone from the server)"
             error = f" error: {folder.last_error}" if folder.last_error else ""
-            print(f"  {folder.name}: {counts or 'empty'}; synced {_when(folder.last_sync) or 'never'}{note}{error}")
+            both_ways = "" if folder.pushed is None else \
+                f"; last pass: {folder.pushed} changes to the server, {folder.pulled} here"
+            print(f"  {folder.name}: {counts or 'empty'}; synced {_when(folder.last_sync) or 'never'}{both_ways}"
+                  f"{note}{error}")
         if entry.pop_messages:
             print("  POP: " + ", ".join(f"{count} {state}" for state, count in sorted(entry.pop_messages.items())))
     return EXIT_OK
@@ -307,7 +310,8 @@ def _status_json(entry: AccountStatus) -> dict[str, Any]:
         "last_success": _when(entry.last_success),
         "folders": [{"name": folder.name, "path": folder.path, "last_sync": _when(folder.last_sync),
                      "last_error": folder.last_error, "on_server": folder.on_server,
-                     "uidvalidity": folder.uidvalidity, "messages": dict(folder.messages)}
+                     "uidvalidity": folder.uidvalidity, "messages": dict(folder.messages),
+                     **({} if folder.pushed is None else {"pushed": folder.pushed, "pulled": folder.pulled})}
                     for folder in entry.folders],
         "pop_messages": dict(entry.pop_messages),
         "configured": entry.configured,

@@ -313,6 +313,8 @@ class FolderStatus:
     on_server: bool
     uidvalidity: int | None
     messages: Mapping[str, int]  # message state -> how many
+    pushed: int | None = None  # two-way: changes the last pass made on the server
+    pulled: int | None = None  # ... and here
 
 
 @dataclass(frozen=True)

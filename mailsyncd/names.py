@@ -109,3 +109,24 @@ def folder_path(name: str, delimiter: str | None, layout: Layout) -> str:
         escaped = [part + MBOX_CHILDREN_SUFFIX for part in escaped[:-1]] + escaped[-1:]
     return "/".join(escaped)
 
+
+
+def folder_name(path: str, delimiter: str | None, layout: Layout) -> str | None:
+    """The folder name a Maildir path stands for (the inverse of ``folder_path``), or None
+    when the path is not one ``folder_path`` makes (a shortened name, a stray directory)."""
+    if layout == "maildir++":
+        if not path.startswith(".") or "/" in path:
+            return None
+        parts = path[1:].split(".")
+    elif layout == "fs":
+        parts = path.split("/")
+    else:
+        return None
+    try:
+        components = [unescape_component(part) for part in parts]
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if len(components) > 1 and not delimiter:
+        return None
+    name = (delimiter or "").join(components)
+    return name if folder_path(name, delimiter, layout) == path else None

@@ -39,7 +39,7 @@ def require_dovecot() -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test that uses the Dovecot fixtures, so ``-m "not dovecot"`` deselects them."""
     for item in items:
-        if {"dovecot", "dovecot_server"} & set(getattr(item, "fixturenames", ())):
+        if {"dovecot", "dovecot_server", "plain_server"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.dovecot)
 
 
@@ -47,6 +47,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def dovecot_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
     require_dovecot()
     with DevServer(tmp_path_factory.mktemp("dovecot"), users=()) as server:
+        yield server
+
+
+# What a server without UIDPLUS, MOVE and CONDSTORE announces after login.
+PLAIN_IMAP = "IMAP4rev1 LITERAL+ SASL-IR LOGIN-REFERRALS ID ENABLE IDLE"
+
+
+@pytest.fixture(scope="session")
+def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
+    """A second Dovecot that offers none of UIDPLUS, MOVE and CONDSTORE, for the fallbacks."""
+    require_dovecot()
+    with DevServer(tmp_path_factory.mktemp("dovecot-plain"), users=(), imap_capability=PLAIN_IMAP) as server:
         yield server
 
 

@@ -63,11 +63,12 @@ class Machine:
             db.close()
 
 
-def machine(tmp_path: Path, dovecot: DovecotUser, name: str, extra: str = "") -> Machine:
+def machine(tmp_path: Path, dovecot: DovecotUser, name: str, extra: str = "",
+            folders: str = '["INBOX", "Archive"]') -> Machine:
     directory = tmp_path / name
     directory.mkdir()
     return Machine(write_config(directory, dovecot.server, dovecot.user, dovecot.password,
-                                extra=f"{SYNC}\nfolders = [\"INBOX\", \"Archive\"]\n{extra}"))
+                                extra=f"{SYNC}\nfolders = {folders}\n{extra}"))
 
 
 def server_subjects(dovecot: DovecotUser, folder: str = "INBOX") -> Counter[str]:

@@ -25,7 +25,7 @@ from mailsyncd.service.metrics import Metrics
 from mailsyncd.service.schedule import Schedule, backoff_delay, human, schedule_for
 from mailsyncd.service.signals import RELOAD, STOP, SYNC_NOW, SignalInbox
 from mailsyncd.service.systemd import notify, watchdog_interval
-from mailsyncd.service.watch import FolderWatch
+from mailsyncd.service.watch import FolderWatch, LocalWatch
 from mailsyncd.sources import imap
 from mailsyncd.state import db
 from mailsyncd.sync.effects import Counts
@@ -183,8 +183,12 @@ class Daemon:
     def _start_watches(self, job: AccountJob) -> None:
         if job.account.protocol != "imap":
             return
-        for folder in job.account.idle:
-            watch = FolderWatch(job.account, folder, functools.partial(self._push, job), self.idle_renew)
+        watches: list[FolderWatch | LocalWatch] = [
+            FolderWatch(job.account, folder, functools.partial(self._push, job), self.idle_renew)
+            for folder in job.account.idle]
+        if job.account.mode == "sync":
+            watches.append(LocalWatch(job.account, functools.partial(self._push_all, job)))
+        for watch in watches:
             job.watches.append(watch)
             watch.start()
 
@@ -253,6 +257,11 @@ class Daemon:
         run of the account."""
         if not self._stopping.is_set() and job.request([folder]):
             self._submit(job, folder)
+
+    def _push_all(self, job: AccountJob) -> None:
+        """From a Maildir watch: a pass of the whole account soon (a move spans folders)."""
+        if not self._stopping.is_set() and job.request(None):
+            self._submit(job, "local change")
 
     def _sync_now(self) -> None:
         """SYNC_NOW, from `mailsyncd sync`: every account, at once or right after its running

@@ -8,7 +8,7 @@ from collections.abc import Callable, Collection
 
 from mailsyncd.config import AccountConfig
 from mailsyncd.service.schedule import Schedule
-from mailsyncd.service.watch import FolderWatch
+from mailsyncd.service.watch import FolderWatch, LocalWatch
 
 
 class AccountJob:
@@ -21,7 +21,7 @@ class AccountJob:
         self.schedule = schedule
         self.failures = 0
         self.retry_at = 0.0  # monotonic: pushes are ignored until the scheduled retry
-        self.watches: list[FolderWatch] = []
+        self.watches: list[FolderWatch | LocalWatch] = []
         self._guard = threading.Lock()
         self._removed = False
         self._running = False

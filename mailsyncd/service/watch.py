@@ -12,11 +12,13 @@ from mailsyncd.errors import MailsyncError, Retry
 from mailsyncd.oauth2 import log_in
 from mailsyncd.service.schedule import BACKOFF_CAP, RECONNECT_CAP, human, reconnect_delay
 from mailsyncd.sources import imap
+from mailsyncd.stores.maildir import MaildirStore
 
 log = logging.getLogger(__name__)
 
 STABLE_CONNECTION = 60.0  # an IDLE connection that lived this long resets the reconnect backoff
 IDLE_SLICE = 1.0  # an IDLE thread notices a stop within this many seconds
+LOCAL_POLL = 2.0  # seconds between two looks at a two-way account's Maildir directories
 
 
 def open_watcher(account: AccountConfig, folder: str, renew: float) -> imap.IdleWatcher:
@@ -76,3 +78,36 @@ class FolderWatch(threading.Thread):
                     log.debug("%s/%s: IDLE reported a change", self.account.name, self.folder)
                     self.push(self.folder)
         return True
+
+
+class LocalWatch(threading.Thread):
+    """Two-way (``mode = "sync"``): notices what a mail reader does in the Maildir and asks
+    for a pass of the whole account (a move crosses folders). Every rename, new file or
+    removal moves the mtime of a ``cur/`` or ``new/``, so a stat of each every LOCAL_POLL
+    seconds is enough, portable and costs no dependency. The pass decides from its own
+    scan; a pass's own changes make one more, which finds nothing to do."""
+
+    def __init__(self, account: AccountConfig, push: Callable[[], None], interval: float = LOCAL_POLL) -> None:
+        super().__init__(name=f"maildir {account.name}", daemon=True)
+        self.account = account
+        self.push = push
+        self.interval = interval
+        self.folder = "(the Maildir)"  # what the daemon's start-up line names as watched
+        self.halt = threading.Event()
+        self._store = MaildirStore(account.store.path, account.store.layout)
+
+    def _mtimes(self) -> dict[str, tuple[int, int] | None]:
+        folders = ["" if self._store.layout == "maildir++" else "INBOX", *self._store.local_folders()]
+        return {folder: self._store.dir_mtimes(folder) for folder in folders}
+
+    def run(self) -> None:
+        try:
+            seen = self._mtimes()
+            while not self.halt.wait(self.interval):
+                now = self._mtimes()
+                if now != seen:
+                    seen = now
+                    log.debug("%s: the Maildir changed", self.account.name)
+                    self.push()
+        except OSError as error:  # the store went away: the scheduled passes say what that means
+            log.warning("%s: stopped watching the Maildir: %s", self.account.name, error)

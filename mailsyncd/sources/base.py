@@ -56,6 +56,17 @@ class TwoWaySource(ImapSource, Protocol):
 
     condstore: bool
 
+    @property
+    def uidplus(self) -> bool:
+        """UID EXPUNGE, APPENDUID, COPYUID are offered."""
+        ...
+
+    @property
+    def moves_away(self) -> bool:
+        """``move`` leaves nothing behind (MOVE, or COPY + UID EXPUNGE); else the source
+        message stays, marked \\Deleted."""
+        ...
+
     def open_writable(self, name: str, base: SnapshotBase | None, *, readonly: bool = False) -> FolderSnapshot:
         """``snapshot``, with the folder opened read-write (SELECT; EXAMINE when
         ``readonly``) and the Message-ID of every message in ``new``."""

@@ -508,6 +508,16 @@ class ImapSession:
 
     # --- two-way: the only writes to the server (mode = "sync") ----------------------------
 
+    @property
+    def uidplus(self) -> bool:
+        """UID EXPUNGE, APPENDUID and COPYUID (RFC 4315): without it mailsyncd expunges nothing."""
+        return bool(self._client.has_capability("UIDPLUS"))
+
+    @property
+    def moves_away(self) -> bool:
+        """Whether ``move`` removes the message from its folder (MOVE, or COPY then UID EXPUNGE)."""
+        return bool(self._client.has_capability("MOVE")) or self.uidplus
+
     def open_writable(self, name: str, base: SnapshotBase | None, *, readonly: bool = False) -> FolderSnapshot:
         """``snapshot`` for two-way sync: the folder is opened read-write (SELECT; EXAMINE
         for a dry run, ``readonly``), and every new message comes with its Message-ID, by
@@ -542,7 +552,8 @@ class ImapSession:
         (no UIDPLUS): then ``find_uploaded`` finds it."""
         with self._folder_errors(name):
             text = _text(self._client.append(name, to_crlf(data), sorted(flags), when))
-        found = _response_code(text, "APPENDUID")
+        # Without UIDPLUS announced, APPENDUID is not relied upon (RFC 4315).
+        found = _response_code(text, "APPENDUID") if self._client.has_capability("UIDPLUS") else None
         if not found or len(found) < 2:
             return None
         return int(found[0]), int(found[1])
@@ -560,7 +571,7 @@ class ImapSession:
         if not self._client.has_capability("MOVE"):
             self.store_flags(name, [uid], ["\\Deleted"], add=True, unchangedsince=None)
             self.expunge_uids(name, [uid])
-        for line in [text, *untagged]:
+        for line in [text, *untagged] if self._client.has_capability("UIDPLUS") else []:
             found = _response_code(line, "COPYUID")
             if found and len(found) >= 3:
                 return int(found[2].split(",")[0].split(":")[0])

@@ -461,12 +461,14 @@ class StateRepo:
     def record_pushes(self, folder_id: int, uidvalidity: int, *, pairs: Sequence[RecordedMessage] = (),
                       relinks: Sequence[tuple[int, int, str]] = (),
                       rebases: Sequence[tuple[int, Flags, str | None]] = (),
-                      forget: Sequence[int] = (), done: Sequence[int] = ()) -> None:
+                      forget: Sequence[int] = (), done: Sequence[int] = (), relist_from: int | None = None) -> None:
         """The outcome of two-way effects and the end of their intents, in ONE
         transaction, so no crash leaves an effect recorded while its intent lingers or
         the reverse: ``relinks`` (old UID, UID, location) first, then ``pairs`` (new or
         moved here; a row with the same UID is replaced), then ``rebases`` (UID, new
-        base, location or None to keep it), then ``forget`` (UIDs whose pair is over)."""
+        base, location or None to keep it), then ``forget`` (UIDs whose pair is over).
+        ``relist_from`` lowers the folder's sync point to that UID, so the next snapshot
+        lists the forgotten UIDs again even if the effect that follows never happens."""
         where = (MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity)
         with self.engine.begin() as connection:
             for old_uid, new_uid, location in relinks:
@@ -490,6 +492,9 @@ class StateRepo:
                 connection.execute(delete(MESSAGES).where(*where, MESSAGES.c.uid.in_(list(forget))))
             if done:
                 connection.execute(delete(PUSH_INTENTS).where(PUSH_INTENTS.c.id.in_(list(done))))
+            if relist_from is not None:
+                connection.execute(update(FOLDERS).where(FOLDERS.c.id == folder_id, FOLDERS.c.uidnext > relist_from)
+                                   .values(uidnext=relist_from))
 
     def drop_intents(self, intent_ids: Sequence[int]) -> None:
         if intent_ids:
@@ -679,7 +684,7 @@ class StateRepo:
             by_folder.setdefault(folder_id, {})[state] = count
         folders = tuple(
             FolderStatus(row.name, row.path, row.last_sync, row.last_error, row.on_server, row.uidvalidity,
-                         by_folder.get(row.id, {}))
+                         by_folder.get(row.id, {}), row.pushed, row.pulled)
             for row in connection.execute(select(FOLDERS).where(FOLDERS.c.account_id == account.id)
                                           .order_by(FOLDERS.c.name))
         )

@@ -111,6 +111,24 @@ class MaildirStore:
         """Create a folder's cur/, new/ and tmp/ (a folder first met on the server)."""
         self._folder_dir(folder)
 
+    def local_folders(self) -> list[str]:
+        """The folders of this store, as relative paths: every directory under the root
+        (at its top for Maildir++) that has both cur/ and new/. The root itself (INBOX in
+        Maildir++) is left out."""
+        found: list[str] = []
+        if not self.root.is_dir():
+            return found
+        if self.layout == "maildir++":
+            candidates = [entry for entry in self.root.iterdir() if entry.name.startswith(".")]
+        else:
+            candidates = [path for path in self.root.rglob("*") if path.name not in SUBDIRS
+                          and not any(part in SUBDIRS or part.startswith(".") for part in path.relative_to(
+                              self.root).parts)]
+        for path in candidates:
+            if (path / "cur").is_dir() and (path / "new").is_dir():
+                found.append(path.relative_to(self.root).as_posix())
+        return sorted(found)
+
     def dir_mtimes(self, folder: str) -> tuple[int, int] | None:
         """st_mtime_ns of the folder's cur/ and new/, or None when either is missing.
         Every rename, creation or removal of a message changes one of them."""

@@ -17,11 +17,12 @@ import contextlib
 import dataclasses
 import logging
 from collections import defaultdict
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
+from mailsyncd import names
 from mailsyncd.domain import (
     HOLDABLE_FLAGS,
     NO_FLAGS,
@@ -47,8 +48,8 @@ from mailsyncd.domain import (
 from mailsyncd.errors import FolderError, MailsyncError, MessageError
 from mailsyncd.message import digest, message_id, server_size, to_lf
 from mailsyncd.sources.base import TwoWaySource
-from mailsyncd.state.repo import KnownFolder, PushIntent
-from mailsyncd.stores.base import FolderWriter, Reservation
+from mailsyncd.state.repo import KnownFolder, PushIntent, StateRepo
+from mailsyncd.stores.base import FolderWriter, Reservation, Store
 from mailsyncd.stores.maildir import MaildirListing, MaildirStore, unique_part
 from mailsyncd.sync.batch import FETCH_BUDGET, ContentPool, batches, store_batch
 from mailsyncd.sync.effects import Effects
@@ -114,7 +115,6 @@ class Side:
     listing: MaildirListing
     pairs: dict[int, RecordedPair]
     locations: dict[int, str]  # uid -> recorded location
-    listed: bool  # false: the directories were unchanged and the listing comes from the pairs
 
 
 @dataclass
@@ -145,17 +145,29 @@ class TwoWaySync(Effects):
                 continue
             folders.append(folder)
         plans = plan_account(folders, self.policy)
+        # A message another client moved is claimed by its old folder's plan, which
+        # renames the file. Until that is done, the new folder must list it again: its
+        # sync point stays below the lowest such UID, or a kill in between would leave the
+        # message unseen there and its file removed from the old folder.
+        awaited: dict[str, int] = {}
+        for plan in plans.values():
+            for target, uid in [*((move.target, move.target_uid) for move in plan.server_moves),
+                                *((rejoin.target, rejoin.target_uid) for rejoin in plan.rejoins)]:
+                awaited[target] = min(uid, awaited.get(target, uid))
         if self.dry_run:
             self.counts.report.extend(describe(plan) for plan in plans.values())
             return
         for name, plan in plans.items():
             side = sides[name]
             if plan.stop is not None:
-                self._fail(name, f"stopped, nothing changed: {plan.stop.reason}; run `mailsyncd sync "
-                                 f"--allow-deletions {name}` once if that is what you want", side.known)
+                # A missing directory is most likely a disk not mounted: the way out is to
+                # bring it back, not to let the deletions through.
+                hint = ("nothing changes here until it is back" if not side.listing.scan.present else
+                        f"run `mailsyncd sync --allow-deletions {name}` once if that is what you want")
+                self._fail(name, f"stopped, nothing changed: {plan.stop.reason}; {hint}", side.known)
                 continue
             try:
-                FolderPass(self, side, plan, sides).execute()
+                FolderPass(self, side, plan, sides, awaited.get(name)).execute()
             except MailsyncError as error:
                 self._fail(name, str(error), side.known)
             self.counts.folders += 1
@@ -196,10 +208,29 @@ class TwoWaySync(Effects):
         pairs = {row.uid: RecordedPair(row.uid, unique_part(row.location.rsplit("/", 1)[-1]), row.flags, row.size,
                                        row.sha256, row.message_id) for row in rows if row.location}
         locations = {row.uid: row.location for row in rows if row.location}
+        if base is not None and base.uidvalidity == snapshot.uidvalidity:
+            # ``new`` lists every UID from the base's UIDNEXT on; a pair up there that it
+            # does not list (an upload or a move of ours, since expunged) is gone.
+            listed = {remote.uid for remote in snapshot.new}
+            gone = {uid for uid in pairs if uid >= base.uidnext and uid not in listed}
+            if gone:
+                snapshot = dataclasses.replace(snapshot, vanished=snapshot.vanished | gone)
         if not pairs and not root_missing and not self.dry_run:
             self.maildir.ensure_folder(known.path)  # a folder first met: made here, never read as emptied
-        listing, listed = self._listing(known, pairs, locations, root_missing)
-        sides[info.name] = Side(known, listing, pairs, locations, listed)
+        listing = self._listing(known, pairs, locations, root_missing)
+        if not pairs and not root_missing and not listing.scan.present:
+            listing = MaildirListing(LocalFolderScan(True), {}, None)  # a dry run's folder it would make
+        archived = {unique_part(row.location.rsplit("/", 1)[-1]) for row in (recorded.messages.values() if recorded
+                    else ()) if row.state == MessageState.GONE and row.location}
+        if archived & listing.scan.messages.keys():
+            # Kept here when the server deleted them while the account was an archive:
+            # they stay here only, never uploaded again behind the user's back.
+            listing = MaildirListing(
+                LocalFolderScan(True, {unique: file for unique, file in listing.scan.messages.items()
+                                       if unique not in archived}),
+                {unique: where for unique, where in listing.locations.items() if unique not in archived},
+                listing.mtimes)
+        sides[info.name] = Side(known, listing, pairs, locations)
         folder = TwoWayFolder(info.name, snapshot, RecordedPairs(known.uidvalidity if pairs else None, pairs),
                               listing.scan)
         wanted = needs_content(folder)
@@ -215,11 +246,11 @@ class TwoWaySync(Effects):
         return dataclasses.replace(folder, local=LocalFolderScan(listing.scan.present, messages))
 
     def _listing(self, known: KnownFolder, pairs: dict[int, RecordedPair], locations: dict[int, str],
-                 root_missing: bool) -> tuple[MaildirListing, bool]:
+                 root_missing: bool) -> MaildirListing:
         """The folder's files: listed, or, when cur/ and new/ have the mtimes recorded
         after a pass that left every file matching its pair, taken from the pairs."""
         if root_missing:
-            return MaildirListing(LocalFolderScan(False), {}, None), True
+            return MaildirListing(LocalFolderScan(False), {}, None)
         mtimes = self.maildir.dir_mtimes(known.path)
         if mtimes is not None and known.local_mtimes == mtimes and pairs:
             messages, where = {}, {}
@@ -227,8 +258,8 @@ class TwoWaySync(Effects):
                 subdir = locations[uid].rsplit("/", 2)[-2]
                 messages[pair.unique] = LocalMessage(pair.unique, subdir, holdable(pair.flags), 0, 0)
                 where[pair.unique] = locations[uid]
-            return MaildirListing(LocalFolderScan(True, messages), where, mtimes), False
-        return self.maildir.list_folder(known.path), True
+            return MaildirListing(LocalFolderScan(True, messages), where, mtimes)
+        return self.maildir.list_folder(known.path)
 
 
 @dataclass
@@ -239,6 +270,7 @@ class FolderPass:
     side: Side
     plan: TwoWayPlan
     sides: dict[str, Side]
+    awaited: int | None  # the lowest UID a move from another folder still has to pair here
     modified: frozenset[int] = frozenset()
     pushed: int = 0
     pulled: int = 0
@@ -287,7 +319,8 @@ class FolderPass:
             log.warning("%s/%s: conflict: %s", self.sync.account, self.name, conflict.note)
         self.sync.counts.pushed += self.pushed
         self.sync.counts.pulled += self.pulled
-        self.sync.repo.finish_twoway_folder(self.folder_id, plan.uidvalidity, plan.uidnext, plan.highestmodseq,
+        uidnext = plan.uidnext if self.awaited is None else min(plan.uidnext, self.awaited)
+        self.sync.repo.finish_twoway_folder(self.folder_id, plan.uidvalidity, uidnext, plan.highestmodseq,
                                             self._mtimes_to_keep(), self.pushed, self.pulled)
 
     # --- 1. flags ------------------------------------------------------------------------
@@ -381,7 +414,13 @@ class FolderPass:
         if new_uid is not None:
             base, location = self._write_flags_in(move.target, new_uid, move.flags, pair.flags, location)
         self.sync.source.select(self.name)
-        self._record_move(move.uid, target_side, new_uid, base, location, pair, intent)
+        if not self.sync.source.moves_away:
+            # The original stays on the server, marked \Deleted: its pair stays too, with
+            # that in its base and no file, so it is neither deleted again nor downloaded.
+            self.sync.repo.record_pushes(self.folder_id, self.plan.uidvalidity,
+                                         rebases=[(move.uid, pair.flags | {DELETED}, None)])
+        self._record_move(move.uid if self.sync.source.moves_away else None, target_side, new_uid, base, location,
+                          pair, intent)
 
     def _rename_into(self, unique: str, target: str, target_uid: int, merge: FlagMerge, base: Flags,
                      old_uid: int | None) -> None:
@@ -442,7 +481,10 @@ class FolderPass:
         files so claimed are returned, and not appended."""
         restored = [download.remote.uid for download in downloads if download.restores is not None]
         if restored:
-            self.sync.repo.record_pushes(self.folder_id, self.plan.uidvalidity, forget=restored)
+            # The pair goes, so the download's intent can take its UID; the folder's sync
+            # point goes below it, so a kill before the download cannot hide the message.
+            self.sync.repo.record_pushes(self.folder_id, self.plan.uidvalidity, forget=restored,
+                                         relist_from=min(restored))
         waiting = {self.location(append.unique): append for append in self.plan.appends
                    if append.unique in self.plan.adopt_pool}
         pool = ContentPool(RecordedMessage(
@@ -605,6 +647,34 @@ class TwoWayLedger:
     def forget(self, unfinished: Sequence[RemoteMessage]) -> None:
         self.folder.sync.repo.forget(self.folder.folder_id, self.folder.plan.uidvalidity,
                                      [message.uid for message in unfinished])
+
+
+def create_local_folders(repo: StateRepo, store: Store, source: TwoWaySource, account_id: int,
+                         listed: Sequence[FolderInfo], wanted: Callable[[str], bool]) -> list[str]:
+    """CREATE on the server each folder made in the Maildir that the server does not list,
+    that the account's globs select, and that was never synced: a folder the state knows
+    was deleted on the server and is not made again (a deletion on either side is never
+    repeated on the other; it is reported). Returns the names created."""
+    if not isinstance(store, MaildirStore):
+        return []
+    delimiter = next((folder.delimiter for folder in listed if folder.delimiter), None)
+    known = {folder.path for folder in repo.folders(account_id)}
+    on_server = {store.folder_path(folder.name, folder.delimiter) for folder in listed}
+    created = []
+    here = store.local_folders()
+    for path in here:
+        if path in on_server or path in known:
+            continue
+        name = names.folder_name(path, delimiter, store.layout)
+        if name is None or not wanted(name):
+            continue
+        source.create_folder(name)
+        log.info("folder %r made here: created on the server", name)
+        created.append(name)
+    for folder in repo.folders(account_id):
+        if not folder.on_server and folder.path in here:
+            log.warning("folder %r is gone from the server; its local copy stays and is not synced", folder.name)
+    return created
 
 
 def find_uploaded(source: TwoWaySource, name: str, since_uid: int, found_id: str | None, size: int,

@@ -40,11 +40,13 @@ def render_oauth2(introspection_url: str) -> str:
 
 
 def render_config(workdir: Path, log_file: Path, ports: Ports, *, apop: bool, root: bool,
-                  oauth2: bool = False) -> str:
+                  oauth2: bool = False, imap_capability: str | None = None) -> str:
     """The whole ``dovecot.conf``: loopback only, passwd-file per user, Maildir LAYOUT=fs.
 
     With ``oauth2``, XOAUTH2 and OAUTHBEARER logins are checked by Dovecot's oauth2 passdb
     against ``<workdir>/dovecot-oauth2.conf.ext`` (see ``render_oauth2``); passwords still work.
+    ``imap_capability`` replaces what IMAP announces after login (to test clients on
+    servers without, say, UIDPLUS or MOVE).
     """
     work = workdir
     if root:
@@ -89,6 +91,7 @@ def render_config(workdir: Path, log_file: Path, ports: Ports, *, apop: bool, ro
         "mail_max_userip_connections = 100\nimap_idle_notify_interval = 10 secs\n"
         + (f"passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n"
            f"  args = {work}/dovecot-oauth2.conf.ext\n}}\n" if oauth2 else "")
+        + (f"imap_capability = {imap_capability}\n" if imap_capability else "")
         + f"passdb {{\n  driver = passwd-file\n  args = {work}/users/%u\n}}\n"
         f"userdb {{\n  driver = static\n  args = home={home} allow_all_users=yes\n}}\n"
         f"namespace inbox {{\n  inbox = yes\n  separator = /\n{specials}}}\n{listeners}"

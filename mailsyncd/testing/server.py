@@ -37,6 +37,7 @@ class DovecotServer:
         *,
         apop: bool = False,
         oauth2_introspection_url: str | None = None,
+        imap_capability: str | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         if re.search(r'[\s%"]', str(self.workdir)):  # Dovecot splits args on spaces and expands %
@@ -44,6 +45,7 @@ class DovecotServer:
         self.apop = apop
         # With a URL, Dovecot checks OAuth2 tokens itself, by introspection at that URL.
         self.oauth2_introspection_url = oauth2_introspection_url
+        self.imap_capability = imap_capability
         self.imap_port = self.imaps_port = self.pop3_port = self.pop3s_port = 0
         self.ca_file = self.workdir / "ca.pem"
         self.config_file = self.workdir / "dovecot.conf"
@@ -82,7 +84,8 @@ class DovecotServer:
                 (self.workdir / "dovecot-oauth2.conf.ext").write_text(render_oauth2(self.oauth2_introspection_url))
             self.config_file.write_text(render_config(self.workdir, self.log_file, ports, apop=self.apop,
                                                       root=self._root,
-                                                      oauth2=self.oauth2_introspection_url is not None))
+                                                      oauth2=self.oauth2_introspection_url is not None,
+                                                      imap_capability=self.imap_capability))
             greeters = [(ports.imap, False), (ports.pop3, False), (ports.imaps, True), (ports.pop3s, True)]
             self._process = launch.launch(
                 dovecot, self.workdir, self.config_file, self.log_file, greeters, self.client_context)

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from mailsyncd.errors import UnsafePath
 from mailsyncd.fsio import safe_join
-from mailsyncd.names import MAX_COMPONENT_BYTES, Layout, escape_component, folder_path, unescape_component
+from mailsyncd.names import (
+    MAX_COMPONENT_BYTES,
+    Layout,
+    escape_component,
+    folder_name,
+    folder_path,
+    unescape_component,
+)
 
 LAYOUTS: list[Layout] = ["maildir++", "fs", "mbox"]
 NAMES = st.text(st.characters(codec="utf-8"), max_size=40)
@@ -89,3 +96,16 @@ def test_a_slash_inside_one_level_never_makes_a_directory(name: str, delimiter: 
     """A server whose delimiter is not "/" may put "/" inside a name: it is one level,
     so it must not turn into a nested directory (or a way out of the folder)."""
     assert folder_path(name, delimiter, layout) == path
+
+
+@pytest.mark.parametrize("layout", ["maildir++", "fs"])
+@pytest.mark.parametrize("name", ["Archive", "Lists/Python", "a.b/c:d", "Entwürfe/ü", "%/x"])
+def test_a_local_folder_path_names_its_folder_again(name: str, layout: Layout) -> None:
+    path = folder_path(name, "/", layout)
+    assert folder_name(path, "/", layout) == name
+
+
+def test_paths_no_folder_makes_have_no_name() -> None:
+    assert folder_name(".notmuch/x", "/", "maildir++") is None
+    assert folder_name("plain", "/", "maildir++") is None
+    assert folder_name("." + "x" * 190 + "%~0123456789abcdef", "/", "maildir++") is None
