@@ -73,6 +73,7 @@ class CutProxy:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.connections = 0  # accepted so far, for tests that count reconnects
+        self.bytes_to_client = 0  # every byte the server sent through the proxy, for tests that measure
 
     def start(self) -> None:
         self._listener.settimeout(0.05)  # so the accept loop notices stop() promptly
@@ -157,6 +158,9 @@ class CutProxy:
                     with contextlib.suppress(OSError):
                         sink.shutdown(socket.SHUT_WR)
                     break
+                if to_client:
+                    with self._lock:
+                        self.bytes_to_client += len(data)
                 if to_client and link.cut_after is not None:
                     allowed = link.cut_after - link.to_client
                     if len(data) >= allowed:
