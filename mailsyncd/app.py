@@ -44,7 +44,7 @@ from mailsyncd.stores.mbox import MboxStore
 from mailsyncd.sync.effects import Checkpoint, Counts, no_checkpoint
 from mailsyncd.sync.imap import replace_placeholder, sync_folders
 from mailsyncd.sync.plan import select_folders
-from mailsyncd.sync.pop import sync_pop
+from mailsyncd.sync.pop import INBOX, replace_pop_placeholder, sync_pop
 from mailsyncd.sync.recover import recover
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,8 @@ class App:
         store = open_store(account)
         recover(self.repo, store, account_id)
         wanted = f"UID {uid}" if uid is not None else f"Message-ID {message_id}"
+        if account.protocol == "pop3":
+            return self._fetch_pop(account, account_id, store, folder, uid, message_id, wanted, progress, checkpoint)
         known = next((entry for entry in self.repo.folders(account_id) if entry.name == folder), None)
         if known is None:
             raise AccountError(f"{account.name}: no folder {folder!r} has been synced")
@@ -181,6 +183,25 @@ class App:
             raise AccountError(f"{account.name}: folder {folder!r}: {reason} ({wanted}); the placeholder stays")
         found = self.repo.find_stored(known.id, held.uidvalidity, held.uid)
         return f"{account.store.path / found}" if found else str(account.store.path)
+
+
+    def _fetch_pop(self, account: AccountConfig, account_id: int, store: Store, folder: str, uid: str | None,
+                   message_id: str | None, wanted: str, progress: Progress, checkpoint: Checkpoint) -> str:
+        if folder != INBOX:
+            raise AccountError(f"{account.name}: a POP3 account has only the folder {INBOX}")
+        held = self.repo.pop_find_placeholder(account_id, uid, message_id)
+        if held is None:
+            raise AccountError(f"{account.name}: holds no placeholder with {wanted}")
+        uidl, location = held
+        counts = Counts()
+        deadline = None if account.timeout is None else time.monotonic() + account.timeout
+        with pop3.connect(account, password_for(account), deadline) as session:
+            done = replace_pop_placeholder(account.name, account_id, self.repo, store, session, uidl, location,
+                                           progress, checkpoint, counts=counts)
+        if not done:
+            raise AccountError(f"{account.name}: the server no longer has the message ({wanted}); "
+                               "the placeholder stays")
+        return str(account.store.path / (self.repo.pop_location(account_id, uidl) or ""))
 
 
 def _listing(account: AccountConfig, session: ImapSource,

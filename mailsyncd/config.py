@@ -217,8 +217,8 @@ KEYS: tuple[Key, ...] = (
     Key("account", "large_messages", "choice",
         'what becomes of a message over max_message_size: "headers" stores a placeholder (its header '
         'block, a list of its parts) that `mailsyncd fetch`, flagging it, or a higher limit replaces by '
-        'the whole message; "skip" stores nothing and reports it. Default "headers" for IMAP with a '
-        'Maildir store (archive or mirror mode), else "skip"', "skip", choices=("headers", "skip")),
+        'the whole message; "skip" stores nothing and reports it. Default "headers" with a Maildir store '
+        '(archive or mirror mode), else "skip"', "skip", choices=("headers", "skip")),
     Key("account", "fetch_parts", "choice",
         'what a placeholder keeps besides the header block: "headers" nothing more; "text" also the '
         'text/plain and text/html parts (up to max_message_size), leaving out only the attachments',
@@ -456,9 +456,7 @@ def _large_messages(values: Mapping[str, Any], given: bool, store_format: str, w
     """
     chosen: str | None = values["large_messages"] if given else None
     placeholders_possible = (store_format == "maildir" and values["mode"] != "sync"
-                             and values["protocol"] == "imap" and values["max_message_size"] is not None)
-    if chosen == "headers" and values["protocol"] == "pop3":
-        raise where.error("large_messages", '"headers" is for IMAP accounts; POP3 accounts take "skip"')
+                             and values["max_message_size"] is not None)
     if chosen == "headers" and store_format == "mbox":
         raise where.error("large_messages", '"headers" needs format = "maildir": a placeholder in an mbox '
                                             'cannot be replaced in place safely; use "skip"')

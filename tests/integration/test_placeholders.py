@@ -257,3 +257,31 @@ def test_placeholders_cost_a_fraction_of_the_bytes(tmp_path: Path, dovecot: Dove
               f"({partial * 100 / full:.1f}%)")
     assert full > on_server
     assert partial < full * 0.10
+
+
+def test_pop3_placeholders_from_top_then_fetched_by_uidl(tmp_path: Path, dovecot: DovecotUser) -> None:
+    messages = [path.read_bytes() for path in corpus_messages(4)] + [attachment_message(0, 1_500_000)]
+    dovecot.server.append_many(dovecot.user, "INBOX", messages)
+    server = dovecot.server.fetch_all(dovecot.user, "INBOX")
+    large = max(server, key=lambda uid: len(server[uid]))
+    config = write_config(tmp_path, dovecot.server, dovecot.user, dovecot.password, protocol="pop3",
+                          extra='max_message_size = "1MB"\nleave_on_server = false')
+    assert sync(config) == 0
+    root = store_root(config)
+    db = sqlite3.connect(config.parent / "state.db")
+    try:
+        (uidl,) = [uidl for (uidl,) in db.execute("select uidl from pop_messages where state = 'placeholder'")]
+    finally:
+        db.close()
+    held = [data for data in files(root).values() if MARKER in header_block(data)]
+    assert len(held) == 1 and b"POP3 shows only the header block" in held[0]
+    assert held[0].startswith(header_block(normalize(server[large])) + MARKER)
+    assert f"mailsyncd fetch acct INBOX --uid {uidl}" in held[0].decode()
+    # leave_on_server = false deleted what is stored whole, and only that.
+    assert set(dovecot.server.fetch_all(dovecot.user, "INBOX")) == {large}
+
+    result = run_cli(config, "fetch", "acct", "INBOX", "--uid", uidl)
+    assert result.returncode == 0, result.stderr
+    assert sorted(files(root).values()) == sorted(normalize(body) for body in server.values())
+    assert sync(config) == 0  # now stored whole, so leave_on_server = false deletes it
+    assert dovecot.server.fetch_all(dovecot.user, "INBOX") == {}

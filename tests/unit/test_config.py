@@ -544,7 +544,7 @@ def test_placeholders_are_the_default_where_a_store_can_replace_them() -> None:
     assert only_account(account()).large_messages == "skip"  # no limit: nothing is large
     mbox = {"format": '"mbox"', "path": '"/srv/mail/work"'}
     assert only_account(account(store=mbox, **limited)).large_messages == "skip"
-    assert only_account(account(POP3, **limited)).large_messages == "skip"
+    assert only_account(account(POP3, **limited)).large_messages == "headers"
     assert only_account(account(mode='"sync"', **limited)).large_messages == "skip"
     text = only_account(account(fetch_parts='"text"', **limited))
     assert (text.large_messages, text.fetch_parts) == ("headers", "text")
@@ -567,6 +567,6 @@ def test_large_message_keys_refused_in_one_line(keys: dict[str, str], store: dic
     assert wanted in problem and "\n" not in problem
 
 
-def test_pop3_placeholders_are_refused() -> None:
-    problem = str(error(account(POP3, large_messages='"headers"', max_message_size='"2MB"')))
-    assert 'large_messages: "headers" is for IMAP accounts' in problem
+def test_fetch_parts_is_for_imap() -> None:
+    problem = str(error(account(POP3, fetch_parts='"text"', max_message_size='"2MB"')))
+    assert 'fetch_parts: only for protocol = "imap"' in problem
