@@ -48,7 +48,7 @@ from mailsyncd.stores.mbox import MboxStore
 from mailsyncd.sync.effects import Checkpoint, Counts, no_checkpoint
 from mailsyncd.sync.imap import FolderSync, preview_folder, replace_placeholder, sync_folders
 from mailsyncd.sync.plan import select_folders
-from mailsyncd.sync.pop import INBOX, sync_pop
+from mailsyncd.sync.pop import INBOX, replace_pop_placeholder, sync_pop
 from mailsyncd.sync.recover import reconcile_pushes, recover
 from mailsyncd.sync.twoway_run import TwoWaySync, create_local_folders
 
@@ -287,6 +287,8 @@ class App:
         store = open_store(account)
         recover(self.repo, store, account_id)
         wanted = f"UID {uid}" if uid is not None else f"Message-ID {message_id}"
+        if account.protocol == "pop3":
+            return self._fetch_pop(account, account_id, store, folder, uid, message_id, wanted, progress, checkpoint)
         known = next((entry for entry in self.repo.folders(account_id) if entry.name == folder), None)
         if known is None:
             raise AccountError(f"{account.name}: no folder {folder!r} has been synced")
@@ -305,6 +307,24 @@ class App:
             raise AccountError(f"{account.name}: folder {folder!r}: {reason} ({wanted}); the placeholder stays")
         found = self.repo.find_stored(known.id, held.uidvalidity, held.uid)
         return f"{account.store.path / found}" if found else str(account.store.path)
+
+    def _fetch_pop(self, account: AccountConfig, account_id: int, store: Store, folder: str, uid: str | None,
+                   message_id: str | None, wanted: str, progress: Progress, checkpoint: Checkpoint) -> str:
+        if folder != INBOX:
+            raise AccountError(f"{account.name}: a POP3 account has only the folder {INBOX}")
+        held = self.repo.pop_find_placeholder(account_id, uid, message_id)
+        if held is None:
+            raise AccountError(f"{account.name}: holds no placeholder with {wanted}")
+        uidl, location = held
+        counts = Counts()
+        deadline = None if account.timeout is None else time.monotonic() + account.timeout
+        with log_in(account, lambda secret: pop3.connect(account, secret, deadline)) as session:
+            done = replace_pop_placeholder(account.name, account_id, self.repo, store, session, uidl, location,
+                                           progress, checkpoint, counts=counts)
+        if not done:
+            raise AccountError(f"{account.name}: the server no longer has the message ({wanted}); "
+                               "the placeholder stays")
+        return str(account.store.path / (self.repo.pop_location(account_id, uidl) or ""))
 
 
 def _selected_names(account: AccountConfig, names: Sequence[str], only: Sequence[str]) -> list[FolderInfo]:

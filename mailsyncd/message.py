@@ -109,7 +109,9 @@ def placeholder(partial: PartialMessage, how_to_fetch: str) -> bytes:
             pieces.append(_text_part(f"[left out: {_described(part)}]\n".encode()))
     out = [marked]
     for piece in pieces:
-        out += [delimiter, b"\n", piece if piece.endswith(b"\n") else piece + b"\n"]
+        # The line break before a delimiter belongs to the delimiter (RFC 2046), so it
+        # comes on top of the part's own last one.
+        out += [delimiter, b"\n", piece, b"\n"]
     out += [delimiter, b"--\n"]
     return b"".join(out)
 

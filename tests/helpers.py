@@ -75,9 +75,11 @@ def run_cli(config: Path | None, *args: str, timeout: float = 120) -> subprocess
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def crash_at_step(config: Path, step: int) -> int:
-    """Fork, run one sync whose Checkpoint exits hard (like kill -9) at effect step
-    ``step``; returns the number of steps the child reached (step+1 means it finished)."""
+def crash_at_step(config: Path, step: int, work: Callable[[App, Any, Callable[[str], None]], object] | None = None
+                  ) -> int:
+    """Fork, run one sync (or ``work(app, account, checkpoint)`` for each account) whose
+    Checkpoint exits hard (like kill -9) at effect step ``step``; returns the number of
+    steps the child reached (step+1 means it finished)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
@@ -96,7 +98,10 @@ def crash_at_step(config: Path, step: int) -> int:
             with db.instance_lock(loaded.general.state):
                 app = App.open(loaded)
                 for account in loaded.accounts:
-                    app.sync_account(account, checkpoint=checkpoint)
+                    if work is None:
+                        app.sync_account(account, checkpoint=checkpoint)
+                    else:
+                        work(app, account, checkpoint)
         finally:
             os.write(write_end, str(count + 1).encode())
             os._exit(0)

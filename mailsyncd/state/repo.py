@@ -618,6 +618,22 @@ class StateRepo:
             connection.execute(delete(POP).where(POP.c.account_id == account_id, POP.c.uidl.in_(list(uidls)),
                                                  POP.c.state == MessageState.PENDING))
 
+    def pop_find_placeholder(self, account_id: int, uidl: str | None, message_id: str | None
+                             ) -> tuple[str, str] | None:
+        """(uidl, location) of the POP3 placeholder with this UIDL or Message-ID."""
+        query = select(POP.c.uidl, POP.c.location).where(
+            POP.c.account_id == account_id, POP.c.state == MessageState.PLACEHOLDER, POP.c.location.is_not(None))
+        query = query.where(POP.c.uidl == uidl) if uidl is not None else query.where(POP.c.message_id == message_id)
+        with self.engine.connect() as connection:
+            row = connection.execute(query.order_by(POP.c.id).limit(1)).first()
+        return None if row is None else (str(row.uidl), str(row.location))
+
+    def pop_location(self, account_id: int, uidl: str) -> str | None:
+        with self.engine.connect() as connection:
+            found = connection.execute(select(POP.c.location).where(
+                POP.c.account_id == account_id, POP.c.uidl == uidl)).scalar()
+        return None if found is None else str(found)
+
     def pop_mark_replacing(self, account_id: int, intents: Sequence[tuple[str, str]]) -> None:
         """As ``mark_replacing``, for (uidl, location) placeholders of a POP3 account."""
         with self.engine.begin() as connection:

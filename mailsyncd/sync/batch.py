@@ -24,6 +24,7 @@ stored a second time; this is how a lost state database costs no duplicate.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Protocol, TypeVar
 
@@ -34,10 +35,17 @@ from mailsyncd.stores.base import FolderWriter, Reservation
 from mailsyncd.sync.effects import Effects
 
 FETCH_BUDGET = 3 * 1024 * 1024  # bytes per batch; two IMAP batches are in memory at most
+FLAGGED = "\\Flagged"  # a placeholder the user flagged in a mail reader asks for the whole message
 
 Item = TypeVar("Item")
 Message = TypeVar("Message")
 Message_contra = TypeVar("Message_contra", contravariant=True)
+
+
+def how_to_fetch(account: str, folder: str, uid: int | str) -> str:
+    """The line a placeholder shows: the two ways to get the whole message."""
+    return (f"flag it and sync again, or run: mailsyncd fetch {shlex.quote(account)} {shlex.quote(folder)} "
+            f"--uid {shlex.quote(str(uid))}")
 
 
 def batches(items: Iterable[Item], size_of: Callable[[Item], int], budget: int, max_count: int

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import shlex
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -40,7 +39,7 @@ from mailsyncd.progress import Progress
 from mailsyncd.sources.base import ImapSource
 from mailsyncd.state.repo import FOUND_UIDVALIDITY, KnownFolder, StateRepo
 from mailsyncd.stores.base import FolderWriter, Reservation, Store
-from mailsyncd.sync.batch import FETCH_BUDGET, ContentPool, batches, store_batch
+from mailsyncd.sync.batch import FETCH_BUDGET, FLAGGED, ContentPool, batches, how_to_fetch, store_batch
 from mailsyncd.sync.effects import Checkpoint, Counts, Effects, no_checkpoint
 from mailsyncd.sync.plan import plan_folder
 
@@ -48,13 +47,6 @@ log = logging.getLogger(__name__)
 
 BATCH_MAX_COUNT = 2000  # messages per UID FETCH and per intent/commit batch, besides the FETCH_BUDGET bytes
 PLACEHOLDER_BATCH = 200  # placeholders per intent/commit batch: with fetch_parts = "text", a FETCH each
-FLAGGED = "\\Flagged"
-
-
-def how_to_fetch(account: str, folder: str, uid: int | str) -> str:
-    """The line a placeholder shows: the two ways to get the whole message."""
-    return (f"flag it and sync again, or run: mailsyncd fetch {shlex.quote(account)} {shlex.quote(folder)} "
-            f"--uid {shlex.quote(str(uid))}")
 
 
 @dataclass

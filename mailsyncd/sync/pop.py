@@ -16,17 +16,28 @@ instead of being written again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from mailsyncd.domain import PopListing, PopPlan, PopPolicy, RecordedMessage, Stored
+from mailsyncd.domain import (
+    LargeMessages,
+    MessageState,
+    PartialMessage,
+    PopListing,
+    PopPlan,
+    PopPolicy,
+    RecordedMessage,
+    Stored,
+)
 from mailsyncd.errors import MessageError
+from mailsyncd.message import placeholder
 from mailsyncd.progress import Progress
 from mailsyncd.sources.base import Pop3Source
 from mailsyncd.state.repo import StateRepo
 from mailsyncd.stores.base import FolderWriter, Reservation, Store
-from mailsyncd.sync.batch import FETCH_BUDGET, ContentPool, batches, store_batch
+from mailsyncd.sync.batch import FETCH_BUDGET, FLAGGED, NO_POOL, ContentPool, batches, how_to_fetch, store_batch
 from mailsyncd.sync.effects import Checkpoint, Counts, Effects, no_checkpoint
 from mailsyncd.sync.plan import plan_pop
 
@@ -36,6 +47,8 @@ INBOX = "INBOX"  # a POP3 mailbox is stored as the store's INBOX
 BATCH_MAX_COUNT = 1000  # messages per intent/commit batch, besides the FETCH_BUDGET bytes
 
 Fetch = tuple[int, str, int]  # (message number, uidl, size), as in PopPlan.fetch
+Replacement = tuple[int, str, int, str]  # (message number, uidl, size, the placeholder's location)
+PLACEHOLDER_BATCH = 200  # placeholders per intent/commit batch
 
 
 @dataclass
@@ -57,8 +70,14 @@ class PopSync(Effects):
                             self.account, number, uidl, size)
             self.repo.pop_record_skipped(self.account_id, [(uidl, size) for _, uidl, size in plan.skip])
             self.counts.skipped += len(plan.skip)
+        if plan.placeholders:
+            self._write(plan.placeholders, PopPlaceholderLedger(self), lambda _: 0, PLACEHOLDER_BATCH)
+            self.counts.placeholders += len(plan.placeholders)
         if plan.fetch:
             self._fetch(plan.fetch)
+        replace = self._to_replace(listing, plan)
+        if replace:
+            self.replace(replace)
         # Plan again on what is recorded now, so that what this session stored counts
         # (leave_on_server = false deletes it at once); the listing is the same one.
         plan = plan_pop(listing, self.repo.pop_messages(self.account_id), self.policy, now)
@@ -85,11 +104,40 @@ class PopSync(Effects):
     def _fetch(self, fetches: Sequence[Fetch]) -> None:
         self.progress.start_folder(self.account, INBOX, len(fetches), sum(size for _, _, size in fetches))
         try:
-            with self.store.open_folder(self.store.folder_path(INBOX, None)) as writer:
-                ledger = PopLedger(self)
-                pool = ContentPool(self.repo.pop_unclaimed(self.account_id), self.store.read)
-                for batch in batches(fetches, _size, FETCH_BUDGET, BATCH_MAX_COUNT):
-                    store_batch(self, writer, ledger, batch, pool)
+            pool = ContentPool(self.repo.pop_unclaimed(self.account_id), self.store.read)
+            self._write(fetches, PopLedger(self), _size, BATCH_MAX_COUNT, pool)
+        finally:
+            self.progress.end_folder()
+
+    def _write(self, messages: Sequence[Any], ledger: Any, size_of: Callable[[Any], int], count: int,
+               pool: ContentPool = NO_POOL) -> None:
+        with self.store.open_folder(self.store.folder_path(INBOX, None)) as writer:
+            for batch in batches(messages, size_of, FETCH_BUDGET, count):
+                store_batch(self, writer, ledger, batch, pool)
+
+    def _to_replace(self, listing: PopListing, plan: PopPlan) -> list[Replacement]:
+        """The planned replacements, and the placeholders the user flagged in a mail reader."""
+        if self.policy.large_messages != LargeMessages.HEADERS:
+            return []
+        recorded = self.repo.pop_messages(self.account_id)
+        wanted = {uidl for _, uidl, _ in plan.replace}
+        numbers = {uidl: (number, size) for number, (uidl, size) in listing.entries.items()}
+        for uidl, held in recorded.items():
+            if held.state == MessageState.PLACEHOLDER and held.location and uidl in numbers and (
+                    FLAGGED in self.store.flags(held.location)):
+                wanted.add(uidl)
+        replacements: list[Replacement] = []
+        for uidl in sorted(wanted):
+            location = recorded[uidl].location if uidl in recorded else None
+            if uidl in numbers and location:
+                replacements.append((numbers[uidl][0], uidl, numbers[uidl][1], location))
+        return replacements
+
+    def replace(self, replacements: Sequence[Replacement]) -> None:
+        """Each message whole over its placeholder, as ``FolderSync.replace`` does for IMAP."""
+        self.progress.start_folder(self.account, INBOX, len(replacements), sum(r[2] for r in replacements))
+        try:
+            self._write(replacements, PopReplaceLedger(self), lambda replacement: replacement[2], BATCH_MAX_COUNT)
         finally:
             self.progress.end_folder()
 
@@ -121,6 +169,21 @@ class PopSync(Effects):
             deleted.append(uidl)
             self.checkpoint("delete")
         return deleted
+
+
+def replace_pop_placeholder(account: str, account_id: int, repo: StateRepo, store: Store, source: Pop3Source,
+                            uidl: str, location: str, progress: Progress, checkpoint: Checkpoint = no_checkpoint,
+                            *, counts: Counts) -> bool:
+    """``mailsyncd fetch`` for POP3: the message with this UIDL whole over its
+    placeholder at ``location``, then QUIT. False when the server no longer has it."""
+    listing = source.listing()
+    found = [(number, size) for number, (identity, size) in listing.entries.items() if identity == uidl]
+    session = PopSync(account, repo, store, progress, checkpoint, counts, account_id, source, PopPolicy())
+    fetched = counts.fetched
+    if len(found) == 1:
+        session.replace([(found[0][0], uidl, found[0][1], location)])
+    source.quit()
+    return counts.fetched > fetched
 
 
 def sync_pop(account: str, account_id: int, repo: StateRepo, store: Store, source: Pop3Source,
@@ -181,3 +244,67 @@ class PopLedger:
 
     def forget(self, unfinished: Sequence[Fetch]) -> None:
         self.session.repo.pop_forget(self.session.account_id, [uidl for _, uidl, _ in unfinished])
+
+
+class PopPlaceholderLedger(PopLedger):
+    """Placeholders from TOP n 0 (the header block; POP3 cannot tell the parts), recorded
+    as placeholders. ``size`` is what each one cost to download."""
+
+    def __init__(self, session: PopSync) -> None:
+        super().__init__(session)
+        self.downloaded: dict[str, int] = {}
+
+    def size(self, message: Fetch) -> int:
+        return self.downloaded.get(message[1], 0)
+
+    def bodies(self, messages: Sequence[Fetch]) -> Generator[bytes | None, None, None]:
+        for number, uidl, size in messages:
+            try:
+                header = self.session.source.header(number)
+            except MessageError as error:
+                log.warning("%s", error)
+                yield None
+                continue
+            self.session.checkpoint("fetched")
+            self.downloaded[uidl] = len(header)
+            yield placeholder(PartialMessage(header, size), how_to_fetch(self.session.account, INBOX, uidl))
+
+    def finish(self, done: Sequence[tuple[Fetch, Stored, str | None]],
+               unfinished: Sequence[tuple[Fetch, str]]) -> None:
+        self.session.repo.pop_finish_batch(self.session.account_id, [
+            (uidl, stored, found_id) for (_, uidl, _), stored, found_id in done], [
+            (uidl, location) for (_, uidl, _), location in unfinished], stored_as=MessageState.PLACEHOLDER)
+
+
+@dataclass
+class PopReplaceLedger:
+    """Replacements' part in ``store_batch`` for POP3: each whole message (RETR) goes
+    over its placeholder; what is not finished stays a placeholder."""
+
+    session: PopSync
+
+    def size(self, message: Replacement) -> int:
+        return message[2]
+
+    def reserve(self, writer: FolderWriter, message: Replacement) -> Reservation:
+        return writer.replace(message[3])
+
+    def record_intents(self, intents: Sequence[tuple[Replacement, str]]) -> None:
+        self.session.repo.pop_mark_replacing(self.session.account_id, [
+            (message[1], location) for message, location in intents])
+
+    def bodies(self, messages: Sequence[Replacement]) -> Generator[bytes | None, None, None]:
+        ledger = PopLedger(self.session)
+        for message in messages:
+            yield ledger._retrieve(message[0])
+
+    def adopt(self, message: Replacement, copy: RecordedMessage) -> None:
+        raise AssertionError("a replacement is never matched to a copy: its batches have no pool")
+
+    def finish(self, done: Sequence[tuple[Replacement, Stored, str | None]],
+               unfinished: Sequence[tuple[Replacement, str]]) -> None:
+        self.session.repo.pop_finish_batch(self.session.account_id, [
+            (message[1], stored, found_id) for message, stored, found_id in done], [])
+
+    def forget(self, unfinished: Sequence[Replacement]) -> None:
+        self.session.repo.pop_keep_placeholders(self.session.account_id, [message[1] for message in unfinished])

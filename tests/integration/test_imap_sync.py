@@ -253,7 +253,8 @@ def test_raising_max_message_size_fetches_what_was_skipped(tmp_path: Path, dovec
     server = dovecot.server
     server.append(dovecot.user, "INBOX", b"Subject: small\n\nx\n")
     server.append(dovecot.user, "INBOX", b"Subject: large\n\n" + b"y" * 5000 + b"\n")
-    config = write_config(tmp_path, server, dovecot.user, dovecot.password, extra='max_message_size = "1KB"')
+    config = write_config(tmp_path, server, dovecot.user, dovecot.password,
+                          extra='max_message_size = "1KB"\nlarge_messages = "skip"')
     counts = sync_counts(config)
     assert (counts.fetched, counts.skipped) == (1, 1)
     assert sync_counts(config).skipped == 0  # recorded once, not re-reported every run

@@ -246,7 +246,8 @@ def test_max_message_size_skips_and_reports(tmp_path: Path, dovecot: DovecotUser
     big = b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n"
     big = big + (b"y" * 70 + b"\r\n") * 400
     dovecot.server.append_many(dovecot.user, "INBOX", [*small, big])
-    config = pop_config(tmp_path, dovecot, leave_on_server=False, extra='max_message_size = "20KB"')
+    config = pop_config(tmp_path, dovecot, leave_on_server=False,
+                        extra='max_message_size = "20KB"\nlarge_messages = "skip"')
     with caplog.at_level(logging.WARNING, logger="mailsyncd"):
         counts = sync_in_process(config)
     assert (counts.fetched, counts.skipped, counts.gone) == (3, 1, 3)

@@ -535,3 +535,40 @@ def readme_configuration() -> str:
 def test_every_key_is_in_the_readme(key: Key) -> None:
     row = rf"^\|\s*`?{re.escape(SECTION_HEADERS[key.section])}`?\s*\|\s*`{re.escape(key.name)}`\s*\|"
     assert re.search(row, readme_configuration(), re.MULTILINE), f"README.md has no row for {key.name}"
+
+
+# --- large messages ----------------------------------------------------------------------
+
+
+def test_placeholders_are_the_default_where_a_store_can_replace_them() -> None:
+    limited = {"max_message_size": '"2MB"'}
+    assert only_account(account(**limited)).large_messages == "headers"
+    assert only_account(account()).large_messages == "skip"  # no limit: nothing is large
+    mbox = {"format": '"mbox"', "path": '"/srv/mail/work"'}
+    assert only_account(account(store=mbox, **limited)).large_messages == "skip"
+    assert only_account(account(POP3, **limited)).large_messages == "headers"
+    assert only_account(account(mode='"sync"', **limited)).large_messages == "skip"
+    text = only_account(account(fetch_parts='"text"', **limited))
+    assert (text.large_messages, text.fetch_parts) == ("headers", "text")
+
+
+@pytest.mark.parametrize(("keys", "store", "wanted"), [
+    ({"large_messages": '"headers"', "max_message_size": '"2MB"'}, {"format": '"mbox"', "path": '"/m"'},
+     'account "work".large_messages: "headers" needs format = "maildir"'),
+    ({"large_messages": '"headers"', "max_message_size": '"2MB"', "mode": '"sync"'}, None,
+     'account "work".large_messages: "headers" is not for mode = "sync"'),
+    ({"large_messages": '"headers"'}, None, 'account "work".large_messages: has no effect without max_message_size'),
+    ({"large_messages": '"bodies"', "max_message_size": '"2MB"'}, None,
+     'account "work".large_messages: expected one of "headers", "skip"'),
+    ({"fetch_parts": '"text"', "large_messages": '"skip"', "max_message_size": '"2MB"'}, None,
+     'account "work".fetch_parts: "text" is for placeholders'),
+])
+def test_large_message_keys_refused_in_one_line(keys: dict[str, str], store: dict[str, str] | None,
+                                                wanted: str) -> None:
+    problem = str(error(account(store=store, **keys)))
+    assert wanted in problem and "\n" not in problem
+
+
+def test_fetch_parts_is_for_imap() -> None:
+    problem = str(error(account(POP3, fetch_parts='"text"', max_message_size='"2MB"')))
+    assert 'fetch_parts: only for protocol = "imap"' in problem

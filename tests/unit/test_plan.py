@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from mailsyncd.domain import (
     FolderSnapshot,
+    LargeMessages,
     MessageState,
     Mode,
     Policy,
@@ -199,3 +200,32 @@ def test_a_first_sync_over_found_copies_adopts_them_and_fetches_only_the_rest() 
     assert [message.uid for message in plan.fetch] == [3, 4]
     assert sorted(copy.location or "" for copy in plan.adopt_pool) == ["cur/3", "cur/4"]
     assert not plan.skip and not plan.gone and not plan.remove
+
+
+# --- placeholders ------------------------------------------------------------------------
+
+HEADERS = Policy(max_message_size=1000, large_messages=LargeMessages.HEADERS)
+
+
+def test_large_messages_become_placeholders_or_are_skipped() -> None:
+    snapshot = full_snapshot(7, {1: RemoteMessage(1, 500), 2: RemoteMessage(2, 5000)})
+    empty = RecordedFolder(None, None, None)
+    plan = plan_folder(snapshot, empty, HEADERS)
+    assert [m.uid for m in plan.fetch] == [1] and [m.uid for m in plan.placeholders] == [2] and not plan.skip
+    plan = plan_folder(snapshot, empty, dataclasses.replace(HEADERS, large_messages=LargeMessages.SKIP))
+    assert [m.uid for m in plan.skip] == [2] and not plan.placeholders
+
+
+def test_a_placeholder_follows_the_server_and_is_replaced_once_it_fits() -> None:
+    held = RecordedMessage(2, 7, MessageState.PLACEHOLDER, location="cur/x:2,", size=5000)
+    skipped = RecordedMessage(3, 7, MessageState.SKIPPED, size=5000)
+    recorded = RecordedFolder(7, 4, None, {2: held, 3: skipped})
+    server = {2: RemoteMessage(2, 5000, frozenset({"\\Seen"})), 3: RemoteMessage(3, 5000)}
+    plan = plan_folder(full_snapshot(7, server), recorded, HEADERS)
+    assert [update.uid for update in plan.flag_updates] == [2]  # its flags follow the server's
+    assert [m.uid for m in plan.placeholders] == [3]  # skipped before placeholders were asked for
+    assert not plan.replace and not plan.fetch
+    raised = plan_folder(full_snapshot(7, server), recorded, dataclasses.replace(HEADERS, max_message_size=10**6))
+    assert raised.replace == (held,) and [m.uid for m in raised.fetch] == [3]
+    gone = plan_folder(full_snapshot(7, {}), recorded, dataclasses.replace(HEADERS, mode=Mode.MIRROR))
+    assert held in gone.remove  # mirror mode removes a placeholder like any copy
