@@ -13,6 +13,7 @@ import random
 import re
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
@@ -25,7 +26,7 @@ from mailsyncd.config import load_config
 from mailsyncd.message import header_block
 from mailsyncd.stores.maildir import flags_from_name
 from tests.conftest import DovecotUser
-from tests.helpers import corpus_messages, crash_at_step, normalize, run_cli, sync, write_config
+from tests.helpers import corpus_messages, crash_at_step, kill_after, normalize, run_cli, sync, write_config
 from tests.proxy import CutProxy
 
 MARKER = b"X-Mailsyncd-Placeholder: "
@@ -285,3 +286,33 @@ def test_pop3_placeholders_from_top_then_fetched_by_uidl(tmp_path: Path, dovecot
     assert sorted(files(root).values()) == sorted(normalize(body) for body in server.values())
     assert sync(config) == 0  # now stored whole, so leave_on_server = false deletes it
     assert dovecot.server.fetch_all(dovecot.user, "INBOX") == {}
+
+
+def test_kill_9_during_replacement_at_random_moments(tmp_path: Path, dovecot: DovecotUser) -> None:
+    messages = [attachment_message(index, 3_000_000) for index in range(3)]
+    uids = dovecot.server.append_many(dovecot.user, "INBOX", messages)
+    server = dovecot.server.fetch_all(dovecot.user, "INBOX")
+    config = write_config(tmp_path, dovecot.server, dovecot.user, dovecot.password,
+                          extra='folders = ["INBOX"]\nmax_message_size = "1MB"\n')
+    assert sync(config) == 0
+    root = store_root(config)
+    chance = random.Random(15)
+    for round_number in range(12):
+        uid = uids[round_number % len(uids)]
+        if states(config)[uid] == "placeholder":
+            argv = [sys.executable, "-m", "mailsyncd", "--config", str(config), "fetch", "acct", "INBOX",
+                    "--uid", str(uid)]
+            kill_after(argv, chance.uniform(0.2, 1.5))
+        # Killed anywhere: each message is there once, as placeholder or whole.
+        stored = files(root)
+        assert len(stored) == len(server), round_number
+        for index, uid_of in enumerate(uids):
+            (copy,) = [data for data in stored.values() if b"<large-%d@" % index in header_block(data)]
+            assert copy == normalize(server[uid_of]) or copy.startswith(
+                header_block(normalize(server[uid_of])) + MARKER), round_number
+    assert sync(config) == 0
+    for uid in uids:
+        if states(config)[uid] == "placeholder":
+            assert run_cli(config, "fetch", "acct", "INBOX", "--uid", str(uid)).returncode == 0
+    assert sorted(files(root).values()) == sorted(normalize(body) for body in server.values())
+    assert set(states(config).values()) == {"stored"}
