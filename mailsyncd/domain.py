@@ -300,6 +300,7 @@ class FolderStatus:
     on_server: bool
     uidvalidity: int | None
     messages: Mapping[str, int]  # message state -> how many
+    placeholders: tuple[tuple[int, int | None, str | None], ...] = ()  # (uid, size on the server, Message-ID)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import mailbox
 import os
 import random
@@ -161,6 +162,11 @@ def test_fetch_replaces_exactly_one_keeping_its_flags(tmp_path: Path, dovecot: D
     assert states(config)[large[0]] == "stored"
     assert dovecot.server.flags(dovecot.user, "INBOX")[large[1]] == set()  # BODY.PEEK: still unseen
 
+    status = json.loads(run_cli(config, "status", "--json").stdout)
+    (inbox,) = [folder for folder in status[0]["folders"] if folder["name"] == "INBOX"]
+    assert inbox["messages"]["placeholder"] == 2
+    assert [(entry["uid"], entry["message_id"]) for entry in inbox["placeholders"]] == [
+        (large[1], "<large-1@example.org>"), (large[2], "<large-2@example.org>")]
     by_id = run_cli(config, "fetch", "acct", "INBOX", "--message-id", "<large-1@example.org>")
     assert by_id.returncode == 0, by_id.stderr
     again = run_cli(config, "fetch", "acct", "INBOX", "--uid", str(large[0]))
