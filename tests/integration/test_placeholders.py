@@ -27,7 +27,16 @@ from mailsyncd.config import load_config
 from mailsyncd.message import header_block
 from mailsyncd.stores.maildir import flags_from_name
 from tests.conftest import DovecotUser
-from tests.helpers import corpus_messages, crash_at_step, kill_after, normalize, run_cli, sync, write_config
+from tests.helpers import (
+    corpus_messages,
+    crash_at_step,
+    kill_after,
+    neomutt,
+    normalize,
+    run_cli,
+    sync,
+    write_config,
+)
 from tests.proxy import CutProxy
 
 MARKER = b"X-Mailsyncd-Placeholder: "
@@ -322,3 +331,15 @@ def test_kill_9_during_replacement_at_random_moments(tmp_path: Path, dovecot: Do
             assert run_cli(config, "fetch", "acct", "INBOX", "--uid", str(uid)).returncode == 0
     assert sorted(files(root).values()) == sorted(normalize(body) for body in server.values())
     assert set(states(config).values()) == {"stored"}
+
+
+def test_neomutt_shows_a_placeholder(tmp_path: Path, dovecot: DovecotUser) -> None:
+    config, _, _ = setup(tmp_path, dovecot, [1_500_000], small=2)
+    assert sync(config) == 0
+    with neomutt(store_root(config), tmp_path / "home") as keys:
+        index = keys("")
+        assert "Large 0" in index, index
+        # Find the placeholder and open it: its note is the text neomutt shows.
+        shown = keys("/ Large Enter Enter")
+        assert "over max_message_size" in shown and "report-0.pdf" in shown, shown
+        keys("q")  # back from the pager to the index, which the helper quits
