@@ -311,6 +311,8 @@ def _status_json(entry: AccountStatus) -> dict[str, Any]:
         "folders": [{"name": folder.name, "path": folder.path, "last_sync": _when(folder.last_sync),
                      "last_error": folder.last_error, "on_server": folder.on_server,
                      "uidvalidity": folder.uidvalidity, "messages": dict(folder.messages),
+                     "placeholders": [{"uid": uid, "size": size, "message_id": found_id}
+                                      for uid, size, found_id in folder.placeholders],
                      **({} if folder.pushed is None else {"pushed": folder.pushed, "pulled": folder.pulled})}
                     for folder in entry.folders],
         "pop_messages": dict(entry.pop_messages),

@@ -315,6 +315,7 @@ class FolderStatus:
     messages: Mapping[str, int]  # message state -> how many
     pushed: int | None = None  # two-way: changes the last pass made on the server
     pulled: int | None = None  # ... and here
+    placeholders: tuple[tuple[int, int | None, str | None], ...] = ()  # (uid, size on the server, Message-ID)
 
 
 @dataclass(frozen=True)

@@ -698,9 +698,17 @@ class StateRepo:
         by_folder: dict[int, dict[str, int]] = {}
         for folder_id, state, count in counts:
             by_folder.setdefault(folder_id, {})[state] = count
+        held: dict[int, list[tuple[int, int | None, str | None]]] = {}
+        for row in connection.execute(select(MESSAGES.c.folder_id, MESSAGES.c.uid, MESSAGES.c.size,
+                                             MESSAGES.c.message_id)
+                                      .join(FOLDERS, FOLDERS.c.id == MESSAGES.c.folder_id)
+                                      .where(FOLDERS.c.account_id == account.id,
+                                             MESSAGES.c.state == MessageState.PLACEHOLDER)
+                                      .order_by(MESSAGES.c.uid)):
+            held.setdefault(row.folder_id, []).append((int(row.uid), row.size, row.message_id))
         folders = tuple(
             FolderStatus(row.name, row.path, row.last_sync, row.last_error, row.on_server, row.uidvalidity,
-                         by_folder.get(row.id, {}), row.pushed, row.pulled)
+                         by_folder.get(row.id, {}), row.pushed, row.pulled, tuple(held.get(row.id, ())))
             for row in connection.execute(select(FOLDERS).where(FOLDERS.c.account_id == account.id)
                                           .order_by(FOLDERS.c.name))
         )

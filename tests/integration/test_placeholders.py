@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import mailbox
 import os
 import random
 import re
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
@@ -25,7 +27,16 @@ from mailsyncd.config import load_config
 from mailsyncd.message import header_block
 from mailsyncd.stores.maildir import flags_from_name
 from tests.conftest import DovecotUser
-from tests.helpers import corpus_messages, crash_at_step, normalize, run_cli, sync, write_config
+from tests.helpers import (
+    corpus_messages,
+    crash_at_step,
+    kill_after,
+    neomutt,
+    normalize,
+    run_cli,
+    sync,
+    write_config,
+)
 from tests.proxy import CutProxy
 
 MARKER = b"X-Mailsyncd-Placeholder: "
@@ -160,6 +171,11 @@ def test_fetch_replaces_exactly_one_keeping_its_flags(tmp_path: Path, dovecot: D
     assert states(config)[large[0]] == "stored"
     assert dovecot.server.flags(dovecot.user, "INBOX")[large[1]] == set()  # BODY.PEEK: still unseen
 
+    status = json.loads(run_cli(config, "status", "--json").stdout)
+    (inbox,) = [folder for folder in status[0]["folders"] if folder["name"] == "INBOX"]
+    assert inbox["messages"]["placeholder"] == 2
+    assert [(entry["uid"], entry["message_id"]) for entry in inbox["placeholders"]] == [
+        (large[1], "<large-1@example.org>"), (large[2], "<large-2@example.org>")]
     by_id = run_cli(config, "fetch", "acct", "INBOX", "--message-id", "<large-1@example.org>")
     assert by_id.returncode == 0, by_id.stderr
     again = run_cli(config, "fetch", "acct", "INBOX", "--uid", str(large[0]))
@@ -285,3 +301,45 @@ def test_pop3_placeholders_from_top_then_fetched_by_uidl(tmp_path: Path, dovecot
     assert sorted(files(root).values()) == sorted(normalize(body) for body in server.values())
     assert sync(config) == 0  # now stored whole, so leave_on_server = false deletes it
     assert dovecot.server.fetch_all(dovecot.user, "INBOX") == {}
+
+
+def test_kill_9_during_replacement_at_random_moments(tmp_path: Path, dovecot: DovecotUser) -> None:
+    messages = [attachment_message(index, 3_000_000) for index in range(3)]
+    uids = dovecot.server.append_many(dovecot.user, "INBOX", messages)
+    server = dovecot.server.fetch_all(dovecot.user, "INBOX")
+    config = write_config(tmp_path, dovecot.server, dovecot.user, dovecot.password,
+                          extra='folders = ["INBOX"]\nmax_message_size = "1MB"\n')
+    assert sync(config) == 0
+    root = store_root(config)
+    chance = random.Random(15)
+    for round_number in range(12):
+        uid = uids[round_number % len(uids)]
+        if states(config)[uid] == "placeholder":
+            argv = [sys.executable, "-m", "mailsyncd", "--config", str(config), "fetch", "acct", "INBOX",
+                    "--uid", str(uid)]
+            kill_after(argv, chance.uniform(0.2, 1.5))
+        # Killed anywhere: each message is there once, as placeholder or whole.
+        stored = files(root)
+        assert len(stored) == len(server), round_number
+        for index, uid_of in enumerate(uids):
+            (copy,) = [data for data in stored.values() if b"<large-%d@" % index in header_block(data)]
+            assert copy == normalize(server[uid_of]) or copy.startswith(
+                header_block(normalize(server[uid_of])) + MARKER), round_number
+    assert sync(config) == 0
+    for uid in uids:
+        if states(config)[uid] == "placeholder":
+            assert run_cli(config, "fetch", "acct", "INBOX", "--uid", str(uid)).returncode == 0
+    assert sorted(files(root).values()) == sorted(normalize(body) for body in server.values())
+    assert set(states(config).values()) == {"stored"}
+
+
+def test_neomutt_shows_a_placeholder(tmp_path: Path, dovecot: DovecotUser) -> None:
+    config, _, _ = setup(tmp_path, dovecot, [1_500_000], small=2)
+    assert sync(config) == 0
+    with neomutt(store_root(config), tmp_path / "home") as keys:
+        index = keys("")
+        assert "Large 0" in index, index
+        # Find the placeholder and open it: its note is the text neomutt shows.
+        shown = keys("/ Large Enter Enter")
+        assert "over max_message_size" in shown and "report-0.pdf" in shown, shown
+        keys("q")  # back from the pager to the index, which the helper quits
