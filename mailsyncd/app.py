@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from types import TracebackType
 
 from sqlalchemy import Engine
 
@@ -102,8 +101,7 @@ class App:
     def __enter__(self) -> App:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(self, *_: object) -> None:
         self.close()
 
     def status(self) -> list[AccountStatus]:

@@ -523,7 +523,6 @@ class Relink:
 
     old_uid: int
     uid: int
-    old_unique: str
     unique: str
 
 

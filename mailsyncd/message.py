@@ -73,12 +73,6 @@ def digest(data: bytes) -> str:
 # --- placeholders: what stands for a message over max_message_size ----------------------
 
 PLACEHOLDER_FIELD = b"X-Mailsyncd-Placeholder"
-_PLACEHOLDER = re.compile(rb"^" + PLACEHOLDER_FIELD + rb":", re.IGNORECASE | re.MULTILINE)
-
-
-def is_placeholder(data: bytes) -> bool:
-    """True for a placeholder this program wrote (its header block carries the marker)."""
-    return _PLACEHOLDER.search(header_block(data)) is not None
 
 
 def placeholder(partial: PartialMessage, how_to_fetch: str) -> bytes:

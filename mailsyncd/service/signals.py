@@ -12,7 +12,7 @@ import os
 import select
 import signal
 from collections.abc import Callable
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any
 
 STOP = frozenset({signal.SIGTERM, signal.SIGINT})
@@ -37,8 +37,7 @@ class SignalInbox:
         self._old = {signum: signal.signal(signum, self._on_signal) for signum in HANDLED}
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(self, *_: object) -> None:
         for signum, handler in self._old.items():
             signal.signal(signum, handler)
         signal.set_wakeup_fd(self._old_fd)

@@ -25,7 +25,6 @@ import poplib
 import re
 import socket
 from collections.abc import Callable, Iterator
-from types import TracebackType
 from typing import Any, cast
 
 from mailsyncd import sasl
@@ -247,8 +246,7 @@ class Pop3Session:
     def __enter__(self) -> Pop3Session:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(self, *_: object) -> None:
         self.close()
 
     def close(self) -> None:

@@ -155,11 +155,6 @@ def content_key(data: bytes) -> str:
     return hashlib.sha256(b"".join(kept) + b"\0" + rest.rstrip(b"\n")).hexdigest()
 
 
-def split_location(location: str) -> tuple[str, int]:
-    path, offset, _, _ = _parse_location(location)
-    return path, offset
-
-
 def _parse_location(location: str) -> tuple[str, int, str | None, str | None]:
     """(file, offset, reservation of a pending intent, key of a stored message)."""
     path, _, rest = location.rpartition("@")

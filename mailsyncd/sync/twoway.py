@@ -350,7 +350,7 @@ def pair_moves(plans: Mapping[str, TwoWayPlan]) -> dict[str, TwoWayPlan]:
             claimed.add(id(vanished))
             merge = merge_flags(pair.flags, appeared.local.flags, vanished.remote_flags)
             if target == name:
-                changes[name].relink.append(Relink(pair.uid, pair.uid, pair.unique, appeared.local.unique))
+                changes[name].relink.append(Relink(pair.uid, pair.uid, appeared.local.unique))
                 changes[name].collect(pair.uid, appeared.local.unique, merge, pair.flags)
             else:
                 local_moves[name].append(LocalMove(pair.uid, target, appeared.local.unique, merge))
@@ -363,7 +363,7 @@ def pair_moves(plans: Mapping[str, TwoWayPlan]) -> dict[str, TwoWayPlan]:
             claimed.add(id(expunged))
             merge = merge_flags(pair.flags, expunged.local.flags, arrived.remote.flags)
             if target == name:
-                changes[name].relink.append(Relink(pair.uid, arrived.remote.uid, pair.unique, pair.unique))
+                changes[name].relink.append(Relink(pair.uid, arrived.remote.uid, pair.unique))
                 changes[name].collect(arrived.remote.uid, pair.unique, merge, pair.flags)
             else:
                 server_moves[name].append(ServerMove(pair.uid, pair.unique, target, arrived.remote.uid, merge))

@@ -17,7 +17,6 @@ import subprocess
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from mailsyncd.testing import fill, launch
@@ -112,9 +111,7 @@ class DovecotServer:
         self.start()
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         self.stop()
 
     # -- users -------------------------------------------------------------------------------------
