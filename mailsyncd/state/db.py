@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from mailsyncd.errors import AlreadyRunning, StateError
 from mailsyncd.fsio import PRIVATE_FILE, make_private_dirs
@@ -106,8 +106,8 @@ def at_head(engine: Engine) -> bool:
     try:
         with engine.connect() as connection:
             current = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-    except OperationalError:
-        return False  # no alembic_version table: a new database
+    except (OperationalError, ProgrammingError):
+        return False  # no alembic_version table: a new database (SQLite and PostgreSQL say it differently)
     return current == [HEAD_REVISION]
 
 
