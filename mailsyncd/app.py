@@ -7,10 +7,13 @@ results from here too, and only format them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
+import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 
@@ -28,13 +31,14 @@ from mailsyncd.domain import (
     PopPolicy,
     RunResult,
 )
-from mailsyncd.errors import Interrupted, MailsyncError
+from mailsyncd.errors import Interrupted, LeaseLost, MailsyncError
 from mailsyncd.fsio import make_private_dirs
 from mailsyncd.progress import Progress
 from mailsyncd.secrets import password_for
 from mailsyncd.sources import imap, pop3
 from mailsyncd.sources.base import ImapSource
 from mailsyncd.state import db
+from mailsyncd.state.leases import Holder, Leases, node_identity
 from mailsyncd.state.repo import StateRepo
 from mailsyncd.stores.base import Store
 from mailsyncd.stores.maildir import MaildirStore
@@ -60,6 +64,12 @@ class App:
         self.config = config
         self.engine = engine
         self.repo = StateRepo(engine)
+        # A server database may be shared by several daemons: each sync then holds the
+        # account's lease. SQLite has one writer already (the instance lock).
+        self.leases: Leases | None = None
+        if engine.dialect.name != "sqlite":
+            node = config.general.node or str(os.getpid())
+            self.leases = Leases(engine, node_identity(socket.gethostname(), node), config.general.lease_time)
         self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # tests move it (delete_after_days)
 
     @classmethod
@@ -112,9 +122,26 @@ class App:
                      progress: Progress | None = None, checkpoint: Checkpoint = no_checkpoint) -> Counts:
         """One pass over one account. Raises AccountError (recorded in the database) when
         the account as a whole failed; folder failures are in the returned counts."""
-        progress = progress or Progress()
-        started = time.monotonic()
         account_id = self.repo.account_id(account.name, account.protocol)
+        with self._lease(account.name, account_id):
+            return self._run(account, account_id, folders, progress or Progress(), checkpoint)
+
+    @contextlib.contextmanager
+    def _lease(self, name: str, account_id: int) -> Iterator[None]:
+        """Hold the account's lease while it syncs (AccountBusy if another daemon has it)."""
+        if self.leases is None:
+            yield
+            return
+        with self.leases.held(name, account_id):
+            yield
+
+    def holders(self) -> dict[str, Holder]:
+        """Which daemon holds which account, on a shared database; nothing on SQLite."""
+        return {} if self.leases is None else self.leases.holders()
+
+    def _run(self, account: AccountConfig, account_id: int, folders: Sequence[str], progress: Progress,
+             checkpoint: Checkpoint) -> Counts:
+        started = time.monotonic()
         store = open_store(account)
         recover(self.repo, store, account_id)
         run_id = self.repo.start_run(account_id)
@@ -124,6 +151,8 @@ class App:
         except Interrupted as error:
             self.repo.finish_run(run_id, RunResult.INTERRUPTED, counts.fetched, counts.fetched_bytes, str(error))
             raise
+        except LeaseLost:
+            raise  # the account's rows are the new holder's now; not even the run is recorded
         except MailsyncError as error:
             self.repo.finish_run(run_id, RunResult.FAILED, counts.fetched, counts.fetched_bytes, str(error))
             raise

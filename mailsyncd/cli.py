@@ -23,9 +23,10 @@ from mailsyncd import log as log_setup
 from mailsyncd.app import App
 from mailsyncd.config import AccountConfig, Config, load_config
 from mailsyncd.domain import AccountStatus, PopCheck, RunResult
-from mailsyncd.errors import AccountError, AlreadyRunning, FatalError, MailsyncError
+from mailsyncd.errors import AccountBusy, AccountError, AlreadyRunning, FatalError, MailsyncError
 from mailsyncd.progress import Progress
 from mailsyncd.state import db
+from mailsyncd.state.leases import Holder
 
 log = logging.getLogger("mailsyncd")
 
@@ -166,6 +167,9 @@ def _sync(config: Config, args: argparse.Namespace) -> int:
         for account in accounts:
             try:
                 counts = app.sync_account(account, args.folder, progress)
+            except AccountBusy as busy:
+                log.warning("%s", busy)  # another daemon syncs it now, which is what was asked
+                continue
             except AccountError as error:
                 log.error("%s", error, exc_info=args.verbose)
                 failed = True
@@ -196,8 +200,9 @@ def _sync_by_daemon(config: Config, accounts: Sequence[AccountConfig], pid: int)
 def _status(config: Config, as_json: bool) -> int:
     with App.open(config) as app:
         report = app.status()
+        holders = app.holders()
     if as_json:
-        json.dump([_status_json(entry) for entry in report], sys.stdout, indent=2)
+        json.dump([_status_json(entry, holders.get(entry.account)) for entry in report], sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK
     if not report:
@@ -207,6 +212,9 @@ def _status(config: Config, as_json: bool) -> int:
         print(f"{entry.account} ({entry.protocol}): last run {_when(run.finished if run else None) or 'never'} "
               f"{run.result if run else ''}; last success {_when(entry.last_success) or 'never'}"
               + (f"; error: {run.error}" if run and run.error else ""))
+        holder = holders.get(entry.account)
+        if holder is not None and holder.owner is not None:
+            print(f"  held by {holder.owner} since {_when(holder.since)}, lease until {_when(holder.until)}")
         for folder in entry.folders:
             counts = ", ".join(f"{count} {state}" for state, count in sorted(folder.messages.items()))
             note = "" if folder.on_server else " (gone from the server)"
@@ -221,7 +229,7 @@ def _when(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat(timespec="seconds")
 
 
-def _status_json(entry: AccountStatus) -> dict[str, Any]:
+def _status_json(entry: AccountStatus, holder: Holder | None) -> dict[str, Any]:
     """One account for ``status --json``; these keys are an interface, kept stable."""
     run = entry.last_run
     report: dict[str, Any] = {
@@ -236,6 +244,8 @@ def _status_json(entry: AccountStatus) -> dict[str, Any]:
                     for folder in entry.folders],
         "pop_messages": dict(entry.pop_messages),
         "configured": entry.configured,
+        "lease": None if holder is None or holder.owner is None else {
+            "owner": holder.owner, "since": _when(holder.since), "until": _when(holder.until)},
     }
     if entry.schedule is not None:
         report["schedule"] = entry.schedule

@@ -19,7 +19,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from mailsyncd.app import App
 from mailsyncd.config import AccountConfig, Config, load_config
-from mailsyncd.errors import ConfigError, Interrupted, MailsyncError, Retry
+from mailsyncd.errors import AccountBusy, ConfigError, Interrupted, MailsyncError, Retry
 from mailsyncd.service.jobs import AccountJob
 from mailsyncd.service.metrics import Metrics
 from mailsyncd.service.schedule import Schedule, backoff_delay, human, schedule_for
@@ -297,6 +297,9 @@ class Daemon:
                                            checkpoint=self._checkpoint)
         except Interrupted:
             log.info("%s: stopped at a safe point; every message written is stored and recorded", account.name)
+            return
+        except AccountBusy as busy:
+            log.info("%s", busy)  # another daemon syncs it now: not a failure, no backoff
             return
         except MailsyncError as error:
             self._failed(job, str(error), error.retry)
