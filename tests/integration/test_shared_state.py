@@ -1,0 +1,141 @@
+"""Several mailsyncd processes sharing one real PostgreSQL state against the test Dovecot:
+every account synced, never by two at once, each message stored exactly once, and a
+killed daemon's accounts finished by another once its lease expires."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+from sqlalchemy import Engine, select
+
+from mailsyncd.app import App
+from mailsyncd.config import load_config
+from mailsyncd.state import db
+from mailsyncd.state.models import ACCOUNTS, FOLDERS, MESSAGES, SYNC_RUNS
+from tests.helpers import corpus_messages, expected, maildir_contents, run_cli, wait_for
+from tests.integration.test_service import Daemon, account_toml, clean_env
+from tests.server_helpers import DevServer
+
+LEASE = 3  # seconds: short, so that a takeover is quick to see
+
+
+def shared_config(directory: Path, url: str, server: DevServer, users: list[tuple[str, str]], node: str,
+                  extra: str = "") -> Path:
+    """One daemon's config: the same accounts and state as the others, its own node name."""
+    accounts = "".join(account_toml(server, user, password, user, directory / "stores" / "{account}", extra)
+                       for user, password in users)
+    path = directory / f"config-{node}.toml"
+    path.write_text(f'[general]\nstate = "{url}"\nnode = "{node}"\nlease_time = {LEASE}\n' + accounts)
+    path.chmod(0o600)
+    return path
+
+
+def make_users(server: DevServer, count: int, messages: int) -> list[tuple[str, str]]:
+    files = corpus_messages(messages * count)
+    users = []
+    for index in range(count):
+        user, password = f"shared{secrets.token_hex(4)}", secrets.token_urlsafe(12)
+        server.add_user(user, password)
+        server.append_many(user, "INBOX", [path.read_bytes() for path in files[index::count][:messages]])
+        users.append((user, password))
+    return users
+
+
+def assert_exactly_once(engine: Engine, server: DevServer, stores: Path, users: list[tuple[str, str]]) -> None:
+    for user, _ in users:
+        wanted = expected(server.fetch_all(user, "INBOX").values(), "maildir")
+        assert maildir_contents(stores / user).get("")  # maildir++: INBOX is the root == wanted, user
+        with engine.connect() as connection:
+            states = Counter(connection.execute(
+                select(MESSAGES.c.state).join(FOLDERS, FOLDERS.c.id == MESSAGES.c.folder_id)
+                .join(ACCOUNTS, ACCOUNTS.c.id == FOLDERS.c.account_id)
+                .where(ACCOUNTS.c.name == user, FOLDERS.c.name == "INBOX")).scalars())
+        assert states == Counter({"stored": sum(wanted.values())}), user
+
+
+def test_three_daemons_share_the_accounts_one_writer_each(
+        tmp_path: Path, dovecot_server: DevServer, postgres_url: str) -> None:
+    users = make_users(dovecot_server, 12, 40)
+    configs = [shared_config(tmp_path, postgres_url, dovecot_server, users, node, 'interval = "10s"')
+               for node in ("a", "b", "c")]
+    engine = db.create(postgres_url)
+    db.upgrade(engine)  # once, before the daemons start together
+    running = [Daemon(config, clean_env(), name=f"daemon-{index}") for index, config in enumerate(configs)]
+    try:
+        def all_synced() -> bool:
+            return all(sum(bag.values()) == 40 for user, _ in users
+                       for bag in [maildir_contents(tmp_path / "stores" / user).get("", Counter())])
+
+        assert wait_for(all_synced, 90), [daemon.log() for daemon in running]
+        time.sleep(12)  # a second round of scheduled runs, contending again
+        for daemon in running:
+            assert daemon.stop(20) == 0, daemon.log()
+    finally:
+        for daemon in running:
+            daemon.kill()
+    assert_exactly_once(engine, dovecot_server, tmp_path / "stores", users)
+    # Never two daemons on one account at once: each account's runs follow one another.
+    with engine.connect() as connection:
+        runs = connection.execute(select(SYNC_RUNS.c.account_id, SYNC_RUNS.c.started, SYNC_RUNS.c.finished)
+                                  .order_by(SYNC_RUNS.c.account_id, SYNC_RUNS.c.started)).all()
+    assert len(runs) >= len(users)
+    for before, after in itertools.pairwise(runs):
+        if before.account_id == after.account_id:
+            assert before.finished is not None and before.finished <= after.started, (before, after)
+    logs = [daemon.log() for daemon in running]
+    workers = [log for log in logs if " new (" in log]
+    assert len(workers) >= 2, logs  # the work was shared
+    assert all("Traceback" not in log for log in logs), logs
+    engine.dispose()
+
+
+def _sync_and_die(config: Path, at_step: int) -> None:
+    """Fork a sync that SIGKILLs itself at effect step ``at_step``: mid-sync, lease held."""
+    pid = os.fork()
+    if pid == 0:  # child
+        count = 0
+
+        def checkpoint(_step: str) -> None:
+            nonlocal count
+            count += 1
+            if count == at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        try:
+            loaded = load_config(config)
+            app = App.open(loaded)
+            app.sync_account(loaded.accounts[0], checkpoint=checkpoint)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+
+
+def test_a_killed_daemons_account_is_finished_by_another_after_its_lease(
+        tmp_path: Path, dovecot_server: DevServer, postgres_url: str) -> None:
+    users = make_users(dovecot_server, 1, 300)
+    first = shared_config(tmp_path, postgres_url, dovecot_server, users, "a")
+    second = shared_config(tmp_path, postgres_url, dovecot_server, users, "b")
+    _sync_and_die(first, at_step=150)  # half-way through writing the first batch
+    killed_at = time.monotonic()
+    engine = db.create(postgres_url)
+    with engine.connect() as connection:
+        states = Counter(connection.execute(select(MESSAGES.c.state)).scalars())
+    assert states["pending"] > 0, states  # killed mid-sync: intents recorded, not finished
+    busy = run_cli(second, "sync")
+    assert busy.returncode == 0, busy.stderr
+    assert f"held by {os.uname().nodename}:a until" in busy.stderr  # the dead daemon's lease still runs
+    assert wait_for(lambda: time.monotonic() - killed_at > LEASE + 0.5, LEASE + 5)
+    done = run_cli(second, "sync")
+    assert done.returncode == 0, done.stderr
+    assert "held by" not in done.stderr
+    assert_exactly_once(engine, dovecot_server, tmp_path / "stores", users)
+    status = run_cli(second, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    engine.dispose()
