@@ -72,7 +72,9 @@ def create(state: str) -> Engine:
     try:
         if path is not None:
             _prepare_sqlite_file(path)
-        engine = create_engine(url)
+        # A server may restart under a running daemon: test each pooled connection before
+        # use, so the next sync reconnects instead of failing on a dead socket.
+        engine = create_engine(url, pool_pre_ping=path is None)
     except Exception as error:
         raise StateError(f"cannot open the state database {_safe(url)}: {error}") from error
     if engine.dialect.name == "sqlite":

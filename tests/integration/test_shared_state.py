@@ -20,6 +20,7 @@ from mailsyncd.state import db
 from mailsyncd.state.models import ACCOUNTS, FOLDERS, MESSAGES, SYNC_RUNS
 from tests.helpers import corpus_messages, expected, maildir_contents, run_cli, wait_for
 from tests.integration.test_service import Daemon, account_toml, clean_env
+from tests.postgres import PostgresCluster
 from tests.server_helpers import DevServer
 
 LEASE = 3  # seconds: short, so that a takeover is quick to see
@@ -139,3 +140,18 @@ def test_a_killed_daemons_account_is_finished_by_another_after_its_lease(
     status = run_cli(second, "status", "--json")
     assert status.returncode == 0, status.stderr
     engine.dispose()
+
+
+def test_postgresql_restarted_under_a_running_app(
+        tmp_path: Path, dovecot_server: DevServer, postgres_cluster: PostgresCluster) -> None:
+    """The pool's connections die with the server; the next sync reconnects and goes on."""
+    url = postgres_cluster.new_database()
+    users = make_users(dovecot_server, 1, 20)
+    config = load_config(shared_config(tmp_path, url, dovecot_server, users, "a"))
+    with App.open(config) as app:
+        assert app.sync_account(config.accounts[0]).fetched == 20
+        postgres_cluster.stop()
+        postgres_cluster.start()
+        dovecot_server.append_many(users[0][0], "INBOX", [path.read_bytes() for path in corpus_messages(25)[-5:]])
+        assert app.sync_account(config.accounts[0]).fetched == 5
+        assert_exactly_once(app.engine, dovecot_server, tmp_path / "stores", users)
