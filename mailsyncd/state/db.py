@@ -113,15 +113,38 @@ def at_head(engine: Engine) -> bool:
     return current == [HEAD_REVISION]
 
 
+MIGRATION_LOCK = 0x6D61696C  # "mail": the advisory lock daemons sharing a PostgreSQL migrate under
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     if revision == "head" and at_head(engine):
         return
     from alembic import command
 
     try:
-        command.upgrade(alembic_config(engine), revision)
+        with _migration_lock(engine):
+            if revision == "head" and at_head(engine):
+                return  # another daemon migrated while we waited
+            command.upgrade(alembic_config(engine), revision)
     except Exception as error:
         raise StateError(f"cannot migrate the state database: {error}") from error
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """Daemons started together on one PostgreSQL migrate one at a time; SQLite's
+    instance lock already admits one process."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+        connection.commit()
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+            connection.commit()
 
 
 @contextlib.contextmanager

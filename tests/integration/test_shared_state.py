@@ -65,8 +65,7 @@ def test_three_daemons_share_the_accounts_one_writer_each(
     users = make_users(dovecot_server, 12, 40)
     configs = [shared_config(tmp_path, postgres_url, dovecot_server, users, node, 'interval = "10s"')
                for node in ("a", "b", "c")]
-    engine = db.create(postgres_url)
-    db.upgrade(engine)  # once, before the daemons start together
+    engine = db.create(postgres_url)  # a new database: the daemons migrate it, one at a time
     running = [Daemon(config, clean_env(), name=f"daemon-{index}") for index, config in enumerate(configs)]
     try:
         def all_synced() -> bool:
