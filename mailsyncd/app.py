@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 
 from mailsyncd.config import AccountConfig, Config
 from mailsyncd.domain import (
@@ -31,7 +32,7 @@ from mailsyncd.domain import (
     PopPolicy,
     RunResult,
 )
-from mailsyncd.errors import Interrupted, LeaseLost, MailsyncError
+from mailsyncd.errors import AccountError, Interrupted, LeaseLost, MailsyncError
 from mailsyncd.fsio import make_private_dirs
 from mailsyncd.progress import Progress
 from mailsyncd.secrets import password_for
@@ -50,6 +51,10 @@ from mailsyncd.sync.pop import sync_pop
 from mailsyncd.sync.recover import recover
 
 log = logging.getLogger(__name__)
+
+# The Checkpoint steps after which the next effect is a store write, and where stopping
+# leaves only intents (fetched again) or finishes the batch in store_batch's ``finally``.
+BEFORE_WRITES = frozenset({"intent", "write"})
 
 
 def open_store(account: AccountConfig) -> Store:
@@ -123,17 +128,27 @@ class App:
         """One pass over one account. Raises AccountError (recorded in the database) when
         the account as a whole failed; folder failures are in the returned counts."""
         account_id = self.repo.account_id(account.name, account.protocol)
-        with self._lease(account.name, account_id):
-            return self._run(account, account_id, folders, progress or Progress(), checkpoint)
+        try:
+            with self._lease(account.name, account_id, checkpoint) as guarded:
+                return self._run(account, account_id, folders, progress or Progress(), guarded)
+        except DBAPIError as error:  # the database went away mid-run: this account's fault line
+            raise AccountError(f"{account.name}: state database error: {type(error.orig).__name__}; "
+                               "the next run goes on from here") from error
 
     @contextlib.contextmanager
-    def _lease(self, name: str, account_id: int) -> Iterator[None]:
-        """Hold the account's lease while it syncs (AccountBusy if another daemon has it)."""
+    def _lease(self, name: str, account_id: int, checkpoint: Checkpoint) -> Iterator[Checkpoint]:
+        """Hold the account's lease while it syncs (AccountBusy if another daemon has it);
+        the checkpoint given back also stops the run before a store write once it ran out."""
         if self.leases is None:
-            yield
+            yield checkpoint
             return
-        with self.leases.held(name, account_id):
-            yield
+        with self.leases.held(name, account_id) as lease:
+            def guarded(step: str) -> None:
+                checkpoint(step)
+                if step in BEFORE_WRITES:
+                    lease.check()
+
+            yield guarded
 
     def holders(self) -> dict[str, Holder]:
         """Which daemon holds which account, on a shared database; nothing on SQLite."""

@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -35,12 +36,21 @@ from mailsyncd.state.models import ACCOUNTS, LEASES
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Lease:
     account: str
     account_id: int
     owner: str
     epoch: int
+    # time.monotonic() at which the lease runs out unless renewed; the heartbeat moves it.
+    deadline: float = field(default=0.0, compare=False)
+
+    def check(self) -> None:
+        """Before a write to the store, which no database fence guards: a daemon that
+        stalled past its lease must not write another file the new holder may store too."""
+        if time.monotonic() > self.deadline:
+            raise LeaseLost(f"{self.account}: the lease ran out while syncing (a stall?); stopped before "
+                            "writing more")
 
 
 @dataclass(frozen=True)
@@ -70,7 +80,7 @@ class Leases:
     def claim(self, account: str, account_id: int) -> Lease:
         """Take the account's lease, or raise AccountBusy naming the holder."""
         self._ensure_row(account_id)
-        now = _now()
+        now, started = _now(), time.monotonic()
         with self.engine.begin() as connection:
             row = connection.execute(select(LEASES).where(LEASES.c.account_id == account_id)
                                      .with_for_update(skip_locked=True)).first()
@@ -82,7 +92,7 @@ class Leases:
             epoch = int(row.epoch) + 1
             connection.execute(update(LEASES).where(LEASES.c.account_id == account_id).values(
                 owner=self.owner, epoch=epoch, since=now, until=now + timedelta(seconds=self.lease_time)))
-        return Lease(account, account_id, self.owner, epoch)
+        return Lease(account, account_id, self.owner, epoch, started + self.lease_time)
 
     def _ensure_row(self, account_id: int) -> None:
         with self.engine.connect() as connection:
@@ -93,11 +103,14 @@ class Leases:
 
     def renew(self, lease: Lease) -> bool:
         """Push ``until`` forward; False when the lease is no longer ours."""
+        started = time.monotonic()
         with self.engine.begin() as connection:
             done = connection.execute(update(LEASES).where(
                 LEASES.c.account_id == lease.account_id, LEASES.c.owner == lease.owner,
                 LEASES.c.epoch == lease.epoch).values(until=_now() + timedelta(seconds=self.lease_time)))
-            return bool(done.rowcount)
+        if done.rowcount:
+            lease.deadline = started + self.lease_time
+        return bool(done.rowcount)
 
     def release(self, lease: Lease) -> None:
         """Give the account back at once, if it is still ours (epoch kept: it only grows)."""

@@ -12,10 +12,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine, select
 
 from mailsyncd.app import App
 from mailsyncd.config import load_config
+from mailsyncd.errors import LeaseLost
 from mailsyncd.state import db
 from mailsyncd.state.models import ACCOUNTS, FOLDERS, MESSAGES, SYNC_RUNS
 from tests.helpers import corpus_messages, expected, maildir_contents, run_cli, wait_for
@@ -153,4 +155,28 @@ def test_postgresql_restarted_under_a_running_app(
         postgres_cluster.start()
         dovecot_server.append_many(users[0][0], "INBOX", [path.read_bytes() for path in corpus_messages(25)[-5:]])
         assert app.sync_account(config.accounts[0]).fetched == 5
+        assert_exactly_once(app.engine, dovecot_server, tmp_path / "stores", users)
+
+
+def test_a_run_whose_lease_ran_out_stops_before_its_next_store_write(
+        tmp_path: Path, dovecot_server: DevServer, postgres_url: str) -> None:
+    """A stall longer than the lease (the heartbeat could not renew it either): the run
+    stops at its next write step, and what it wrote is still recorded (nobody took over)."""
+    users = make_users(dovecot_server, 1, 30)
+    config = load_config(shared_config(tmp_path, postgres_url, dovecot_server, users, "a"))
+    steps: list[str] = []
+
+    def stall_once(step: str) -> None:
+        steps.append(step)
+        if steps.count("write") == 5 and step == "write":
+            time.sleep(LEASE + 0.5)  # the heartbeat renews meanwhile: only a real stall stops it
+
+    with App.open(config) as app:
+        assert app.leases is not None
+        app.leases.renew = lambda lease: False  # type: ignore[method-assign]  # the stalled heartbeat
+        with pytest.raises(LeaseLost, match="the lease ran out while syncing"):
+            app.sync_account(config.accounts[0], checkpoint=stall_once)
+        assert steps.count("write") == 5
+        del app.leases.renew
+        assert app.sync_account(config.accounts[0]).fetched == 25  # the five written were recorded
         assert_exactly_once(app.engine, dovecot_server, tmp_path / "stores", users)
