@@ -124,25 +124,29 @@ class App:
                          tuple(folder.name for folder in selected))
 
     def sync_account(self, account: AccountConfig, folders: Sequence[str] = (),
-                     progress: Progress | None = None, checkpoint: Checkpoint = no_checkpoint) -> Counts:
+                     progress: Progress | None = None, checkpoint: Checkpoint = no_checkpoint,
+                     scheduled: bool = False) -> Counts:
         """One pass over one account. Raises AccountError (recorded in the database) when
-        the account as a whole failed; folder failures are in the returned counts."""
+        the account as a whole failed; folder failures are in the returned counts. On a
+        shared database a ``scheduled`` run skips an account synced less than half its
+        interval ago (AccountNotDue), so N daemons do not each sync it every interval."""
         account_id = self.repo.account_id(account.name, account.protocol)
         try:
-            with self._lease(account.name, account_id, checkpoint) as guarded:
+            with self._lease(account, account_id, checkpoint, scheduled) as guarded:
                 return self._run(account, account_id, folders, progress or Progress(), guarded)
         except DBAPIError as error:  # the database went away mid-run: this account's fault line
             raise AccountError(f"{account.name}: state database error: {type(error.orig).__name__}; "
                                "the next run goes on from here") from error
 
     @contextlib.contextmanager
-    def _lease(self, name: str, account_id: int, checkpoint: Checkpoint) -> Iterator[Checkpoint]:
+    def _lease(self, account: AccountConfig, account_id: int, checkpoint: Checkpoint,
+               scheduled: bool) -> Iterator[Checkpoint]:
         """Hold the account's lease while it syncs (AccountBusy if another daemon has it);
         the checkpoint given back also stops the run before a store write once it ran out."""
         if self.leases is None:
             yield checkpoint
             return
-        with self.leases.held(name, account_id) as lease:
+        with self.leases.held(account.name, account_id, account.interval / 2, scheduled) as lease:
             def guarded(step: str) -> None:
                 checkpoint(step)
                 if step in BEFORE_WRITES:

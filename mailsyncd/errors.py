@@ -108,3 +108,8 @@ class AccountBusy(AccountError):
 class LeaseLost(AccountError):
     """This daemon's lease on the account ran out and another took it over (a stall, a
     lost network): the state transaction was refused, and this run ends without writing."""
+
+
+class AccountNotDue(AccountBusy):
+    """Another daemon (or this one) synced the account recently; a scheduled run skips it,
+    so N daemons do not sync every account N times per interval."""

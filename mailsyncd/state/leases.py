@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy import Engine, event, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from mailsyncd.errors import AccountBusy, LeaseLost
+from mailsyncd.errors import AccountBusy, AccountNotDue, LeaseLost
 from mailsyncd.state.models import ACCOUNTS, LEASES
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,9 @@ class Leases:
         self._local = threading.local()  # the lease the current thread's transactions are fenced by
         event.listen(engine, "begin", self._fence)
 
-    def claim(self, account: str, account_id: int) -> Lease:
-        """Take the account's lease, or raise AccountBusy naming the holder."""
+    def claim(self, account: str, account_id: int, scheduled: bool = False) -> Lease:
+        """Take the account's lease, or raise AccountBusy naming the holder; a
+        ``scheduled`` claim also raises AccountNotDue before the account's next due time."""
         self._ensure_row(account_id)
         now, started = _now(), time.monotonic()
         with self.engine.begin() as connection:
@@ -89,6 +90,9 @@ class Leases:
             until = row.until if row.until is None or row.until.tzinfo else row.until.replace(tzinfo=UTC)
             if row.owner is not None and until is not None and until > now:
                 raise AccountBusy(f"{account}: held by {row.owner} until {until:%H:%M:%S}; skipped")
+            due = row.due if row.due is None or row.due.tzinfo else row.due.replace(tzinfo=UTC)
+            if scheduled and due is not None and due > now:
+                raise AccountNotDue(f"{account}: synced recently; next due {due:%H:%M:%S}; skipped")
             epoch = int(row.epoch) + 1
             connection.execute(update(LEASES).where(LEASES.c.account_id == account_id).values(
                 owner=self.owner, epoch=epoch, since=now, until=now + timedelta(seconds=self.lease_time)))
@@ -112,12 +116,13 @@ class Leases:
             lease.deadline = started + self.lease_time
         return bool(done.rowcount)
 
-    def release(self, lease: Lease) -> None:
-        """Give the account back at once, if it is still ours (epoch kept: it only grows)."""
+    def release(self, lease: Lease, due: datetime) -> None:
+        """Give the account back at once, if it is still ours (epoch kept: it only grows),
+        with the time before which scheduled runs skip it."""
         with self.engine.begin() as connection:
             connection.execute(update(LEASES).where(
                 LEASES.c.account_id == lease.account_id, LEASES.c.owner == lease.owner,
-                LEASES.c.epoch == lease.epoch).values(owner=None, until=None))
+                LEASES.c.epoch == lease.epoch).values(owner=None, until=None, due=due))
 
     def holders(self) -> dict[str, Holder]:
         with self.engine.connect() as connection:
@@ -128,9 +133,11 @@ class Leases:
     # -- the fence --------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def held(self, account: str, account_id: int) -> Iterator[Lease]:
-        """Claim, keep renewed by a heartbeat, fence this thread's transactions, release."""
-        lease = self.claim(account, account_id)
+    def held(self, account: str, account_id: int, spacing: float, scheduled: bool = False) -> Iterator[Lease]:
+        """Claim, keep renewed by a heartbeat, fence this thread's transactions, release
+        with the next due time ``spacing`` seconds after the claim."""
+        claimed = _now()
+        lease = self.claim(account, account_id, scheduled)
         stop = threading.Event()
         heartbeat = threading.Thread(target=self._heartbeat, args=(lease, stop), daemon=True,
                                      name=f"lease {account}")
@@ -143,7 +150,7 @@ class Leases:
             stop.set()
             heartbeat.join()
             with contextlib.suppress(Exception):  # a lost lease or database: it expires on its own
-                self.release(lease)
+                self.release(lease, claimed + timedelta(seconds=spacing))
 
     def _heartbeat(self, lease: Lease, stop: threading.Event) -> None:
         while not stop.wait(self.lease_time / 3):

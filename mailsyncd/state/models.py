@@ -102,4 +102,5 @@ LEASES = Table(
     Column("epoch", BigInteger, nullable=False, default=0),
     Column("since", DateTime(timezone=True)),
     Column("until", DateTime(timezone=True)),
+    Column("due", DateTime(timezone=True)),  # a scheduled run before this is skipped: synced recently
 )

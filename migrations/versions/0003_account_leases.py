@@ -23,6 +23,7 @@ def upgrade() -> None:
     sa.Column('epoch', sa.BigInteger(), nullable=False),
     sa.Column('since', sa.DateTime(timezone=True), nullable=True),
     sa.Column('until', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('due', sa.DateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('account_id')
     )

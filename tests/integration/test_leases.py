@@ -40,7 +40,7 @@ def test_a_held_account_is_busy_for_another_daemon(engines: tuple[Engine, Engine
     first, second = engines
     account_id = StateRepo(first).account_id("acct", "imap")
     a, b = Leases(first, "host:a", 60), Leases(second, "host:b", 60)
-    with a.held("acct", account_id) as lease:
+    with a.held("acct", account_id, 60) as lease:
         with pytest.raises(AccountBusy, match="held by host:a"):
             b.claim("acct", account_id)
         assert a.holders()["acct"].owner == "host:a"
@@ -55,7 +55,7 @@ def test_a_stalled_daemon_cannot_write_after_a_takeover(engines: tuple[Engine, E
     repo_a = StateRepo(first)
     account_id = repo_a.account_id("acct", "imap")
     a, b = Leases(first, "host:a", 60), Leases(second, "host:b", 60)
-    with a.held("acct", account_id):
+    with a.held("acct", account_id, 60):
         repo_a.start_run(account_id)  # holding the lease, A writes
         _expire(second, account_id)  # A stalls past its lease...
         b.claim("acct", account_id)  # ...and B takes the account over
