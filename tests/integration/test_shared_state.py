@@ -5,6 +5,7 @@ killed daemon's accounts finished by another once its lease expires."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import secrets
 import signal
@@ -148,6 +149,11 @@ def test_a_killed_daemons_account_is_finished_by_another_after_its_lease(
     assert_exactly_once(engine, dovecot_server, tmp_path / "stores", users)
     status = run_cli(second, "status", "--json")
     assert status.returncode == 0, status.stderr
+    assert [entry["lease"] for entry in json.loads(status.stdout)] == [None]  # released at the end
+    dovecot_server.append_many(users[0][0], "INBOX", [corpus_messages(301)[-1].read_bytes()])
+    _sync_and_die(first, at_step=1)  # at its intent: the lease is held, the holder gone
+    shown = run_cli(second, "status")
+    assert f"held by {os.uname().nodename}:a since" in shown.stdout, shown.stdout
     engine.dispose()
 
 
