@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -33,13 +35,14 @@ from mailsyncd.domain import (
     RunResult,
     TwoWayPolicy,
 )
-from mailsyncd.errors import AccountError, Interrupted, MailsyncError, StoreUnavailable
+from mailsyncd.errors import AccountError, Interrupted, LeaseLost, MailsyncError, StoreUnavailable
 from mailsyncd.fsio import STORE_ERRNOS, make_private_dirs, write_refusal
 from mailsyncd.oauth2 import log_in
 from mailsyncd.progress import Progress
 from mailsyncd.sources import imap, pop3
 from mailsyncd.sources.base import ImapSource
 from mailsyncd.state import db
+from mailsyncd.state.leases import Holder, Leases, node_identity
 from mailsyncd.state.repo import KnownFolder, StateRepo
 from mailsyncd.stores.base import Store
 from mailsyncd.stores.maildir import MaildirStore
@@ -52,6 +55,10 @@ from mailsyncd.sync.recover import reconcile_pushes, recover
 from mailsyncd.sync.twoway_run import TwoWaySync, create_local_folders
 
 log = logging.getLogger(__name__)
+
+# The Checkpoint steps after which the next effect is a store write, and where stopping
+# leaves only intents (fetched again) or finishes the batch in store_batch's ``finally``.
+BEFORE_WRITES = frozenset({"intent", "write"})
 
 
 def open_store(account: AccountConfig, create: bool = True) -> Store:
@@ -83,6 +90,12 @@ class App:
         self.config = config
         self.engine = engine
         self.repo = StateRepo(engine)
+        # A server database may be shared by several daemons: each sync then holds the
+        # account's lease. SQLite has one writer already (the instance lock).
+        self.leases: Leases | None = None
+        if engine.dialect.name != "sqlite":
+            node = config.general.node or str(os.getpid())
+            self.leases = Leases(engine, node_identity(socket.gethostname(), node), config.general.lease_time)
         self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # tests move it (delete_after_days)
 
     @classmethod
@@ -169,20 +182,43 @@ class App:
 
     def sync_account(self, account: AccountConfig, folders: Sequence[str] = (),
                      progress: Progress | None = None, checkpoint: Checkpoint = no_checkpoint, *,
-                     dry_run: bool = False, allow_deletions: Sequence[str] = ()) -> Counts:
+                     dry_run: bool = False, allow_deletions: Sequence[str] = (), scheduled: bool = False) -> Counts:
         """One pass over one account. Raises AccountError (recorded in the database) when
         the account as a whole failed; folder failures are in the returned counts.
         ``dry_run`` (two-way) only plans: the lines are in ``Counts.report``; it changes
         neither side nor the database. ``allow_deletions`` lifts the deletion guard of
-        these folders for this pass."""
-        with db.state_errors(self.config.general.state):
-            return self._sync_account(account, folders, progress or Progress(), checkpoint, dry_run,
-                                      allow_deletions)
+        these folders for this pass. On a shared database a ``scheduled`` run skips an
+        account synced less than half its interval ago (AccountNotDue), so N daemons do
+        not each sync it every interval."""
+        with db.state_errors(self.config.general.state, account.name):
+            account_id = self.repo.account_id(account.name, account.protocol)
+            with self._lease(account, account_id, checkpoint, scheduled) as guarded:
+                return self._sync_account(account, account_id, folders, progress or Progress(), guarded, dry_run,
+                                          allow_deletions)
 
-    def _sync_account(self, account: AccountConfig, folders: Sequence[str], progress: Progress,
+    @contextlib.contextmanager
+    def _lease(self, account: AccountConfig, account_id: int, checkpoint: Checkpoint,
+               scheduled: bool) -> Iterator[Checkpoint]:
+        """Hold the account's lease while it syncs (AccountBusy if another daemon has it);
+        the checkpoint given back also stops the run before a store write once it ran out."""
+        if self.leases is None:
+            yield checkpoint
+            return
+        with self.leases.held(account.name, account_id, account.interval / 2, scheduled) as lease:
+            def guarded(step: str) -> None:
+                checkpoint(step)
+                if step in BEFORE_WRITES:
+                    lease.check()
+
+            yield guarded
+
+    def holders(self) -> dict[str, Holder]:
+        """Which daemon holds which account, on a shared database; nothing on SQLite."""
+        return {} if self.leases is None else self.leases.holders()
+
+    def _sync_account(self, account: AccountConfig, account_id: int, folders: Sequence[str], progress: Progress,
                       checkpoint: Checkpoint, dry_run: bool, allow_deletions: Sequence[str]) -> Counts:
         started = time.monotonic()
-        account_id = self.repo.account_id(account.name, account.protocol)
         two_way = Mode(account.mode) == Mode.SYNC and account.protocol == "imap"
         create = not (two_way and self.repo.has_messages(account_id))
         if dry_run:
@@ -209,6 +245,8 @@ class App:
         except Interrupted as error:
             self.repo.finish_run(run_id, RunResult.INTERRUPTED, counts.fetched, counts.fetched_bytes, str(error))
             raise
+        except LeaseLost:
+            raise  # the account's rows are the new holder's now; not even the run is recorded
         except MailsyncError as error:
             self.repo.finish_run(run_id, RunResult.FAILED, counts.fetched, counts.fetched_bytes, str(error))
             raise

@@ -24,10 +24,11 @@ from mailsyncd import log as log_setup
 from mailsyncd.app import App
 from mailsyncd.config import AccountConfig, Config, load_config
 from mailsyncd.domain import AccountStatus, PopCheck, RunResult
-from mailsyncd.errors import AccountError, AlreadyRunning, FatalError, MailsyncError
+from mailsyncd.errors import AccountBusy, AccountError, AlreadyRunning, FatalError, MailsyncError
 from mailsyncd.oauth2 import authorize_in_browser, authorize_on_device, token_location, token_status
 from mailsyncd.progress import Progress
 from mailsyncd.state import db
+from mailsyncd.state.leases import Holder
 
 log = logging.getLogger("mailsyncd")
 
@@ -230,6 +231,9 @@ def _sync(config: Config, args: argparse.Namespace) -> int:
             try:
                 counts = app.sync_account(account, args.folder, progress, dry_run=args.dry_run,
                                           allow_deletions=args.allow_deletions)
+            except AccountBusy as busy:
+                log.warning("%s", busy)  # another daemon syncs it now, which is what was asked
+                continue
             except AccountError as error:
                 log.error("%s", error, exc_info=args.verbose > 0)
                 failed = True
@@ -270,8 +274,9 @@ def _sync_by_daemon(config: Config, accounts: Sequence[AccountConfig], pid: int)
 def _status(config: Config, as_json: bool) -> int:
     with App.open(config) as app:
         report = app.status()
+        holders = app.holders()
     if as_json:
-        json.dump([_status_json(entry) for entry in report], sys.stdout, indent=2)
+        json.dump([_status_json(entry, holders.get(entry.account)) for entry in report], sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK
     if not report:
@@ -281,6 +286,9 @@ def _status(config: Config, as_json: bool) -> int:
         print(f"{entry.account} ({entry.protocol}): last run {_when(run.finished if run else None) or 'never'} "
               f"{run.result if run else ''}; last success {_when(entry.last_success) or 'never'}"
               + (f"; error: {run.error}" if run and run.error else ""))
+        holder = holders.get(entry.account)
+        if holder is not None and holder.owner is not None:
+            print(f"  held by {holder.owner} since {_when(holder.since)}, lease until {_when(holder.until)}")
         for folder in entry.folders:
             counts = ", ".join(f"{count} {state}" for state, count in sorted(folder.messages.items()))
             note = "" if folder.on_server else " (gone from the server)"
@@ -299,7 +307,7 @@ def _when(moment: datetime | None) -> str | None:
     return None if moment is None else moment.astimezone().isoformat(timespec="seconds")
 
 
-def _status_json(entry: AccountStatus) -> dict[str, Any]:
+def _status_json(entry: AccountStatus, holder: Holder | None) -> dict[str, Any]:
     """One account for ``status --json``; these keys are an interface, kept stable."""
     run = entry.last_run
     report: dict[str, Any] = {
@@ -317,6 +325,8 @@ def _status_json(entry: AccountStatus) -> dict[str, Any]:
                     for folder in entry.folders],
         "pop_messages": dict(entry.pop_messages),
         "configured": entry.configured,
+        "lease": None if holder is None or holder.owner is None else {
+            "owner": holder.owner, "since": _when(holder.since), "until": _when(holder.until)},
     }
     if entry.schedule is not None:
         report["schedule"] = entry.schedule

@@ -161,6 +161,12 @@ KEYS: tuple[Key, ...] = (
         "default $XDG_STATE_HOME/mailsyncd/state.db"),
     Key("general", "log_level", "choice",
         "how much the log says", "info", choices=("debug", "info", "warning", "error")),
+    Key("general", "node", "string",
+        "this daemon's name among daemons sharing a PostgreSQL state, shown as host:node in leases and "
+        "status; default the process id"),
+    Key("general", "lease_time", "duration",
+        "shared state: how long a daemon's claim on an account lasts unless renewed (every third of it); "
+        "a dead daemon's accounts are taken over after this", 60),
     Key("general", "metrics_port", "port",
         "serve Prometheus metrics on 127.0.0.1 at this port; off if unset"),
     Key("account", "name", "string",
@@ -245,7 +251,8 @@ KEYS: tuple[Key, ...] = (
     Key("account.store", "format", "choice",
         "the local mailbox format", required=True, choices=("maildir", "mbox")),
     Key("account.store", "path", "path",
-        "the store's root directory (mbox: one file per folder in it)", required=True),
+        "the store's root directory (mbox: one file per folder in it); {account} stands for the "
+        "account's name", required=True),
     Key("account.store", "layout", "choice",
         '"maildir++": INBOX at the root, subfolders as .Sub.Folder; "fs": nested directories', "maildir++",
         choices=("maildir++", "fs"), only=("format", "maildir")),
@@ -413,6 +420,8 @@ class GeneralConfig:
     state: str = field(default_factory=lambda: str(default_state_path()))
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     metrics_port: int | None = None  # served on 127.0.0.1 only
+    node: str | None = None  # with the host name, this daemon's identity in account leases
+    lease_time: int = 60
 
 
 @dataclass(frozen=True)
@@ -508,6 +517,7 @@ def _parse_account(raw: object, index: int, path: Path, base: Path, token_dir: P
                                   f"got {_shown(name)}")
     values = _parse_table(table, "account", where, base)
     store = _parse_table(values["store"], "account.store", _Where(path, f"{where.prefix}.store"), base)
+    store["path"] = Path(str(store["path"]).replace("{account}", str(name)))
 
     if values["protocol"] == "pop3" and values["auth"] != "oauth2" and "auth" in table:
         raise where.error("auth", '"oauth2" is the only choice for protocol = "pop3", which otherwise logs in '

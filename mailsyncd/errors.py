@@ -122,3 +122,18 @@ class StoreError(FolderError):
 
 class UnsafePath(StoreError):
     """A computed path would leave the store root; refused before anything is created."""
+
+
+class AccountBusy(AccountError):
+    """Another daemon holds the account's lease and is syncing it; not a failure, the
+    account is simply that daemon's for now."""
+
+
+class LeaseLost(AccountError):
+    """This daemon's lease on the account ran out and another took it over (a stall, a
+    lost network): the state transaction was refused, and this run ends without writing."""
+
+
+class AccountNotDue(AccountBusy):
+    """Another daemon (or this one) synced the account recently; a scheduled run skips it,
+    so N daemons do not sync every account N times per interval."""

@@ -9,7 +9,8 @@ ensure_system_packages() {
     # Dovecot is the real IMAP/POP3 server that the tests and the demo run on loopback;
     # openssl makes its throwaway CA; systemd-analyze verifies the unit files; strace lets
     # the tests read the order of a real sync's system calls; neomutt, driven in tmux, is
-    # the mail reader the mbox tests open our files with.
+    # the mail reader the mbox tests open our files with; postgresql gives the tests a
+    # private PostgreSQL 15 cluster (initdb, pg_ctl) for the shared state database.
     local missing=()
     command -v dovecot >/dev/null 2>&1 || missing+=(dovecot-imapd dovecot-pop3d)
     [ -x /usr/lib/dovecot/pop3 ] || missing+=(dovecot-pop3d)
@@ -21,6 +22,7 @@ ensure_system_packages() {
             strace) command -v strace >/dev/null 2>&1 || missing+=(strace) ;;
             neomutt) command -v neomutt >/dev/null 2>&1 || missing+=(neomutt) ;;
             tmux) command -v tmux >/dev/null 2>&1 || missing+=(tmux) ;;
+            postgresql) [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql) ;;
         esac
     done
     [ ${#missing[@]} -eq 0 ] && return 0

@@ -11,10 +11,12 @@ import itertools
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from mailsyncd.testing import find_dovecot
+from tests.postgres import PostgresCluster, private_cluster
 from tests.server_helpers import DevServer
 
 _user_numbers = itertools.count(1)
@@ -69,3 +71,24 @@ def dovecot(dovecot_server: DevServer) -> DovecotUser:
     dovecot_server.add_user(user, password)
     return DovecotUser(dovecot_server, user, password)
 
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    with private_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: PostgresCluster) -> str:
+    """A fresh, empty PostgreSQL database of this test's own."""
+    return postgres_cluster.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The state database on each backend in turn: a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "state.db")
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    return cluster.new_database()

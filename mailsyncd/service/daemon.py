@@ -19,7 +19,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from mailsyncd.app import App
 from mailsyncd.config import AccountConfig, Config, load_config
-from mailsyncd.errors import ConfigError, Interrupted, MailsyncError, Retry
+from mailsyncd.errors import AccountBusy, AccountNotDue, ConfigError, Interrupted, MailsyncError, Retry
 from mailsyncd.service.jobs import AccountJob
 from mailsyncd.service.metrics import Metrics
 from mailsyncd.service.schedule import Schedule, backoff_delay, human, schedule_for
@@ -303,9 +303,15 @@ class Daemon:
         try:
             # Folder names from IDLE are exact names, not globs: "[Gmail]" must not match "G".
             counts = self.app.sync_account(account, [glob.escape(folder) for folder in folders],
-                                           checkpoint=self._checkpoint)
+                                           checkpoint=self._checkpoint, scheduled=not folders)
         except Interrupted:
             log.info("%s: stopped at a safe point; every message written is stored and recorded", account.name)
+            return
+        except AccountNotDue as recent:
+            log.debug("%s", recent)  # another daemon synced it lately: the common case with several
+            return
+        except AccountBusy as busy:
+            log.info("%s", busy)  # another daemon syncs it now: not a failure, no backoff
             return
         except MailsyncError as error:
             self._failed(job, str(error), error.retry)

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
-from mailsyncd.errors import AlreadyRunning, StateDamaged, StateError, StateFull, StateLocked
+from mailsyncd.errors import AccountError, AlreadyRunning, StateDamaged, StateError, StateFull, StateLocked
 from mailsyncd.fsio import PRIVATE_FILE, make_private_dirs
 
 if TYPE_CHECKING:
@@ -74,7 +74,9 @@ def create(state: str) -> Engine:
     try:
         if path is not None:
             _prepare_sqlite_file(path)
-        engine = create_engine(url)
+        # A server may restart under a running daemon: test each pooled connection before
+        # use, so the next sync reconnects instead of failing on a dead socket.
+        engine = create_engine(url, pool_pre_ping=path is None)
     except Exception as error:
         raise StateError(f"cannot open the state database {_safe(url)}: {error}") from error
     if engine.dialect.name == "sqlite":
@@ -90,8 +92,11 @@ def _where(state: str) -> str:
     return str(path) if path is not None else _safe(url)
 
 
-def graded(state: str, error: DBAPIError | sqlite3.Error) -> StateError | StateFull:
-    """The database's own complaint as the error a user can act on, naming the database."""
+def graded(state: str, error: DBAPIError | sqlite3.Error, account: str | None = None
+           ) -> StateError | AccountError:
+    """The database's own complaint as the error a user can act on, naming the database.
+    Within one ``account``'s run, a complaint that is not about the file itself (the
+    server database went away, say) ends that account's run only."""
     detail = str(getattr(error, "orig", None) or error).splitlines()[0]
     where = _where(state)
     lowered = detail.lower()
@@ -104,6 +109,8 @@ def graded(state: str, error: DBAPIError | sqlite3.Error) -> StateError | StateF
                            "shell, a backup tool) and run again")
     if "disk is full" in lowered or "no space" in lowered or ("disk i/o error" in lowered and _full(state)):
         return StateFull(f"the state database {where} cannot grow: its disk is full; make room and run again")
+    if account is not None:
+        return AccountError(f"{account}: the state database {where}: {detail}; the next run goes on from here")
     return StateError(f"the state database {where}: {detail}")
 
 
@@ -118,12 +125,12 @@ def _full(state: str) -> bool:
 
 
 @contextlib.contextmanager
-def state_errors(state: str) -> Iterator[None]:
+def state_errors(state: str, account: str | None = None) -> Iterator[None]:
     """Turn what the database driver raises into one graded line (invariant: no traceback)."""
     try:
         yield
     except (DBAPIError, sqlite3.Error) as error:
-        raise graded(state, error) from error
+        raise graded(state, error, account) from error
 
 
 def check_writable(engine: Engine) -> None:
@@ -170,11 +177,14 @@ def at_head(engine: Engine) -> bool:
     try:
         with engine.connect() as connection:
             current = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-    except OperationalError as error:
-        if "no such table" not in str(error):
+    except (OperationalError, ProgrammingError) as error:
+        if "no such table" not in str(error) and "does not exist" not in str(error):
             raise
-        return False  # no alembic_version table: a new database
+        return False  # no alembic_version table: a new database (SQLite and PostgreSQL say it differently)
     return current == [HEAD_REVISION]
+
+
+MIGRATION_LOCK = 0x6D61696C  # "mail": the advisory lock daemons sharing a PostgreSQL migrate under
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
@@ -183,11 +193,31 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     from alembic import command
 
     try:
-        command.upgrade(alembic_config(engine), revision)
+        with _migration_lock(engine):
+            if revision == "head" and at_head(engine):
+                return  # another daemon migrated while we waited
+            command.upgrade(alembic_config(engine), revision)
     except (DBAPIError, sqlite3.Error):
         raise  # graded by state_errors, like every other query
     except Exception as error:
         raise StateError(f"cannot migrate the state database: {error}") from error
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """Daemons started together on one PostgreSQL migrate one at a time; SQLite's
+    instance lock already admits one process."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+        connection.commit()
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+            connection.commit()
 
 
 @contextlib.contextmanager

@@ -117,3 +117,16 @@ SYNC_RUNS = Table(
     Column("fetched_bytes", BigInteger, nullable=False, default=0),
     Column("error", Text),
 )
+
+# One row per account that a daemon ever claimed. ``epoch`` counts the claims: every state
+# transaction of a sync checks that it still holds the epoch it claimed (the fence), so a
+# daemon that stalled past ``until`` and lost the account can no longer write its rows.
+LEASES = Table(
+    "account_leases", metadata,
+    Column("account_id", Integer, ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True),
+    Column("owner", String(255)),  # host:node of the holder; NULL when released
+    Column("epoch", BigInteger, nullable=False, default=0),
+    Column("since", DateTime(timezone=True)),
+    Column("until", DateTime(timezone=True)),
+    Column("due", DateTime(timezone=True)),  # a scheduled run before this is skipped: synced recently
+)

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 from mailsyncd.domain import (
     AccountStatus,
@@ -31,6 +32,7 @@ from mailsyncd.domain import (
     RunStatus,
     Stored,
 )
+from mailsyncd.errors import StateError
 from mailsyncd.state.models import ACCOUNTS, FOLDERS, MESSAGES, PUSH_INTENTS
 from mailsyncd.state.models import POP_MESSAGES as POP
 from mailsyncd.state.models import SYNC_RUNS as RUNS
@@ -129,11 +131,18 @@ class StateRepo:
     # --- accounts and folders ---------------------------------------------------------
 
     def account_id(self, name: str, protocol: str) -> int:
-        with self.engine.begin() as connection:
-            found = connection.execute(select(ACCOUNTS.c.id).where(ACCOUNTS.c.name == name)).scalar()
-            if found is not None:
-                return int(found)
-            return _new_id(connection.execute(insert(ACCOUNTS).values(name=name, protocol=protocol)))
+        """The account's row, made at its first sync. Daemons sharing a database may make
+        it at the same instant: the one whose insert loses finds the winner's row."""
+        for _attempt in range(2):
+            try:
+                with self.engine.begin() as connection:
+                    found = connection.execute(select(ACCOUNTS.c.id).where(ACCOUNTS.c.name == name)).scalar()
+                    if found is not None:
+                        return int(found)
+                    return _new_id(connection.execute(insert(ACCOUNTS).values(name=name, protocol=protocol)))
+            except IntegrityError:
+                continue
+        raise StateError(f"{name}: cannot record the account in the state database")
 
     def find_account(self, name: str) -> int | None:
         """The account's id, without recording it when it is new (for read-only commands)."""

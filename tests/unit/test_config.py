@@ -190,6 +190,14 @@ def test_plaintext_is_allowed_when_asked_for() -> None:
     assert (work.security, work.port) == ("plain", 143)
 
 
+def test_store_path_names_the_account_and_general_names_the_node() -> None:
+    text = '[general]\nnode = "b"\nlease_time = "2m"\n' + account(
+        store={"format": '"maildir"', "path": '"/srv/mail/{account}/Maildir"'})
+    config = parse(text)
+    assert config.accounts[0].store.path == Path(f"/srv/mail/{config.accounts[0].name}/Maildir")
+    assert (config.general.node, config.general.lease_time) == ("b", 120)
+
+
 def test_account_lookup_by_name() -> None:
     config = parse(account() + account(name='"home"'))
     assert config.account("home").name == "home"

@@ -22,8 +22,8 @@ from mailsyncd.state.models import metadata
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_models_and_migrations_agree(tmp_path: Path) -> None:
-    engine = db.create(str(tmp_path / "state.db"))
+def test_models_and_migrations_agree(state_url: str) -> None:
+    engine = db.create(state_url)
     db.upgrade(engine)
     with engine.connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), metadata)
@@ -31,8 +31,8 @@ def test_models_and_migrations_agree(tmp_path: Path) -> None:
     assert differences == []
 
 
-def test_every_revision_walks_down_and_up(tmp_path: Path) -> None:
-    engine = db.create(str(tmp_path / "state.db"))
+def test_every_revision_walks_down_and_up(state_url: str) -> None:
+    engine = db.create(state_url)
     config = db.alembic_config(engine)
     revisions = list(ScriptDirectory.from_config(config).walk_revisions())
     assert revisions, "no migrations found"
@@ -46,8 +46,8 @@ def test_every_revision_walks_down_and_up(tmp_path: Path) -> None:
     engine.dispose()
 
 
-def test_fast_path_knows_the_newest_revision(tmp_path: Path) -> None:
-    engine = db.create(str(tmp_path / "state.db"))
+def test_fast_path_knows_the_newest_revision(state_url: str) -> None:
+    engine = db.create(state_url)
     head = ScriptDirectory.from_config(db.alembic_config(engine)).get_current_head()
     assert head == db.HEAD_REVISION, "update HEAD_REVISION in mailsyncd/state/db.py with each new revision"
     assert not db.at_head(engine)
