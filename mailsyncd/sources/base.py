@@ -10,12 +10,17 @@ from __future__ import annotations
 from collections.abc import Generator, Iterable, Sequence
 from typing import Protocol
 
-from mailsyncd.domain import FolderInfo, FolderSnapshot, PopListing, SnapshotBase
+from mailsyncd.domain import FolderInfo, FolderSnapshot, PopListing, ServerStatus, SnapshotBase
 from mailsyncd.errors import MessageError
 
 
 class ImapSource(Protocol):
     def list_folders(self) -> list[FolderInfo]: ...
+
+    def statuses(self) -> dict[str, ServerStatus]:
+        """Folder states the last ``list_folders`` learnt without opening any folder, by
+        name; a folder missing here is simply opened by ``snapshot``."""
+        ...
 
     def snapshot(self, name: str, base: SnapshotBase | None) -> FolderSnapshot:
         """Open ``name`` read-only and describe what changed since ``base`` (everything

@@ -30,9 +30,10 @@ from imapclient import IMAPClient, imap_utf7, tls
 from imapclient import exceptions as imap_errors
 from imapclient.imap4 import IMAP4WithTimeout
 from imapclient.imapclient import _quote
+from imapclient.response_parser import parse_response
 
 from mailsyncd.config import AccountConfig
-from mailsyncd.domain import FolderInfo, FolderSnapshot, RemoteMessage, SnapshotBase
+from mailsyncd.domain import FolderInfo, FolderSnapshot, RemoteMessage, ServerStatus, SnapshotBase
 from mailsyncd.errors import AccountError, AuthError, FolderError, MessageError
 from mailsyncd.message import message_id
 from mailsyncd.secrets import Secret
@@ -278,6 +279,7 @@ class ImapSession:
         self._account = account
         self._host = host
         self.condstore = client.has_capability("CONDSTORE") or client.has_capability("QRESYNC")
+        self._statuses: dict[str, ServerStatus] = {}
         if self.condstore:
             with _errors(account, host):
                 client.enable("CONDSTORE")
@@ -299,9 +301,10 @@ class ImapSession:
         raises on the first name that is not valid modified UTF-7 and so loses them all;
         such a name is kept as the server spelt it (see ``_Client``)."""
         with _errors(self._account, self._host):
+            list_status = self._client.has_capability("LIST-STATUS")
             self._client.folder_encode = False
             try:
-                listing = self._client.list_folders()
+                listing = self._list_status() if list_status else self._client.list_folders()
             finally:
                 self._client.folder_encode = True
         folders = []
@@ -316,6 +319,34 @@ class ImapSession:
                 name=text, delimiter=_text(delimiter) if delimiter else None,
                 attributes=frozenset(_text(attribute) for attribute in attributes)))
         return folders
+
+    def _list_status(self) -> list[tuple[Any, Any, Any]]:
+        """LIST with the state of every folder in the same answer (RFC 5819), kept for
+        ``statuses``: a folder that did not change then costs no EXAMINE round trip."""
+        items = "MESSAGES UIDNEXT UIDVALIDITY" + (" HIGHESTMODSEQ" if self.condstore else "")
+        imap = self._client._imap
+        typ, data = imap._simple_command("LIST", '""', '"*"', "RETURN", f"(STATUS ({items}))")
+        if typ != "OK":
+            raise imap_errors.IMAPClientError(f"LIST command error: {typ} {data!r}")
+        _, listed = imap._untagged_response(typ, data, "LIST")
+        _, answers = imap._untagged_response(typ, data, "STATUS")
+        self._statuses = {}
+        for answer in answers if answers != [None] else []:
+            name, values = parse_response([answer])
+            text = _decoded(name) if isinstance(name, bytes | str) else None
+            pairs = dict(zip(values[::2], values[1::2], strict=False))
+            if text is None or not all(isinstance(pairs.get(key), int)
+                                       for key in (b"UIDVALIDITY", b"UIDNEXT", b"MESSAGES")):
+                continue  # opened with EXAMINE as without LIST-STATUS
+            modseq = pairs.get(b"HIGHESTMODSEQ")
+            self._statuses[text] = ServerStatus(pairs[b"UIDVALIDITY"], pairs[b"UIDNEXT"], pairs[b"MESSAGES"],
+                                                modseq if isinstance(modseq, int) else None)
+        return list(self._client._proc_folder_list(listed))
+
+    def statuses(self) -> dict[str, ServerStatus]:
+        """What the last ``list_folders`` learnt of each folder's state without opening
+        it; empty when the server offers no LIST-STATUS."""
+        return self._statuses
 
     def _keep_undecodable(self, name: bytes, decoded: set[str | None]) -> str | None:
         """The name a folder whose name is not modified UTF-7 goes by: its bytes as ASCII

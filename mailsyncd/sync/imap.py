@@ -19,6 +19,7 @@ from mailsyncd.domain import (
     Policy,
     RecordedMessage,
     RemoteMessage,
+    ServerStatus,
     SnapshotBase,
     Stored,
 )
@@ -44,12 +45,22 @@ class FolderSync(Effects):
     source: ImapSource
     policy: Policy
     unchanged: list[int] = field(default_factory=list)  # folder ids whose sync changed nothing
+    # Each known folder's (present count, lowest fitting skipped UID) at its recorded sync
+    # point, read for all folders in one query (StateRepo.sync_bases).
+    bases: dict[int, tuple[int, int | None]] = field(default_factory=dict)
 
-    def run(self, account_id: int, info: FolderInfo, known: KnownFolder | None) -> None:
+    def run(self, account_id: int, info: FolderInfo, known: KnownFolder | None,
+            status: ServerStatus | None = None) -> None:
         if known is None or not known.on_server:
             path = known.path if known else self.store.folder_path(info.name, info.delimiter)
             folder_id = self.repo.upsert_folder(account_id, info, path)
             known = next(folder for folder in self.repo.folders(account_id) if folder.id == folder_id)
+        base = self._base(known)
+        if status is not None and base is not None and known.last_error is None and status.unchanged_since(base):
+            # The server's own status proves the folder unchanged: not even an EXAMINE.
+            self.counts.folders += 1
+            self.unchanged.append(known.id)
+            return
         try:
             plan = self._plan(info, known)
             self._execute(known.id, info.name, known.path, known.uidvalidity, plan)
@@ -64,19 +75,26 @@ class FolderSync(Effects):
             return
         self.repo.finish_folder(known.id, plan.uidvalidity, plan.uidnext, plan.highestmodseq)
 
+    def _base(self, known: KnownFolder) -> SnapshotBase | None:
+        """What the source is asked for changes since; None before a first sync."""
+        if known.uidvalidity is None:
+            return None
+        # A first sync that was cut short has its UIDVALIDITY but no UIDNEXT yet:
+        # everything from UID 1 is "new", and what was stored is skipped by the plan.
+        uidnext = known.uidnext or 1
+        recorded = self.bases.get(known.id)
+        if recorded is None:
+            recorded = self.repo.sync_base(known.id, known.uidvalidity, uidnext, self.policy.max_message_size)
+        present, fitting = recorded
+        if fitting is not None and fitting < uidnext:
+            # Skipped as too large but fitting now (the limit was raised): list the
+            # folder again from the first of them on.
+            uidnext = fitting
+            present, _ = self.repo.sync_base(known.id, known.uidvalidity, uidnext, self.policy.max_message_size)
+        return SnapshotBase(known.uidvalidity, uidnext, known.highestmodseq, present)
+
     def _plan(self, info: FolderInfo, known: KnownFolder) -> Plan:
-        base: SnapshotBase | None = None
-        if known.uidvalidity is not None:
-            # A first sync that was cut short has its UIDVALIDITY but no UIDNEXT yet:
-            # everything from UID 1 is "new", and what was stored is skipped by the plan.
-            uidnext = known.uidnext or 1
-            present, fitting = self.repo.sync_base(known.id, known.uidvalidity, uidnext, self.policy.max_message_size)
-            if fitting is not None and fitting < uidnext:
-                # Skipped as too large but fitting now (the limit was raised): list the
-                # folder again from the first of them on.
-                uidnext = fitting
-                present, _ = self.repo.sync_base(known.id, known.uidvalidity, uidnext, self.policy.max_message_size)
-            base = SnapshotBase(known.uidvalidity, uidnext, known.highestmodseq, present)
+        base = self._base(known)
         snapshot = self.source.snapshot(info.name, base)
         if base is not None and snapshot.uidvalidity != base.uidvalidity:
             log.warning("%s/%s: UIDVALIDITY changed (%d -> %d); matching local copies by content",
@@ -218,10 +236,12 @@ def sync_folders(account: str, account_id: int, repo: StateRepo, store: Store, s
     """Sync each selected folder; a FolderError spoils only its own folder. ``counts`` is
     the caller's, so that it still holds what was done when an error escapes."""
     known = {folder.name: folder for folder in repo.folders(account_id)}
-    folder_sync = FolderSync(account, repo, store, progress, checkpoint, counts, source, policy)
+    statuses = source.statuses()
+    folder_sync = FolderSync(account, repo, store, progress, checkpoint, counts, source, policy,
+                             bases=repo.sync_bases(account_id, policy.max_message_size))
     for info in selected:
         try:
-            folder_sync.run(account_id, info, known.get(info.name))
+            folder_sync.run(account_id, info, known.get(info.name), statuses.get(info.name))
         except FolderError as error:
             log.error("%s/%s: %s", account, info.name, error)
             counts.errors.append(f"{info.name}: {error}")
