@@ -47,6 +47,12 @@ class Pop3Source(Protocol):
         """One message, dot-unstuffed, with LF line ends."""
         ...
 
+    def retrieve_many(self, numbers: Sequence[int]) -> Generator[bytes | MessageError, None, None]:
+        """``retrieve`` of each number in order, a refused message as its MessageError;
+        later requests may already be on the wire. Closing the generator early leaves
+        the session usable."""
+        ...
+
     def delete(self, number: int) -> None:
         """Mark for deletion; takes effect only when ``quit`` succeeds."""
         ...

@@ -10,6 +10,7 @@ finishes or forgets the half-done writes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -136,19 +137,17 @@ class PopLedger:
             (uidl, size, location) for (_, uidl, size), location in intents])
 
     def bodies(self, messages: Sequence[Fetch]) -> Generator[bytes | None, None, None]:
-        for number, _, _ in messages:
-            yield self._retrieve(number)  # held by no local here: one message in memory
-
-    def _retrieve(self, number: int) -> bytes | None:
-        try:
-            data = self.session.source.retrieve(number)
-        except MessageError as error:
-            # Expunged by another client meanwhile, most likely: not stored, so
-            # never deleted; it is fetched next time if it is still there.
-            log.warning("%s", error)
-            return None
-        self.session.checkpoint("fetched")
-        return data
+        with contextlib.closing(self.session.source.retrieve_many([number for number, _, _ in messages])) as answers:
+            for answer in answers:
+                if isinstance(answer, MessageError):
+                    # Expunged by another client meanwhile, most likely: not stored, so
+                    # never deleted; it is fetched next time if it is still there.
+                    log.warning("%s", answer)
+                    yield None
+                    continue
+                self.session.checkpoint("fetched")
+                yield answer
+                del answer  # one message in memory
 
     def claim(self, message: Fetch, data: bytes) -> bool:
         return False  # a POP mailbox has no earlier copies to adopt
