@@ -280,9 +280,20 @@ class ImapSession:
         self._host = host
         self.condstore = client.has_capability("CONDSTORE") or client.has_capability("QRESYNC")
         self._statuses: dict[str, ServerStatus] = {}
+        self._enabling: bytes | None = None  # the tag of an ENABLE whose answer is still to come
         if self.condstore:
             with _errors(account, host):
-                client.enable("CONDSTORE")
+                # Sent now, answered before the next command's answer is read (``_settle``):
+                # it travels with LIST instead of costing a round trip of its own.
+                self._enabling = client._imap._command("ENABLE", "CONDSTORE")
+
+    def _settle(self) -> None:
+        """Read the answer to the ENABLE sent ahead, if it is still to come."""
+        tag, self._enabling = self._enabling, None
+        if tag is not None:
+            typ, data = self._client._imap._command_complete("ENABLE", tag)
+            if typ != "OK":
+                raise imap_errors.IMAPClientError(f"ENABLE CONDSTORE refused: {data!r}")
 
     def __enter__(self) -> ImapSession:
         return self
@@ -304,7 +315,11 @@ class ImapSession:
             list_status = self._client.has_capability("LIST-STATUS")
             self._client.folder_encode = False
             try:
-                listing = self._list_status() if list_status else self._client.list_folders()
+                if list_status:
+                    listing = self._list_status()
+                else:
+                    self._settle()
+                    listing = self._client.list_folders()
             finally:
                 self._client.folder_encode = True
         folders = []
@@ -325,7 +340,9 @@ class ImapSession:
         ``statuses``: a folder that did not change then costs no EXAMINE round trip."""
         items = "MESSAGES UIDNEXT UIDVALIDITY" + (" HIGHESTMODSEQ" if self.condstore else "")
         imap = self._client._imap
-        typ, data = imap._simple_command("LIST", '""', '"*"', "RETURN", f"(STATUS ({items}))")
+        tag = imap._command("LIST", '""', '"*"', "RETURN", f"(STATUS ({items}))")
+        self._settle()
+        typ, data = imap._command_complete("LIST", tag)
         if typ != "OK":
             raise imap_errors.IMAPClientError(f"LIST command error: {typ} {data!r}")
         _, listed = imap._untagged_response(typ, data, "LIST")
@@ -364,6 +381,7 @@ class ImapSession:
 
     def snapshot(self, name: str, base: SnapshotBase | None) -> FolderSnapshot:
         with self._folder_errors(name):
+            self._settle()
             status = self._client.select_folder(name, readonly=True)  # EXAMINE
             uidvalidity = int(status[b"UIDVALIDITY"])
             exists = int(status.get(b"EXISTS", 0))
@@ -475,6 +493,7 @@ class ImapSession:
         EXAMINE); the watcher closes the session when it is closed. Raises FolderError
         when the folder cannot be opened. Check ``supports_idle`` before calling ``wait``."""
         with self._folder_errors(folder):
+            self._settle()
             self._client.select_folder(folder, readonly=True)  # EXAMINE: watching changes nothing
             supports_idle = bool(self._client.has_capability("IDLE"))
         return IdleWatcher(self._client, functools.partial(_errors, self._account, self._host), self.close,
