@@ -30,6 +30,7 @@ import dataset
 import measure
 import report
 import tools
+from latency import LatencyProxy
 from measure import RunInfo, SizeResults
 from rawmail import Imap
 from tools import Endpoint, Tool, Workspace
@@ -52,7 +53,9 @@ def log(text: str) -> None:
 class ServerStates:
     """The filled server, its snapshot, and what every tool's store is checked against."""
 
-    def __init__(self, workdir: Path, count: int, folders: int, seed: int) -> None:
+    def __init__(self, workdir: Path, count: int, folders: int, seed: int, rtt: float = 0.0) -> None:
+        self.rtt = rtt
+        self.proxy: LatencyProxy | None = None
         self.password = secrets.token_urlsafe(12)
         self.server = DevServer(workdir / "server", users=((IMAP_USER, self.password), (POP_USER, self.password)))
         self.snapshots = workdir / "snapshot"
@@ -79,6 +82,8 @@ class ServerStates:
         for user in self.layouts:
             subprocess.run(["cp", "-a", str(self.home(user)), str(self.snapshots / user)], check=True)
         self.server.start()
+        if self.rtt > 0:  # the tools' way in; the benchmark's own view of the server stays direct
+            self.proxy = LatencyProxy(self.server.host, [self.server.imaps_port, self.server.pop3s_port], self.rtt)
 
     def home(self, user: str) -> Path:
         return self.server.maildir(user).parent
@@ -114,6 +119,8 @@ class ServerStates:
         check an IP address) and the CA copied into the tool's own directory."""
         user = IMAP_USER if protocol == "imap" else POP_USER
         port = self.server.imaps_port if protocol == "imap" else self.server.pop3s_port
+        if self.proxy is not None:
+            port = self.proxy.port(port)
         ca_file = ws.root / "ca.pem"
         shutil.copyfile(self.server.ca_file, ca_file)
         return Endpoint("localhost", port, ca_file, user, self.password)
@@ -149,7 +156,7 @@ class SizeRun:
         self.workdir.chmod(0o711)  # a tool run as nobody must reach its own directory in runs/
         self.logs = self.workdir / "logs"
         self.logs.mkdir()
-        self.states = ServerStates(self.workdir, count, folders, args.seed)
+        self.states = ServerStates(self.workdir, count, folders, args.seed, args.rtt)
         self.results = SizeResults(count, folders)
         self.audit = audit
 
@@ -169,6 +176,8 @@ class SizeRun:
             if self.audit:
                 self._fsync_audit()
         finally:
+            if self.states.proxy is not None:
+                self.states.proxy.close()
             self.states.server.stop()
         results.load.append(measure.load_average())
         results.finished = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -355,6 +364,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-fsync-audit", action="store_true",
                         help="skip the strace count of fsync calls (done at the first size only)")
     parser.add_argument("--keep-workdir", action="store_true")
+    parser.add_argument("--rtt", type=float, default=0.0, metavar="MS",
+                        help="add this round-trip time between every tool and the server (a delaying proxy)")
     parser.add_argument("--render", nargs="+", type=Path, metavar="JSON",
                         help="only rebuild reports from saved results/*.json (smallest size first)")
     args = parser.parse_args(argv)
@@ -370,7 +381,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def write_report(results: SizeResults, done: list[SizeResults], run: RunInfo, directory: Path) -> None:
     """Print the report and write it (and the raw figures, for --render) to the results directory."""
     text = report.render(results, done, run)
-    stem = directory / f"{results.started[:10]}-{results.count}x{results.folders}"
+    rtt = f"-rtt{run.rtt:g}ms" if run.rtt else ""
+    stem = directory / f"{results.started[:10]}-{results.count}x{results.folders}{rtt}"
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps({"run": dataclasses.asdict(run), "results": results.to_json()},
                                                     indent=1) + "\n")
@@ -399,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     command = os.environ.get("BENCH_COMMAND") or " ".join(["python bench/bench.py", *sys.argv[1:]])
     chosen = [tools.ALL_TOOLS[t] for t in args.tools if t in tools.ALL_TOOLS]
     run = RunInfo(command, args.repeat, sorted(args.once), list(args.tools),
-                  report.environment(args.workdir, chosen))
+                  report.environment(args.workdir, chosen), args.rtt)
     done: list[SizeResults] = []
     for index, (count, folders) in enumerate(args.sizes):
         results = SizeRun(args, count, folders, audit=index == 0 and not args.no_fsync_audit).run()

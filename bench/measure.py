@@ -165,6 +165,7 @@ class RunInfo:
     once: list[str]
     tools: list[str]
     environment: dict[str, str]
+    rtt: float = 0.0  # ms added between tool and server (bench/latency.py)
 
 
 def load_average() -> str:

@@ -215,6 +215,8 @@ def render(results: SizeResults, done: Sequence[SizeResults], run: RunInfo) -> s
         f"# mailsyncd benchmark: {results.count} messages in {results.folders} folders", "",
         f"- started {results.started}, finished {results.finished}",
         f"- command: `{run.command}`",
+        f"- added round-trip time: {run.rtt:g} ms (bench/latency.py between every tool and the server)"
+        if run.rtt else "- network: loopback, no added latency",
         f"- every figure is the **median** of {run.repeat} repetitions{once}; ratios are medians of "
         "mailsyncd/tool computed pair by pair within each repetition (> 1: mailsyncd is slower)",
         f"- load average at start / end: {' / '.join(results.load)} (2-core machine shared with other "

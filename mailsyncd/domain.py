@@ -127,6 +127,25 @@ class PartialMessage:
 
 
 @dataclass(frozen=True)
+class ServerStatus:
+    """A folder's state as the server reports it without opening the folder (STATUS,
+    or LIST-STATUS for every folder at once, RFC 5819)."""
+
+    uidvalidity: int
+    uidnext: int
+    messages: int
+    highestmodseq: int | None  # None without CONDSTORE
+
+    def unchanged_since(self, base: SnapshotBase) -> bool:
+        """True when nothing in the folder can have changed since ``base``: same
+        UIDVALIDITY, no new UID, the same count (no expunge) and no new MODSEQ (no flag
+        change). Without HIGHESTMODSEQ flag changes cannot be ruled out."""
+        return (self.highestmodseq is not None and self.highestmodseq == base.highestmodseq
+                and (self.uidvalidity, self.uidnext, self.messages)
+                == (base.uidvalidity, base.uidnext, base.present_count))
+
+
+@dataclass(frozen=True)
 class SnapshotBase:
     """What we recorded at the end of the last good sync of a folder; the source asks
     the server only for what changed since then."""

@@ -11,12 +11,17 @@ from collections.abc import Generator, Iterable, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from mailsyncd.domain import FolderInfo, FolderSnapshot, PartialMessage, PopListing, SnapshotBase
+from mailsyncd.domain import FolderInfo, FolderSnapshot, PartialMessage, PopListing, ServerStatus, SnapshotBase
 from mailsyncd.errors import MessageError
 
 
 class ImapSource(Protocol):
     def list_folders(self) -> list[FolderInfo]: ...
+
+    def statuses(self) -> dict[str, ServerStatus]:
+        """Folder states the last ``list_folders`` learnt without opening any folder, by
+        name; a folder missing here is simply opened by ``snapshot``."""
+        ...
 
     def snapshot(self, name: str, base: SnapshotBase | None, *, message_ids: bool = False) -> FolderSnapshot:
         """Open ``name`` read-only and describe what changed since ``base`` (everything
@@ -117,6 +122,12 @@ class Pop3Source(Protocol):
 
     def retrieve(self, number: int) -> bytes:
         """One message, dot-unstuffed, with LF line ends."""
+        ...
+
+    def retrieve_many(self, numbers: Sequence[int]) -> Generator[bytes | MessageError, None, None]:
+        """``retrieve`` of each number in order, a refused message as its MessageError;
+        later requests may already be on the wire. Closing the generator early leaves
+        the session usable."""
         ...
 
     def header(self, number: int) -> bytes:

@@ -24,7 +24,7 @@ import logging
 import poplib
 import re
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, cast
 
 from mailsyncd import sasl
@@ -371,13 +371,43 @@ class Pop3Session:
         """
         with _errors(self._account, self._host):
             self._send(f"RETR {number}")
-            try:
-                self._status()
-            except _ServerSaid as error:
-                raise MessageError(f"{self._account}: message {number}: {self._host} answered: {error}"
-                                   ) from error
-            # A server may count sizes loosely, but not by more than the CRs it adds.
-            return self._body(number, 2 * self._sizes.get(number, 0) + READ_CHUNK)
+            answer = self._retr_answer(number)
+        if isinstance(answer, MessageError):
+            raise answer
+        return answer
+
+    def retrieve_many(self, numbers: Sequence[int]) -> Generator[bytes | MessageError, None, None]:
+        """``retrieve`` for each number in turn, the message or the MessageError saying
+        why the server refused it. Where the server offers PIPELINING (RFC 2449) up to
+        PIPELINE_WINDOW RETRs are in flight, so a message costs no round trip of its own;
+        one message is read at a time all the same. Closing the generator early reads and
+        drops the answers still in flight, so the session stays in step for DELE and QUIT."""
+        window = PIPELINE_WINDOW if self._offers("PIPELINING") else 1
+        sent = done = 0
+        try:
+            with _errors(self._account, self._host):
+                while done < len(numbers):
+                    ahead = numbers[sent:done + window]
+                    if ahead:
+                        self._send(*(f"RETR {number}" for number in ahead))
+                        sent += len(ahead)
+                    answer = self._retr_answer(numbers[done])
+                    done += 1
+                    yield answer
+        finally:
+            if done < sent:
+                with _errors(self._account, self._host):
+                    for number in numbers[done:sent]:
+                        self._retr_answer(number)
+
+    def _retr_answer(self, number: int) -> bytes | MessageError:
+        """The answer to one RETR already sent: the message, or the refusal."""
+        try:
+            self._status()
+        except _ServerSaid as error:
+            return MessageError(f"{self._account}: message {number}: {self._host} answered: {error}")
+        # A server may count sizes loosely, but not by more than the CRs it adds.
+        return self._body(number, 2 * self._sizes.get(number, 0) + READ_CHUNK)
 
     def header(self, number: int) -> bytes:
         """TOP n 0: the header block, with LF line ends; errors as for ``retrieve``."""

@@ -124,6 +124,21 @@ def _message(row: Any) -> RecordedMessage:
     )
 
 
+def _base_columns(uidnext: Any, max_size: int | None, placeholders: bool) -> tuple[Any, Any]:
+    """The two aggregates of a sync base over MESSAGES rows: recorded messages below
+    ``uidnext`` that should still be on the server, and the lowest UID that must be listed
+    again: skipped as too large or kept as a placeholder, and allowed whole by
+    ``max_size`` now, or skipped while ``placeholders`` are now wanted for what is too large."""
+    present = MESSAGES.c.state.in_([MessageState.STORED, MessageState.SKIPPED, MessageState.PLACEHOLDER]) & (
+        MESSAGES.c.uid < uidnext)
+    fitting: ColumnElement[bool] = MESSAGES.c.state.in_([MessageState.SKIPPED, MessageState.PLACEHOLDER])
+    if max_size is not None:
+        fitting = fitting & (MESSAGES.c.size <= max_size)
+    if placeholders:
+        fitting = fitting | (MESSAGES.c.state == MessageState.SKIPPED)
+    return func.count(case((present, 1))), func.min(case((fitting, MESSAGES.c.uid)))
+
+
 class StateRepo:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -214,18 +229,26 @@ class StateRepo:
         the server, and the lowest UID that must be listed again: skipped as too large or
         kept as a placeholder, and allowed whole by ``max_size`` now, or skipped while
         ``placeholders`` are now wanted for what is too large."""
-        present = MESSAGES.c.state.in_([MessageState.STORED, MessageState.SKIPPED, MessageState.PLACEHOLDER]) & (
-            MESSAGES.c.uid < uidnext)
-        fitting: ColumnElement[bool] = MESSAGES.c.state.in_([MessageState.SKIPPED, MessageState.PLACEHOLDER])
-        if max_size is not None:
-            fitting = fitting & (MESSAGES.c.size <= max_size)
-        if placeholders:
-            fitting = fitting | (MESSAGES.c.state == MessageState.SKIPPED)
-        query = select(func.count(case((present, 1))), func.min(case((fitting, MESSAGES.c.uid)))).where(
+        query = select(*_base_columns(uidnext, max_size, placeholders)).where(
             MESSAGES.c.folder_id == folder_id, MESSAGES.c.uidvalidity == uidvalidity)
         with self.engine.connect() as connection:
             count, lowest = connection.execute(query).one()
         return int(count), None if lowest is None else int(lowest)
+
+    def sync_bases(self, account_id: int, max_size: int | None, placeholders: bool = False
+                   ) -> dict[int, tuple[int, int | None]]:
+        """``sync_base`` of every folder of the account at its recorded UIDVALIDITY and
+        UIDNEXT, in one query, so that unchanged folders cost no query each. Folders
+        without a recorded UIDVALIDITY are left out; those without messages show (0, None)."""
+        uidnext = func.coalesce(FOLDERS.c.uidnext, 1)
+        query = (select(FOLDERS.c.id, *_base_columns(uidnext, max_size, placeholders))
+                 .select_from(FOLDERS.outerjoin(MESSAGES, (MESSAGES.c.folder_id == FOLDERS.c.id)
+                                                & (MESSAGES.c.uidvalidity == FOLDERS.c.uidvalidity)))
+                 .where(FOLDERS.c.account_id == account_id, FOLDERS.c.uidvalidity.is_not(None))
+                 .group_by(FOLDERS.c.id))
+        with self.engine.connect() as connection:
+            return {int(folder_id): (int(count), None if lowest is None else int(lowest))
+                    for folder_id, count, lowest in connection.execute(query)}
 
     def recorded_folder(self, folder: KnownFolder, uids: Iterable[int] | None,
                         with_retired: bool = False) -> RecordedFolder:

@@ -30,6 +30,7 @@ from mailsyncd.domain import (
     RecordedFolder,
     RecordedMessage,
     RemoteMessage,
+    ServerStatus,
     SnapshotBase,
     Stored,
 )
@@ -57,12 +58,24 @@ class FolderSync(Effects):
     policy: Policy
     fetch_parts: FetchParts = FetchParts.HEADERS
     unchanged: list[int] = field(default_factory=list)  # folder ids whose sync changed nothing
+    # Each known folder's (present count, lowest fitting skipped UID) at its recorded sync
+    # point, read for all folders in one query (StateRepo.sync_bases).
+    bases: dict[int, tuple[int, int | None]] = field(default_factory=dict)
 
-    def run(self, account_id: int, info: FolderInfo, known: KnownFolder | None) -> None:
+    def run(self, account_id: int, info: FolderInfo, known: KnownFolder | None,
+            status: ServerStatus | None = None) -> None:
         if known is None or not known.on_server:
             path = known.path if known else self.store.folder_path(info.name, info.delimiter)
             folder_id = self.repo.upsert_folder(account_id, info, path)
             known = next(folder for folder in self.repo.folders(account_id) if folder.id == folder_id)
+        base = self._base(known) if status is not None else None
+        if (status is not None and base is not None and known.last_error is None and status.unchanged_since(base)
+                and self.policy.large_messages != LargeMessages.HEADERS):
+            # The server's own status proves the folder unchanged: not even an EXAMINE.
+            # (Not with placeholders: one the user flagged here is fetched whole at any pass.)
+            self.counts.folders += 1
+            self.unchanged.append(known.id)
+            return
         try:
             plan = self.plan(info, known)
             plan = dataclasses.replace(plan, replace=self._to_replace(known.id, plan))
@@ -78,24 +91,31 @@ class FolderSync(Effects):
             return
         self.repo.finish_folder(known.id, plan.uidvalidity, plan.uidnext, plan.highestmodseq)
 
+    def _base(self, known: KnownFolder) -> SnapshotBase | None:
+        """What the source is asked for changes since; None before a first sync."""
+        if known.uidvalidity is None:
+            return None
+        # A first sync that was cut short has its UIDVALIDITY but no UIDNEXT yet:
+        # everything from UID 1 is "new", and what was stored is skipped by the plan.
+        uidnext = known.uidnext or 1
+        placeholders = self.policy.large_messages == LargeMessages.HEADERS
+        recorded = self.bases.get(known.id)
+        if recorded is None:
+            recorded = self.repo.sync_base(known.id, known.uidvalidity, uidnext, self.policy.max_message_size,
+                                           placeholders)
+        present, fitting = recorded
+        if fitting is not None and fitting < uidnext:
+            # Skipped as too large or kept as a placeholder, but fitting now (the limit
+            # was raised, or placeholders are wanted now): list the folder again from
+            # the first of them on.
+            uidnext = fitting
+            present, _ = self.repo.sync_base(known.id, known.uidvalidity, uidnext, self.policy.max_message_size,
+                                             placeholders)
+        return SnapshotBase(known.uidvalidity, uidnext, known.highestmodseq, present)
+
     def plan(self, info: FolderInfo, known: KnownFolder) -> Plan:
         """Snapshot (read-only) and plan one folder; reads the database, writes nothing."""
-        base: SnapshotBase | None = None
-        if known.uidvalidity is not None:
-            # A first sync that was cut short has its UIDVALIDITY but no UIDNEXT yet:
-            # everything from UID 1 is "new", and what was stored is skipped by the plan.
-            uidnext = known.uidnext or 1
-            placeholders = self.policy.large_messages == LargeMessages.HEADERS
-            present, fitting = self.repo.sync_base(known.id, known.uidvalidity, uidnext, self.policy.max_message_size,
-                                                   placeholders)
-            if fitting is not None and fitting < uidnext:
-                # Skipped as too large or kept as a placeholder, but fitting now (the limit
-                # was raised, or placeholders are wanted now): list the folder again from
-                # the first of them on.
-                uidnext = fitting
-                present, _ = self.repo.sync_base(known.id, known.uidvalidity, uidnext, self.policy.max_message_size,
-                                                 placeholders)
-            base = SnapshotBase(known.uidvalidity, uidnext, known.highestmodseq, present)
+        base = self._base(known)
         # Until its first sync finishes, a folder may hold copies no UID claims yet.
         unclaimed = known.uidnext is None and self.index_store(known)
         snapshot = self.source.snapshot(info.name, base, message_ids=unclaimed)
@@ -370,10 +390,13 @@ def sync_folders(account: str, account_id: int, repo: StateRepo, store: Store, s
     """Sync each selected folder; a FolderError spoils only its own folder. ``counts`` is
     the caller's, so that it still holds what was done when an error escapes."""
     known = {folder.name: folder for folder in repo.folders(account_id)}
-    folder_sync = FolderSync(account, repo, store, progress, checkpoint, counts, source, policy, fetch_parts)
+    statuses = source.statuses()
+    placeholders = policy.large_messages == LargeMessages.HEADERS
+    folder_sync = FolderSync(account, repo, store, progress, checkpoint, counts, source, policy, fetch_parts,
+                             bases=repo.sync_bases(account_id, policy.max_message_size, placeholders))
     for info in selected:
         try:
-            folder_sync.run(account_id, info, known.get(info.name))
+            folder_sync.run(account_id, info, known.get(info.name), statuses.get(info.name))
         except FolderError as error:
             log.error("%s/%s: %s", account, info.name, error)
             counts.errors.append(f"{info.name}: {error}")

@@ -15,6 +15,7 @@ instead of being written again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
@@ -218,19 +219,17 @@ class PopLedger:
             (uidl, size, location) for (_, uidl, size), location in intents])
 
     def bodies(self, messages: Sequence[Fetch]) -> Generator[bytes | None, None, None]:
-        for number, _, _ in messages:
-            yield self._retrieve(number)  # held by no local here: one message in memory
-
-    def _retrieve(self, number: int) -> bytes | None:
-        try:
-            data = self.session.source.retrieve(number)
-        except MessageError as error:
-            # Expunged by another client meanwhile, most likely: not stored, so
-            # never deleted; it is fetched next time if it is still there.
-            log.warning("%s", error)
-            return None
-        self.session.checkpoint("fetched")
-        return data
+        with contextlib.closing(self.session.source.retrieve_many([number for number, _, _ in messages])) as answers:
+            for answer in answers:
+                if isinstance(answer, MessageError):
+                    # Expunged by another client meanwhile, most likely: not stored, so
+                    # never deleted; it is fetched next time if it is still there.
+                    log.warning("%s", answer)
+                    yield None
+                    continue
+                self.session.checkpoint("fetched")
+                yield answer
+                del answer  # one message in memory
 
     def adopt(self, message: Fetch, copy: RecordedMessage) -> None:
         self.adopted.append((message[1], copy))
@@ -294,9 +293,15 @@ class PopReplaceLedger:
             (message[1], location) for message, location in intents])
 
     def bodies(self, messages: Sequence[Replacement]) -> Generator[bytes | None, None, None]:
-        ledger = PopLedger(self.session)
-        for message in messages:
-            yield ledger._retrieve(message[0])
+        for number, _, _, _ in messages:  # a few, asked for one by one: no pipelining needed
+            try:
+                data = self.session.source.retrieve(number)
+            except MessageError as error:
+                log.warning("%s", error)  # gone from the server: the placeholder stays
+                yield None
+                continue
+            self.session.checkpoint("fetched")
+            yield data
 
     def adopt(self, message: Replacement, copy: RecordedMessage) -> None:
         raise AssertionError("a replacement is never matched to a copy: its batches have no pool")

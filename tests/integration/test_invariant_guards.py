@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from mailsyncd import cli
+from mailsyncd.config import load_config
 from tests.conftest import DovecotUser
 from tests.helpers import corpus_messages, write_config
 
@@ -234,6 +235,39 @@ def test_pull_opens_every_folder_read_only_and_fetches_every_body_with_peek(
         assert not re.search(rb"BODY\[", command), f"a body fetched without PEEK: {command!r}"
     assert not any(re.search(rb"\b(STORE|EXPUNGE|APPEND|COPY|MOVE|DELETE|CREATE|RENAME)\b", command)
                    for command in commands), "a pull changed the server"
+
+
+def _opened(sent: list[bytes]) -> list[bytes]:
+    """The folders a run opened, by the names on the wire."""
+    return [match.group(2).strip(b"\"") for line in sent
+            if (match := re.search(rb"^\S+ (SELECT|EXAMINE) (.+?)\r\n", line, re.IGNORECASE))]
+
+
+def test_a_folder_is_opened_only_when_its_status_changed(
+        tmp_path: Path, filled: DovecotUser, sent_commands: list[bytes]) -> None:
+    """LIST-STATUS lets an unchanged folder go unopened; a flag change, an expunge and new
+    mail each still open their folder, and reach the store."""
+    server = filled.server
+    server.create_folder(filled.user, "Archive")
+    uids = server.append_many(filled.user, "Archive", [path.read_bytes() for path in corpus_messages(5)])
+    config = write_config(tmp_path, server, filled.user, filled.password)
+    assert cli.main(["--config", str(config), "-q", "sync"]) == 0
+    sent_commands.clear()
+    assert cli.main(["--config", str(config), "-q", "sync"]) == 0
+    assert _opened(sent_commands) == []
+    archive = load_config(config).accounts[0].store.path / ".Archive"
+
+    server.add_flags(filled.user, "Archive", uids[:1], ["\\Flagged"])
+    sent_commands.clear()
+    assert cli.main(["--config", str(config), "-q", "sync"]) == 0
+    assert _opened(sent_commands) == [b"Archive"]
+    assert sum("F" in path.name.partition(":2,")[2] for path in (archive / "cur").iterdir()) == 1
+
+    server.expunge(filled.user, "Archive", uids[1:2])
+    server.append_many(filled.user, "INBOX", [path.read_bytes() for path in corpus_messages(1)])
+    sent_commands.clear()
+    assert cli.main(["--config", str(config), "-q", "sync"]) == 0
+    assert sorted(_opened(sent_commands)) == [b"Archive", b"INBOX"]
 
 
 def test_no_secret_reaches_any_log_record_even_without_the_redaction_filter(

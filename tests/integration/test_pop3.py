@@ -608,3 +608,23 @@ def test_retrieve_edge_cases() -> None:
         _session(b"+OK\r\nhalf a mess", 8).retrieve(1)
     with pytest.raises(AccountError, match="more for message 1 than"):
         _session(b"+OK\r\n" + b"x" * 200_000 + b"\r\n.\r\n", 4096, {1: 10}).retrieve(1)
+
+
+def test_pipelined_retrieval_closed_early_leaves_the_session_in_step(tmp_path: Path, dovecot: DovecotUser) -> None:
+    """RETRs sent ahead (PIPELINING) whose answers were never asked for are read and
+    dropped when the caller stops early, so the next command gets its own answer: a DELE
+    must never be confirmed by the tail of a RETR."""
+    sent = [path.read_bytes() for path in corpus_messages(6)]
+    dovecot.server.append_many(dovecot.user, "INBOX", sent)
+    account = load_config(pop_config(tmp_path, dovecot)).accounts[0]
+    with pop3.connect(account, Secret(dovecot.password)) as session:
+        assert session.capabilities is not None and "PIPELINING" in session.capabilities
+        listing = session.listing()
+        numbers = sorted(listing.entries)
+        answers = session.retrieve_many(numbers)
+        assert next(answers) == as_stored(sent[0])
+        answers.close()
+        assert session.retrieve(numbers[-1]) == as_stored(sent[-1])
+        assert session.stat() == (6, sum(size for _, size in listing.entries.values()))
+        assert list(session.retrieve_many(numbers[:2])) == [as_stored(data) for data in sent[:2]]
+        session.quit()
