@@ -26,7 +26,7 @@ from mailsyncd.config import AccountConfig, Config, load_config
 from mailsyncd.domain import AccountStatus, PopCheck, RunResult
 from mailsyncd.errors import AccountBusy, AccountError, AlreadyRunning, FatalError, MailsyncError
 from mailsyncd.oauth2 import authorize_in_browser, authorize_on_device, token_location, token_status
-from mailsyncd.progress import Progress
+from mailsyncd.progress import Progress, TerminalProgress
 from mailsyncd.state import db
 from mailsyncd.state.leases import Holder
 
@@ -217,9 +217,11 @@ def _sync(config: Config, args: argparse.Namespace) -> int:
         return EXIT_OK
     progress: Progress | None = None
     if sys.stdout.isatty() and not args.no_progress and not args.quiet:
-        progress = log_setup.TerminalProgress(sys.stdout)
+        progress = TerminalProgress(sys.stdout)
     failed = False
     with contextlib.ExitStack() as held:
+        if progress is not None:
+            held.callback(progress.close)
         try:
             held.enter_context(db.instance_lock(config.general.state))
         except AlreadyRunning as running:

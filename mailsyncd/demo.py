@@ -14,11 +14,10 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from mailsyncd import log as log_setup
 from mailsyncd.app import App
 from mailsyncd.config import load_config
 from mailsyncd.errors import FatalError
-from mailsyncd.progress import Progress
+from mailsyncd.progress import Progress, TerminalProgress
 from mailsyncd.state import db
 from mailsyncd.testing import DovecotServer, find_dovecot
 
@@ -62,7 +61,7 @@ def run_demo(directory: Path | None, count: int) -> int:
         config_path.chmod(0o600)
         print(f"demo: {count} messages in {len(by_folder)} folders on imaps://{server.host}:{server.imaps_port}")
         config = load_config(config_path)
-        progress = log_setup.TerminalProgress(sys.stdout) if sys.stdout.isatty() else Progress()
+        progress = TerminalProgress(sys.stdout) if sys.stdout.isatty() else Progress()
         with db.instance_lock(config.general.state):
             app = App.open(config)
             try:
@@ -72,6 +71,7 @@ def run_demo(directory: Path | None, count: int) -> int:
                     elapsed = time.monotonic() - started
                     print(f"demo: {label}: {counts.summary()} in {elapsed:.2f} s")
             finally:
+                progress.close()
                 app.close()
     print(f"demo: the Maildir is in {root / 'Mail'}; try: mailsyncd --config {config_path} status")
     return 0

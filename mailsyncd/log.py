@@ -1,4 +1,4 @@
-"""Logging set-up, secret redaction and the terminal progress bar.
+"""Logging set-up and secret redaction.
 
 Under systemd (JOURNAL_STREAM is set) the journal adds timestamps itself, so lines carry
 a syslog priority prefix, the level and the message; elsewhere they get a local timestamp
@@ -12,10 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from typing import TextIO
 
-from mailsyncd.progress import Progress
 from mailsyncd.secrets import redact
 
 
@@ -57,41 +55,3 @@ def setup(level: str = "info", verbose: bool = False, quiet: bool = False, strea
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("mailsyncd").setLevel(name)
-
-
-class TerminalProgress(Progress):
-    """A one-line bar on a terminal: folder, messages, bytes, rate."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self._label = ""
-        self._total = self._size = self._done = self._bytes = 0
-        self._started = time.monotonic()
-
-    def start_folder(self, account: str, folder: str, messages: int, size: int) -> None:
-        self._label = f"{account}/{folder}"
-        self._total, self._size, self._done, self._bytes = messages, size, 0, 0
-        self._started = time.monotonic()
-        self._draw()
-
-    def advance(self, messages: int, size: int) -> None:
-        self._done += messages
-        self._bytes += size
-        self._draw()
-
-    def end_folder(self) -> None:
-        if self._label:
-            self._draw()
-            self.stream.write("\n")
-            self.stream.flush()
-            self._label = ""
-
-    def _draw(self) -> None:
-        width = 24
-        fraction = self._done / self._total if self._total else 1.0
-        filled = int(width * fraction)
-        elapsed = max(time.monotonic() - self._started, 1e-6)
-        self.stream.write(f"\r{self._label[:40]:40} [{'#' * filled}{'.' * (width - filled)}] "
-                          f"{self._done}/{self._total} {self._bytes / 1e6:.1f}/{self._size / 1e6:.1f} MB "
-                          f"{self._done / elapsed:.0f} msg/s ")
-        self.stream.flush()
