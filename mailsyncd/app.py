@@ -39,6 +39,7 @@ from mailsyncd.errors import AccountError, Interrupted, LeaseLost, MailsyncError
 from mailsyncd.fsio import STORE_ERRNOS, make_private_dirs, write_refusal
 from mailsyncd.oauth2 import log_in
 from mailsyncd.progress import Progress
+from mailsyncd.secrets import redact
 from mailsyncd.sources import imap, pop3
 from mailsyncd.sources.base import ImapSource
 from mailsyncd.state import db
@@ -249,6 +250,10 @@ class App:
             raise  # the account's rows are the new holder's now; not even the run is recorded
         except MailsyncError as error:
             self.repo.finish_run(run_id, RunResult.FAILED, counts.fetched, counts.fetched_bytes, str(error))
+            raise
+        except Exception as error:  # a bug: the account boundary records it, and the caller goes on
+            self.repo.finish_run(run_id, RunResult.FAILED, counts.fetched, counts.fetched_bytes,
+                                 redact(f"{account.name}: unexpected {type(error).__name__}: {error}"))
             raise
         self.repo.finish_run(run_id, RunResult.PARTIAL if counts.errors else RunResult.OK, counts.fetched,
                              counts.fetched_bytes, "; ".join(counts.errors) or None)

@@ -240,6 +240,11 @@ def _sync(config: Config, args: argparse.Namespace) -> int:
                 log.error("%s", error, exc_info=args.verbose > 0)
                 failed = True
                 continue
+            except Exception as error:  # a bug: one line (the traceback with -v), the other accounts go on
+                log.error("%s: sync failed unexpectedly: %s: %s (a bug; -v shows where)", account.name,
+                          type(error).__name__, error, exc_info=args.verbose > 0)
+                failed = True
+                continue
             for line in counts.report:
                 print(f"{account.name}/{line}")
             failed = failed or bool(counts.errors)

@@ -12,9 +12,11 @@ import json
 import os
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -166,3 +168,29 @@ def test_a_state_database_locked_by_another_program_is_one_quick_line(tmp_path: 
     (line,) = error_lines(result)
     assert str(tmp_path / "state.db") in line and "locked" in line, line
     assert took < 9, took  # not the 10-second wait meant for mailsyncd's own short readers
+
+
+def test_an_unexpected_error_is_one_line_recorded_and_the_other_accounts_sync(
+        tmp_path: Path, dovecot: DovecotUser, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An error no code foresaw (a bug) stops only its account, as a disk fault does."""
+    from mailsyncd import cli, log
+    from mailsyncd.app import App
+
+    fill(dovecot, 2)
+    config = two_accounts(tmp_path, dovecot, tmp_path / "store-broken")
+    real = App._sync
+
+    def broken(self: App, account: Any, *args: Any) -> None:
+        if account.name == "broken":
+            raise RuntimeError("something nobody expected")
+        real(self, account, *args)
+
+    monkeypatch.setattr(App, "_sync", broken)
+    log.setup(stream=sys.stderr)
+    assert cli.main(["--config", str(config), "sync"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "broken: sync failed unexpectedly: RuntimeError: something nobody expected" in errors[0]
+    monkeypatch.undo()
+    assert_fine_synced(tmp_path, 2)
+    assert last_results(config) == {"broken": "failed", "fine": "ok"}
