@@ -151,6 +151,12 @@ def without_marks(data: bytes) -> bytes:
     header = header_block(data)
     if not _MARKS.search(header):
         return data
+    return drop_fields(header, _MARKS) + data[len(header):]
+
+
+def drop_fields(header: bytes, names: re.Pattern[bytes]) -> bytes:
+    """A header block without the fields whose line ``names`` matches at its start, each
+    with its folded continuation lines; the other lines byte for byte."""
     kept: list[bytes] = []
     dropping = False
     for line in header.splitlines(keepends=True):
@@ -158,10 +164,10 @@ def without_marks(data: bytes) -> bytes:
             if not dropping:
                 kept.append(line)
             continue
-        dropping = bool(_MARKS.match(line))
+        dropping = bool(names.match(line))
         if not dropping:
             kept.append(line)
-    return b"".join(kept) + data[len(header):]
+    return b"".join(kept)
 
 
 def comparable(data: bytes) -> bytes:

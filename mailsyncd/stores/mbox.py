@@ -49,7 +49,7 @@ from mailsyncd import names
 from mailsyncd.domain import NO_FLAGS, Flags, LocalCopy, Stored
 from mailsyncd.errors import StoreError
 from mailsyncd.fsio import PRIVATE_FILE, fsync_dir, locked_file, make_private_dirs, safe_join
-from mailsyncd.message import digest, header_block
+from mailsyncd.message import digest, drop_fields, header_block
 from mailsyncd.stores.base import local_copy
 
 log = logging.getLogger(__name__)
@@ -142,17 +142,7 @@ def content_key(data: bytes) -> str:
     """SHA-256 of a message without the fields mail readers rewrite and without trailing
     empty lines: the same for our copy before and after neomutt or Dovecot saved it."""
     header, rest = _split_header(data)
-    kept: list[bytes] = []
-    dropping = False
-    for line in header.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t"):  # a folded continuation belongs to the field before
-            if not dropping:
-                kept.append(line)
-            continue
-        dropping = bool(_READER_FIELDS.match(line))
-        if not dropping:
-            kept.append(line)
-    return hashlib.sha256(b"".join(kept) + b"\0" + rest.rstrip(b"\n")).hexdigest()
+    return hashlib.sha256(drop_fields(header, _READER_FIELDS) + b"\0" + rest.rstrip(b"\n")).hexdigest()
 
 
 def _parse_location(location: str) -> tuple[str, int, str | None, str | None]:
