@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import mailbox
 import os
 import re
@@ -16,6 +17,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from mailsyncd import cli
 from mailsyncd.app import App
@@ -240,3 +243,21 @@ def neomutt(mbox: Path, home: Path, *settings: str) -> Iterator[Callable[[str], 
         assert wait_for(lambda: not running(), 20), f"neomutt did not quit:\n{screen()}"
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True, check=False)
+
+
+def every_log_record(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every logger of every library at debug level, and each record's text (and its
+    exception's) collected before any handler's filter sees it: what a secret must never
+    be found in, the redaction filter being the last line of defence, not the first."""
+    records: list[str] = []
+    deliver = logging.Logger.callHandlers
+
+    def spy(self: logging.Logger, record: logging.LogRecord) -> None:
+        records.append(record.getMessage())
+        if record.exc_info and record.exc_info[1] is not None:
+            records.append(repr(record.exc_info[1]))
+        deliver(self, record)
+
+    monkeypatch.setattr(logging.Logger, "isEnabledFor", lambda self, level: True)
+    monkeypatch.setattr(logging.Logger, "callHandlers", spy)
+    return records

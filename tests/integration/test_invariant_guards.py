@@ -10,7 +10,6 @@ redaction filter, so that each invariant fails its own test when it is broken.
 from __future__ import annotations
 
 import imaplib
-import logging
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ import pytest
 from mailsyncd import cli
 from mailsyncd.config import load_config
 from tests.conftest import DovecotUser
-from tests.helpers import corpus_messages, write_config
+from tests.helpers import corpus_messages, every_log_record, write_config
 
 STRACE = shutil.which("strace")
 _CALL = re.compile(r"^(?P<pid>\d+) +(?P<name>\w+)\((?P<args>.*)$")
@@ -275,17 +274,7 @@ def test_no_secret_reaches_any_log_record_even_without_the_redaction_filter(
     """The redaction filter is the last line of defence, not the first: with every
     logger of every library at debug level, and the records read before any handler's
     filter, the password must never be there, in a good login or a refused one."""
-    records: list[str] = []
-    deliver = logging.Logger.callHandlers
-
-    def spy(self: logging.Logger, record: logging.LogRecord) -> None:
-        records.append(record.getMessage())
-        if record.exc_info and record.exc_info[1] is not None:
-            records.append(repr(record.exc_info[1]))
-        deliver(self, record)
-
-    monkeypatch.setattr(logging.Logger, "isEnabledFor", lambda self, level: True)
-    monkeypatch.setattr(logging.Logger, "callHandlers", spy)
+    records = every_log_record(monkeypatch)
     config = write_config(tmp_path, filled.server, filled.user, filled.password)
     assert cli.main(["--config", str(config), "-v", "sync"]) == 0
     refused = tmp_path / "refused"

@@ -8,7 +8,6 @@ issued and still holds active: nothing here trusts the client's own account of i
 from __future__ import annotations
 
 import json
-import logging
 import re
 import stat
 import subprocess
@@ -23,7 +22,7 @@ import keyring.backend
 import pytest
 
 from mailsyncd import cli
-from tests.helpers import wait_for
+from tests.helpers import every_log_record, wait_for
 from tests.integration.test_service import Daemon
 from tests.oauth_server import OAuthServer
 from tests.server_helpers import DevServer
@@ -254,17 +253,7 @@ def test_no_token_reaches_any_log_record_or_the_state_database(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """As the password test in test_invariant_guards: every logger at debug level, records
     read before any filter, through a good login, a refused access token and a revoked grant."""
-    records: list[str] = []
-    deliver = logging.Logger.callHandlers
-
-    def spy(self: logging.Logger, record: logging.LogRecord) -> None:
-        records.append(record.getMessage())
-        if record.exc_info and record.exc_info[1] is not None:
-            records.append(repr(record.exc_info[1]))
-        deliver(self, record)
-
-    monkeypatch.setattr(logging.Logger, "isEnabledFor", lambda self, level: True)
-    monkeypatch.setattr(logging.Logger, "callHandlers", spy)
+    records = every_log_record(monkeypatch)
     config = write_config(tmp_path, account_toml(tmp_path, oauth_dovecot, provider, user))
     seed_token(tmp_path, provider, user)
     assert cli.main(["--config", str(config), "-v", "sync"]) == 0
