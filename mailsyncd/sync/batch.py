@@ -29,7 +29,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Protocol, TypeVar
 
 from mailsyncd.domain import RecordedMessage, Stored
-from mailsyncd.errors import StoreError
+from mailsyncd.errors import LeaseLost, StoreError
 from mailsyncd.message import comparable, digest, holds, message_id
 from mailsyncd.stores.base import FolderWriter, Reservation
 from mailsyncd.sync.effects import Effects
@@ -160,6 +160,7 @@ def store_batch(effects: Effects, writer: FolderWriter, ledger: Ledger[Message],
     written: list[tuple[Message, str | None]] = []
     finished: set[int] = set()  # indexes into ``reserved`` that were written or adopted
     bodies = ledger.bodies(batch)
+    lost = False
     try:
         for index, (message, reservation) in enumerate(reserved):
             data = next(bodies)
@@ -174,21 +175,28 @@ def store_batch(effects: Effects, writer: FolderWriter, ledger: Ledger[Message],
             written.append((message, message_id(data)))
             del data  # memory is bounded by one message, not two
             effects.checkpoint("write")
+    except LeaseLost:
+        # Another daemon may hold the account now and fetch these very messages: nothing
+        # of the batch is published (the writer rolls it back), as after a kill, and its
+        # intents are left to the holder's recovery.
+        lost = True
+        raise
     finally:
         bodies.close()
-        stored = writer.commit()
-        effects.checkpoint("commit")
-        done = [(message, what, found_id) for (message, found_id), what in zip(written, stored, strict=True)]
-        unfinished = [(message, reservation.location) for index, (message, reservation) in enumerate(reserved)
-                      if index not in finished]
-        ledger.finish(done, unfinished)
-        # Counted once recorded, also when the batch was cut short: the run records them.
-        size = sum(ledger.size(message) for message, _, _ in done)
-        claimed = len(finished) - len(written)
-        effects.counts.fetched += len(done)
-        effects.counts.fetched_bytes += size
-        effects.counts.adopted += claimed
-        effects.checkpoint("recorded")
-        if unfinished:
-            ledger.forget([message for message, _ in unfinished])
+        if not lost:
+            stored = writer.commit()
+            effects.checkpoint("commit")
+            done = [(message, what, found_id) for (message, found_id), what in zip(written, stored, strict=True)]
+            unfinished = [(message, reservation.location) for index, (message, reservation) in enumerate(reserved)
+                          if index not in finished]
+            ledger.finish(done, unfinished)
+            # Counted once recorded, also when the batch was cut short: the run records them.
+            size = sum(ledger.size(message) for message, _, _ in done)
+            claimed = len(finished) - len(written)
+            effects.counts.fetched += len(done)
+            effects.counts.fetched_bytes += size
+            effects.counts.adopted += claimed
+            effects.checkpoint("recorded")
+            if unfinished:
+                ledger.forget([message for message, _ in unfinished])
     effects.progress.advance(len(done) + claimed, size)
