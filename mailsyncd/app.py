@@ -10,11 +10,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 
@@ -43,7 +41,7 @@ from mailsyncd.secrets import redact
 from mailsyncd.sources import imap, pop3
 from mailsyncd.sources.base import ImapSource
 from mailsyncd.state import db
-from mailsyncd.state.leases import Holder, Leases, node_identity
+from mailsyncd.state.leases import Holder, Leases, LocalHostCap, Rules, own_identity
 from mailsyncd.state.repo import KnownFolder, StateRepo
 from mailsyncd.stores.base import Store
 from mailsyncd.stores.maildir import MaildirStore
@@ -95,8 +93,9 @@ class App:
         # account's lease. SQLite has one writer already (the instance lock).
         self.leases: Leases | None = None
         if engine.dialect.name != "sqlite":
-            node = config.general.node or str(os.getpid())
-            self.leases = Leases(engine, node_identity(socket.gethostname(), node), config.general.lease_time)
+            self.leases = Leases(engine, own_identity(config.general.node), config.general.lease_time)
+        self.host_cap = LocalHostCap()  # host_logins where no lease rows are shared
+        self.holding: set[str] = set()  # the accounts this process syncs now, for the metrics
         self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # tests move it (delete_after_days)
 
     @classmethod
@@ -200,18 +199,36 @@ class App:
     @contextlib.contextmanager
     def _lease(self, account: AccountConfig, account_id: int, checkpoint: Checkpoint,
                scheduled: bool) -> Iterator[Checkpoint]:
-        """Hold the account's lease while it syncs (AccountBusy if another daemon has it);
+        """Hold the account's lease while it syncs (AccountBusy if another daemon has it,
+        HostCapped past ``host_logins``, AccountReserved while sticky to another node);
         the checkpoint given back also stops the run before a store write once it ran out."""
+        general = self.config.general
+        host = account.host.lower()
         if self.leases is None:
-            yield checkpoint
+            with self.host_cap.slot(account.name, host, general.host_logins), self._holding(account):
+                yield checkpoint
             return
-        with self.leases.held(account.name, account_id, account.interval / 2, scheduled) as lease:
+        # Sticky: the node's next scheduled run comes within an interval; overdue by half
+        # an interval more (at least a lease), it is taken to be gone.
+        grace = max(account.interval / 2, general.lease_time)
+        sticky_for = timedelta(seconds=account.interval + grace) if account.sticky else None
+        rules = Rules(host, general.host_logins, sticky_for)
+        with self.leases.held(account.name, account_id, account.interval / 2, scheduled, rules) as lease, \
+                self._holding(account):
             def guarded(step: str) -> None:
                 checkpoint(step)
                 if step in BEFORE_WRITES:
                     lease.check()
 
             yield guarded
+
+    @contextlib.contextmanager
+    def _holding(self, account: AccountConfig) -> Iterator[None]:
+        self.holding.add(account.name)
+        try:
+            yield
+        finally:
+            self.holding.discard(account.name)
 
     def holders(self) -> dict[str, Holder]:
         """Which daemon holds which account, on a shared database; nothing on SQLite."""

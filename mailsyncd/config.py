@@ -167,6 +167,11 @@ KEYS: tuple[Key, ...] = (
     Key("general", "lease_time", "duration",
         "shared state: how long a daemon's claim on an account lasts unless renewed (every third of it); "
         "a dead daemon's accounts are taken over after this", 60),
+    Key("general", "host_logins", "integer",
+        "shared state: at most this many syncs at once per server host, among all the daemons sharing the "
+        "state (on SQLite: in this daemon); an account over it waits for its next run; no cap if unset"),
+    Key("general", "sticky", "boolean",
+        "the default of each account's sticky", False),
     Key("general", "metrics_port", "port",
         "serve Prometheus metrics on 127.0.0.1 at this port; off if unset"),
     Key("account", "name", "string",
@@ -244,6 +249,10 @@ KEYS: tuple[Key, ...] = (
     Key("account", "delete_after_days", "integer",
         "with leave_on_server, delete downloaded messages from the server after this many days; "
         "never if unset", only=_POP3),
+    Key("account", "sticky", "boolean",
+        "shared state: the account stays with the node that synced it last (its store on that node's "
+        "disk) while that node syncs it in time; another node takes it over once it is overdue by "
+        "half an interval (at least lease_time); unset: general.sticky", False),
     Key("account", "store", "table",
         "where the mail goes: the [account.store] table", required=True),
     Key("account", "oauth2", "table",
@@ -259,6 +268,10 @@ KEYS: tuple[Key, ...] = (
     Key("account.store", "mbox_status_headers", "boolean",
         "write Status: and X-Status: fields from the server's flags into each message appended, so "
         "mail readers show them; false keeps the server's bytes exact", True, only=("format", "mbox")),
+    Key("account.store", "shared_store", "boolean",
+        "an mbox store with a shared (PostgreSQL) state is refused, since any node may sync the account "
+        "and mbox locks may not hold across machines; false says the store is on a local disk that only "
+        "this node syncs", True, only=("format", "mbox")),
     Key("account.oauth2", "provider", "choice",
         '"google" and "microsoft" carry their endpoints and scopes; "custom" needs authorize_url and token_url',
         required=True, choices=PROVIDERS),
@@ -355,6 +368,7 @@ class StoreConfig:
     path: Path  # absolute; ~ and $VARS expanded, relative to the config file's directory
     layout: Literal["maildir++", "fs"] = "maildir++"  # only meaningful for maildir
     mbox_status_headers: bool = True  # only meaningful for mbox
+    shared_store: bool = True  # mbox with a shared state: refused unless false (a local disk, one node)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -412,6 +426,7 @@ class AccountConfig:
     idle: tuple[str, ...] = ()
     leave_on_server: bool = True
     delete_after_days: int | None = None
+    sticky: bool = False  # shared state: prefer the node that synced it last
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -422,6 +437,13 @@ class GeneralConfig:
     metrics_port: int | None = None  # served on 127.0.0.1 only
     node: str | None = None  # with the host name, this daemon's identity in account leases
     lease_time: int = 60
+    host_logins: int | None = None  # concurrent syncs per server host, among all daemons; None: no cap
+    sticky: bool = False  # the accounts' default
+
+    @property
+    def shared(self) -> bool:
+        """Whether the state is a server database several daemons may share."""
+        return "://" in self.state and not self.state.startswith("sqlite")
 
 
 @dataclass(frozen=True)
@@ -485,7 +507,8 @@ def parse_config(text: str, path: Path) -> Config:
     # Tokens live beside a state file; a state database elsewhere (a URL) leaves them in
     # the XDG state directory.
     token_dir = (default_state_path() if "://" in state else Path(state)).parent / "oauth2"
-    parsed = tuple(_parse_account(table, index, path, base, token_dir) for index, table in enumerate(accounts))
+    parsed = tuple(_parse_account(table, index, path, base, token_dir, values["sticky"])
+                   for index, table in enumerate(accounts))
     seen: set[str] = set()
     for account in parsed:
         if account.name in seen:
@@ -493,6 +516,13 @@ def parse_config(text: str, path: Path) -> Config:
         seen.add(account.name)
     # Unset keys take the dataclass defaults: state's is computed from the environment.
     general_config = GeneralConfig(**{name: value for name, value in values.items() if value is not None})
+    if general_config.shared:
+        for account in parsed:
+            if account.store.format == "mbox" and account.store.shared_store:
+                raise ConfigError(path, f'account "{account.name}".store.format',
+                                  '"mbox" is refused with a shared (PostgreSQL) state: any node may sync the '
+                                  'account and mbox locks may not hold across machines; use "maildir", or set '
+                                  "shared_store = false if the store is on a local disk only this node syncs")
     return Config(path, general_config, parsed)
 
 
@@ -507,7 +537,8 @@ class _Where:
         return ConfigError(self.file, ".".join(part for part in (self.prefix, key) if part), problem)
 
 
-def _parse_account(raw: object, index: int, path: Path, base: Path, token_dir: Path) -> AccountConfig:
+def _parse_account(raw: object, index: int, path: Path, base: Path, token_dir: Path,
+                   sticky: bool) -> AccountConfig:
     table = _expect_table(raw, _Where(path, f"account[{index}]"), "")
     name = table.get("name")
     valid_name = isinstance(name, str) and bool(_NAME.fullmatch(name)) and name not in (".", "..")
@@ -516,6 +547,8 @@ def _parse_account(raw: object, index: int, path: Path, base: Path, token_dir: P
         raise where.error("name", "expected a string of letters, digits, '_', '.' and '-', "
                                   f"got {_shown(name)}")
     values = _parse_table(table, "account", where, base)
+    if "sticky" not in table:
+        values["sticky"] = sticky
     store = _parse_table(values["store"], "account.store", _Where(path, f"{where.prefix}.store"), base)
     store["path"] = Path(str(store["path"]).replace("{account}", str(name)))
 

@@ -137,3 +137,13 @@ class LeaseLost(AccountError):
 class AccountNotDue(AccountBusy):
     """Another daemon (or this one) synced the account recently; a scheduled run skips it,
     so N daemons do not sync every account N times per interval."""
+
+
+class AccountReserved(AccountBusy):
+    """A sticky account is left to the node that synced it last (its store is on that
+    node's disk) while that node keeps syncing it; taken over only once it is overdue."""
+
+
+class HostCapped(AccountBusy):
+    """The account's server host already has ``host_logins`` syncs running among the
+    daemons sharing the state; skipped like a busy account, tried again at its next run."""

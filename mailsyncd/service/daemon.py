@@ -19,7 +19,17 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from mailsyncd.app import App
 from mailsyncd.config import AccountConfig, Config, load_config
-from mailsyncd.errors import AccountBusy, AccountNotDue, ConfigError, Interrupted, MailsyncError, Retry
+from mailsyncd.errors import (
+    AccountBusy,
+    AccountNotDue,
+    AccountReserved,
+    ConfigError,
+    HostCapped,
+    Interrupted,
+    LeaseLost,
+    MailsyncError,
+    Retry,
+)
 from mailsyncd.service.jobs import AccountJob
 from mailsyncd.service.metrics import Metrics
 from mailsyncd.service.schedule import Schedule, backoff_delay, human, schedule_for
@@ -28,6 +38,7 @@ from mailsyncd.service.systemd import notify, watchdog_interval
 from mailsyncd.service.watch import FolderWatch, LocalWatch
 from mailsyncd.sources import imap
 from mailsyncd.state import db
+from mailsyncd.state.leases import own_identity
 from mailsyncd.sync.effects import Counts
 
 log = logging.getLogger(__name__)
@@ -62,7 +73,7 @@ class Daemon:
         self.idle_renew = idle_renew
         self.scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(WORKERS)})
         self.timezone: tzinfo = self.scheduler.timezone
-        self.metrics = Metrics()
+        self.metrics = Metrics(own_identity(config.general.node))
         self.app: App | None = None
         self.jobs: dict[str, AccountJob] = {}
         self.inbox = SignalInbox()
@@ -77,6 +88,7 @@ class Daemon:
         with self.inbox:
             schedules = self._schedules(self.config)  # a bad crontab stops us before anything starts
             self.app = App.open(self.config)
+            self.metrics.count_holding(functools.partial(len, self.app.holding))
             try:
                 self._start(schedules)
                 self._loop()
@@ -307,11 +319,19 @@ class Daemon:
         except Interrupted:
             log.info("%s: stopped at a safe point; every message written is stored and recorded", account.name)
             return
-        except AccountNotDue as recent:
-            log.debug("%s", recent)  # another daemon synced it lately: the common case with several
+        except (AccountNotDue, AccountReserved) as elsewhere:
+            log.debug("%s", elsewhere)  # synced lately, or another node's: the common case with several
+            return
+        except HostCapped as capped:
+            log.info("%s", capped)  # not a failure, no backoff: the next run tries again
+            self.metrics.capped()
             return
         except AccountBusy as busy:
             log.info("%s", busy)  # another daemon syncs it now: not a failure, no backoff
+            self.metrics.busy()
+            return
+        except LeaseLost as lost:
+            log.warning("%s", lost)  # stalled past the lease: the account is another daemon's now, no backoff
             return
         except MailsyncError as error:
             self._failed(job, str(error), error.retry)

@@ -1,10 +1,11 @@
-"""Prometheus metrics of the daemon's runs, per account."""
+"""Prometheus metrics of the daemon's runs, per account, and of its share of the work, per node."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
@@ -26,9 +27,14 @@ DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 360
 
 class Metrics:
     """Prometheus metrics in a registry of their own, served on 127.0.0.1 only if asked,
-    with the process's own (memory, CPU, open files) beside them."""
+    with the process's own (memory, CPU, open files) beside them.
 
-    def __init__(self) -> None:
+    The per-node series are labelled with the daemon's identity (host:node), so that the
+    daemons sharing one state can be told apart, and summed, in one Prometheus.
+    """
+
+    def __init__(self, node: str) -> None:
+        self.node = node
         self.registry = CollectorRegistry()
         labels = ["account"]
         self.messages = Counter("mailsyncd_messages_synced", "Messages stored", labels, registry=self.registry)
@@ -40,6 +46,17 @@ class Metrics:
                                   registry=self.registry)
         self.duration = Histogram("mailsyncd_sync_duration_seconds", "How long the account's runs took",
                                   labels, buckets=DURATION_BUCKETS, registry=self.registry)
+        self.holding = Gauge("mailsyncd_node_accounts_held", "Accounts this daemon holds (syncs) now",
+                             ["node"], registry=self.registry)
+        # Counters, as these only grow: rate() gives skips per second per node.
+        self.skipped_busy = Counter("mailsyncd_node_runs_skipped_busy",
+                                    "Runs skipped because another daemon held the account", ["node"],
+                                    registry=self.registry)
+        self.skipped_capped = Counter("mailsyncd_node_runs_skipped_host_cap",
+                                      "Runs skipped because the server host had host_logins syncs already",
+                                      ["node"], registry=self.registry)
+        for metric in (self.holding, self.skipped_busy, self.skipped_capped):
+            metric.labels(node)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self._server: Any = None
@@ -83,3 +100,15 @@ class Metrics:
 
     def failed(self, account: str) -> None:
         self.errors.labels(account).inc()
+
+    def count_holding(self, held: Callable[[], int]) -> None:
+        """Read the accounts held now from ``held`` at each scrape."""
+        self.holding.labels(self.node).set_function(held)
+
+    def busy(self) -> None:
+        """Another daemon held the account: no run here."""
+        self.skipped_busy.labels(self.node).inc()
+
+    def capped(self) -> None:
+        """The account's host had its share of logins: no run here this time."""
+        self.skipped_capped.labels(self.node).inc()

@@ -129,4 +129,7 @@ LEASES = Table(
     Column("since", DateTime(timezone=True)),
     Column("until", DateTime(timezone=True)),
     Column("due", DateTime(timezone=True)),  # a scheduled run before this is skipped: synced recently
+    Column("last_owner", String(255)),  # the node that last finished a run (whose local disk has the store)
+    Column("sticky_until", DateTime(timezone=True)),  # a sticky account is last_owner's until then
+    Column("host", String(255), index=True),  # the account's server host, for the per-host login cap
 )

@@ -346,7 +346,7 @@ def test_each_error_class_says_how_soon_a_retry_helps() -> None:
 
 
 def test_metrics_start_at_zero_time_runs_and_include_the_process() -> None:
-    metrics = Metrics()
+    metrics = Metrics("host:a")
     metrics.known("acct")
     text = generate_latest(metrics.registry).decode()
     for series in ("mailsyncd_messages_synced_total", "mailsyncd_bytes_synced_total", "mailsyncd_sync_errors_total"):
