@@ -15,10 +15,11 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 from sqlalchemy import Engine
 
-from mailsyncd.config import AccountConfig, Config
+from mailsyncd.config import AccountConfig, Config, load_config, with_stored_accounts
 from mailsyncd.domain import (
     AccountCheck,
     AccountStatus,
@@ -42,7 +43,7 @@ from mailsyncd.progress import Progress
 from mailsyncd.secrets import redact
 from mailsyncd.sources import imap, pop3
 from mailsyncd.sources.base import ImapSource
-from mailsyncd.state import db
+from mailsyncd.state import db, definitions
 from mailsyncd.state.leases import Holder, Leases, node_identity
 from mailsyncd.state.repo import KnownFolder, StateRepo
 from mailsyncd.stores.base import Store
@@ -60,6 +61,16 @@ log = logging.getLogger(__name__)
 # The Checkpoint steps after which the next effect is a store write, and where stopping
 # leaves only intents (fetched again) or finishes the batch in store_batch's ``finally``.
 BEFORE_WRITES = frozenset({"intent", "write"})
+
+
+def load(path: Path) -> Config:
+    """The config file with the accounts kept in its state database after its own: what
+    every command and the daemon's reload see, read in this one place."""
+    config = load_config(path)
+    stored = definitions.read_state(config.general.state)
+    return with_stored_accounts(config, stored.generation,
+                                ((item.name, item.table, item.base) for item in stored.definitions),
+                                db.location(config.general.state))
 
 
 def open_store(account: AccountConfig, create: bool = True) -> Store:
