@@ -63,11 +63,18 @@ log = logging.getLogger(__name__)
 BEFORE_WRITES = frozenset({"intent", "write"})
 
 
-def load(path: Path) -> Config:
+def load(path: Path, engine: Engine | None = None) -> Config:
     """The config file with the accounts kept in its state database after its own: what
-    every command and the daemon's reload see, read in this one place."""
+    every command and the daemon's reload see, read in this one place. A process with the
+    state database open passes its ``engine``: opening the SQLite file again and closing
+    it would drop the POSIX locks its connections hold (a close drops all of a process's
+    locks on the file), and another process could then reset the WAL under them."""
     config = load_config(path)
-    stored = definitions.read_state(config.general.state)
+    if engine is None:
+        stored = definitions.read_state(config.general.state)
+    else:
+        with db.state_errors(config.general.state):
+            stored = definitions.read(engine)
     return with_stored_accounts(config, stored.generation,
                                 ((item.name, item.table, item.base) for item in stored.definitions),
                                 db.location(config.general.state))

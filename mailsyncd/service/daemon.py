@@ -219,7 +219,7 @@ class Daemon:
         notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         old = self.config
         try:
-            new = load(old.path)  # the file's accounts and the state database's
+            new = load(old.path, self.app.engine if self.app else None)  # the file's and the database's accounts
             schedules = self._schedules(new)
         except (ConfigError, StateError) as error:
             log.error("reload failed, still running the previous config: %s", error)
