@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from mailsyncd.app import load
+from mailsyncd.service.wake import StateWatch
 from mailsyncd.state import db, definitions
-from tests.helpers import run_cli
+from tests.helpers import run_cli, wait_for
 from tests.unit.test_service import job as service_job
 
 CONFIG_ACCOUNT = """
@@ -183,3 +187,50 @@ def test_an_asked_run_is_not_skipped_as_not_due() -> None:
     assert not job.request(None, asked=True)  # merged into the running drain
     assert job.take(stopping=False) == () and job.asked
     assert job.take(stopping=False) is None
+
+
+def test_the_state_watch_hears_changes_and_wake_ups_at_once_on_postgresql(postgres_url: str) -> None:
+    """Deterministic: the poll is an hour, so only LISTEN/NOTIFY can be this quick."""
+    engine = db.create(postgres_url)
+    db.upgrade(engine)
+    changes: queue.SimpleQueue[str] = queue.SimpleQueue()
+    stop = threading.Event()
+    watch = StateWatch(engine, 0, lambda: changes.put("changed"), lambda name: changes.put(f"woken {name}"),
+                       stop, poll=3600)
+    watch.start()
+    try:
+        assert wait_for(lambda: definitions.listeners(engine) == 1, 5)
+        definitions.save(engine, [definitions.Definition("alpha", {"name": "alpha"}, Path("/"))])
+        assert changes.get(timeout=2) == "changed"
+        definitions.wake(engine, ["alpha"])
+        definitions.wake(engine, [])
+        assert [changes.get(timeout=2), changes.get(timeout=2)] == ["woken alpha", "woken None"]
+        definitions.save(engine, [definitions.Definition("alpha", {"name": "alpha"}, Path("/"))])  # unchanged
+        definitions.wake(engine, ["beta"])
+        assert changes.get(timeout=2) == "woken beta"  # and no reload for what did not change
+    finally:
+        stop.set()
+        watch.join(5)
+        engine.dispose()
+    assert not watch.thread.is_alive()
+
+
+def test_the_state_watch_polls_the_counter_on_sqlite(tmp_path: Path) -> None:
+    engine = db.create(str(tmp_path / "state.db"))
+    db.upgrade(engine)
+    changed = threading.Event()
+    stop = threading.Event()
+    watch = StateWatch(engine, 0, changed.set, lambda name: None, stop, poll=0.1)
+    watch.start()
+    try:
+        time.sleep(0.3)
+        assert not changed.is_set()
+        assert definitions.remove(engine, "nobody") is False  # nothing removed: nothing changed
+        time.sleep(0.3)
+        assert not changed.is_set()
+        definitions.save(engine, [definitions.Definition("alpha", {"name": "alpha"}, Path("/"))])
+        assert changed.wait(2)
+    finally:
+        stop.set()
+        watch.join(5)
+        engine.dispose()
