@@ -176,7 +176,7 @@ class Listener:
         self._raw = self._engine.raw_connection()
         connection = self._raw.driver_connection
         assert connection is not None  # a fresh connection
-        connection.autocommit = True
+        connection.set_autocommit(True)  # LISTEN takes effect at once, not at a commit
         connection.execute(f"LISTEN {CHANNEL}")
         self._connection: Any = connection
 
