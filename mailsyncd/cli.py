@@ -245,7 +245,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _selected(config: Config, names: Sequence[str]) -> list[AccountConfig]:
     unknown = [name for name in names if name not in {account.name for account in config.accounts}]
     if unknown:
-        raise FatalError(f"no account named {', '.join(unknown)} in {config.path}; have: "
+        where = f"{config.path} or the state database" if config.stored else str(config.path)
+        raise FatalError(f"no account named {', '.join(unknown)} in {where}; have: "
                          f"{', '.join(account.name for account in config.accounts) or 'none'}")
     return [account for account in config.accounts if not names or account.name in names]
 
