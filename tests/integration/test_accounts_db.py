@@ -96,7 +96,7 @@ def test_two_daemons_take_up_imported_accounts_at_once_and_drop_removed_ones(
         took = time.monotonic() - started
         for daemon in running:
             daemon.wait_log("added: " + ", ".join(sorted(user for user, _ in users)))
-        assert took < 8, took  # LISTEN: not a poll interval, nor the accounts' 10 minutes
+        assert took < 5, took  # LISTEN: not a poll interval, nor the accounts' 10 minutes
         engine = db.create(postgres_url)
         assert_exactly_once(engine, dovecot_server, tmp_path / "stores", users)
         assert runs_of(postgres_url) == {user: 1 for user, _ in users}  # one daemon each, once
