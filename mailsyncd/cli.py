@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -474,8 +474,12 @@ def _accounts(config: Config, args: argparse.Namespace) -> int:
 
 def _accounts_import(config: Config, app: App, in_file: dict[str, AccountConfig], path: Path, dry_run: bool,
                      where: str) -> int:
+    from mailsyncd.service.schedule import schedule_for
+
     parsed = load_account_file(path, config.general.state)
     for account, _ in parsed:
+        # A crontab the daemons cannot read would fail every reload, and hold up every later change.
+        schedule_for(account, path, UTC)
         if account.name in in_file:
             raise ConfigError(path, f'account "{account.name}".name', f"{config.path} defines this account too, and "
                               "its definition would win; rename it here or remove it there")

@@ -75,10 +75,13 @@ def read(engine: Engine) -> Stored:
 def read_state(state: str) -> Stored:
     """``read`` for a ``general.state`` value, on a connection of its own. A SQLite file
     that does not exist yet holds nothing and is not created (``check`` changes nothing)."""
-    path = db.sqlite_path(db.database_url(state))
+    url = db.database_url(state)
+    path = db.sqlite_path(url)
     if path is not None and not path.exists():
         return Stored(0, ())
-    engine = db.create(state)
+    # A plain engine, not db.create's: SQLite then reads in a deferred transaction, which
+    # a writer elsewhere (WAL) never holds up, where BEGIN IMMEDIATE would wait for it.
+    engine = create_engine(url)
     try:
         with db.state_errors(state):
             return read(engine)

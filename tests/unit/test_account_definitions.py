@@ -141,6 +141,9 @@ def test_a_bad_account_or_a_clash_with_the_config_file_writes_nothing(tmp_path: 
     # The config file's validator, word for word: the same key, the same suggestion.
     one_error_line(run_cli(config, "accounts", "import", str(batch)),
                    f'{batch}: account "typo".leave_on_sever: unknown key (did you mean "leave_on_server"?)')
+    batch.write_text(account("fine") + account("never", 'password_file = "p"\ncron = "0 0 31 2 *"'))
+    one_error_line(run_cli(config, "accounts", "import", str(batch)),
+                   f'{batch}: account "never".cron: this schedule never fires')
     batch.write_text('[general]\nlog_level = "debug"\n' + account("fine"))
     one_error_line(run_cli(config, "accounts", "import", str(batch)), f"{batch}: general: an account file holds")
     batch.write_text(account("fine") + account("filed"))
