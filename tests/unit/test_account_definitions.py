@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from mailsyncd.app import load
-from mailsyncd.service.wake import StateWatch
+from mailsyncd.service.wake import RETRY, StateWatch
 from mailsyncd.state import db, definitions
 from tests.helpers import run_cli, wait_for
+from tests.postgres import PostgresCluster
 from tests.unit.test_service import job as service_job
 
 CONFIG_ACCOUNT = """
@@ -233,6 +234,30 @@ def test_the_state_watch_polls_the_counter_on_sqlite(tmp_path: Path) -> None:
         assert not changed.is_set()
         definitions.save(engine, [definitions.Definition("alpha", {"name": "alpha"}, Path("/"))])
         assert changed.wait(2)
+    finally:
+        stop.set()
+        watch.join(5)
+        engine.dispose()
+
+
+def test_the_state_watch_listens_again_after_postgresql_restarts(postgres_cluster: PostgresCluster) -> None:
+    """A change made while the server was away is caught up when the watch listens again."""
+    engine = db.create(postgres_cluster.new_database())
+    db.upgrade(engine)
+    changed = threading.Event()
+    stop = threading.Event()
+    watch = StateWatch(engine, 0, changed.set, lambda name: None, stop, poll=3600)
+    watch.start()
+    try:
+        assert wait_for(lambda: definitions.listeners(engine) == 1, 5)
+        postgres_cluster.stop()
+        postgres_cluster.start()
+        definitions.save(engine, [definitions.Definition("alpha", {"name": "alpha"}, Path("/"))])
+        assert changed.wait(RETRY + 5)
+        assert wait_for(lambda: definitions.listeners(engine) == 1, 5)
+        changed.clear()
+        definitions.remove(engine, "alpha")
+        assert changed.wait(2)  # heard at once again
     finally:
         stop.set()
         watch.join(5)
