@@ -15,10 +15,11 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 from sqlalchemy import Engine
 
-from mailsyncd.config import AccountConfig, Config
+from mailsyncd.config import AccountConfig, Config, load_config, with_stored_accounts
 from mailsyncd.domain import (
     AccountCheck,
     AccountStatus,
@@ -40,26 +41,40 @@ from mailsyncd.fsio import STORE_ERRNOS, make_private_dirs, write_refusal
 from mailsyncd.oauth2 import log_in
 from mailsyncd.progress import Progress
 from mailsyncd.secrets import redact
-from mailsyncd.sources import imap, pop3
+from mailsyncd.sources import imap
 from mailsyncd.sources.base import ImapSource
-from mailsyncd.state import db
+from mailsyncd.state import db, definitions
 from mailsyncd.state.leases import Holder, Leases, node_identity
 from mailsyncd.state.repo import KnownFolder, StateRepo
 from mailsyncd.stores.base import Store
 from mailsyncd.stores.maildir import MaildirStore
-from mailsyncd.stores.mbox import MboxStore
 from mailsyncd.sync.effects import Checkpoint, Counts, no_checkpoint
 from mailsyncd.sync.imap import FolderSync, preview_folder, replace_placeholder, sync_folders
 from mailsyncd.sync.plan import select_folders
-from mailsyncd.sync.pop import INBOX, replace_pop_placeholder, sync_pop
-from mailsyncd.sync.recover import reconcile_pushes, recover
-from mailsyncd.sync.twoway_run import TwoWaySync, create_local_folders
+from mailsyncd.sync.recover import recover
 
 log = logging.getLogger(__name__)
 
 # The Checkpoint steps after which the next effect is a store write, and where stopping
 # leaves only intents (fetched again) or finishes the batch in store_batch's ``finally``.
 BEFORE_WRITES = frozenset({"intent", "write"})
+
+
+def load(path: Path, engine: Engine | None = None) -> Config:
+    """The config file with the accounts kept in its state database after its own: what
+    every command and the daemon's reload see, read in this one place. A process with the
+    state database open passes its ``engine``: opening the SQLite file again and closing
+    it would drop the POSIX locks its connections hold (a close drops all of a process's
+    locks on the file), and another process could then reset the WAL under them."""
+    config = load_config(path)
+    if engine is None:
+        stored = definitions.read_state(config.general.state)
+    else:
+        with db.state_errors(config.general.state):
+            stored = definitions.read(engine)
+    return with_stored_accounts(config, stored.generation,
+                                ((item.name, item.table, item.base) for item in stored.definitions),
+                                db.location(config.general.state))
 
 
 def open_store(account: AccountConfig, create: bool = True) -> Store:
@@ -69,6 +84,9 @@ def open_store(account: AccountConfig, create: bool = True) -> Store:
     if create:
         make_private_dirs(account.store.path)
     if account.store.format == "mbox":
+        # Imported here, like the POP3 and two-way code: `mailsyncd sync` runs as a whole
+        # process on a timer, and an IMAP pull into a Maildir should not pay for them.
+        from mailsyncd.stores.mbox import MboxStore
         return MboxStore(account.store.path, account.store.mbox_status_headers)
     return MaildirStore(account.store.path, account.store.layout)
 
@@ -140,6 +158,7 @@ class App:
         if refusal is not None:
             raise StoreUnavailable(f"{account.name}: the store {account.store.path} cannot be written: {refusal}")
         if account.protocol == "pop3":
+            from mailsyncd.sources import pop3
             with log_in(account, lambda secret: pop3.connect(account, secret)) as pop_session:
                 messages, size = pop_session.stat()
                 pop_session.quit()
@@ -162,6 +181,8 @@ class App:
         previews: list[AdoptPreview] = []
         if account.protocol == "pop3":
             recorded = account_id is not None and bool(self.repo.pop_messages(account_id))
+            from mailsyncd.sources import pop3
+            from mailsyncd.sync.pop import INBOX
             with log_in(account, lambda secret: pop3.connect(account, secret)) as pop_session:
                 listed = len(pop_session.listing().entries)
                 pop_session.quit()
@@ -264,6 +285,8 @@ class App:
               progress: Progress, checkpoint: Checkpoint, counts: Counts) -> None:
         deadline = None if account.timeout is None else time.monotonic() + account.timeout
         if account.protocol == "pop3":
+            from mailsyncd.sources import pop3
+            from mailsyncd.sync.pop import sync_pop
             pop_policy = PopPolicy(account.leave_on_server, account.delete_after_days,
                                    account.max_message_size, LargeMessages(account.large_messages))
             with log_in(account, lambda secret: pop3.connect(account, secret, deadline)) as pop_session:
@@ -298,6 +321,8 @@ class App:
     def _sync_twoway(self, account: AccountConfig, account_id: int, store: Store, folders: Sequence[str],
                      progress: Progress, checkpoint: Checkpoint, counts: Counts, dry_run: bool,
                      allow_deletions: Sequence[str]) -> None:
+        from mailsyncd.sync.recover import reconcile_pushes
+        from mailsyncd.sync.twoway_run import TwoWaySync, create_local_folders
         policy = TwoWayPolicy(Expunge(account.expunge), account.max_deletions, frozenset(allow_deletions))
         deadline = None if account.timeout is None else time.monotonic() + account.timeout
         with log_in(account, lambda secret: imap.connect(account, secret, deadline)) as session:
@@ -351,6 +376,8 @@ class App:
 
     def _fetch_pop(self, account: AccountConfig, account_id: int, store: Store, folder: str, uid: str | None,
                    message_id: str | None, wanted: str, progress: Progress, checkpoint: Checkpoint) -> str:
+        from mailsyncd.sources import pop3
+        from mailsyncd.sync.pop import INBOX, replace_pop_placeholder
         if folder != INBOX:
             raise AccountError(f"{account.name}: a POP3 account has only the folder {INBOX}")
         held = self.repo.pop_find_placeholder(account_id, uid, message_id)

@@ -14,20 +14,20 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from mailsyncd import __version__, shipped
 from mailsyncd import config as config_module
 from mailsyncd import log as log_setup
-from mailsyncd.app import App
-from mailsyncd.config import AccountConfig, Config, load_config
+from mailsyncd.app import App, load
+from mailsyncd.config import AccountConfig, Config, load_account_file
 from mailsyncd.domain import AccountStatus, PopCheck, RunResult
-from mailsyncd.errors import AccountBusy, AccountError, AlreadyRunning, FatalError, MailsyncError
+from mailsyncd.errors import AccountBusy, AccountError, AlreadyRunning, ConfigError, FatalError, MailsyncError
 from mailsyncd.oauth2 import authorize_in_browser, authorize_on_device, token_location, token_status
 from mailsyncd.progress import Progress, TerminalProgress
-from mailsyncd.state import db
+from mailsyncd.state import db, definitions
 from mailsyncd.state.leases import Holder
 
 log = logging.getLogger("mailsyncd")
@@ -117,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     adopt.add_argument("--dry-run", action="store_true", help="only report what would be matched, fetched "
                        "and left local only; change nothing")
 
+    wake = commands.add_parser("wake", help="ask the running daemons to sync these accounts (default: every "
+                               "account) now", description="On a PostgreSQL state, every daemon sharing it hears "
+                               "this at once (LISTEN/NOTIFY) and the first to claim an account syncs it. On SQLite, "
+                               "the one daemon is sent SIGUSR1, which syncs every account. Returns at once; "
+                               "`mailsyncd status` shows the runs.")
+    wake.add_argument("accounts", nargs="*", metavar="ACCOUNT", help="an account to sync now")
+    _add_accounts_commands(commands)
+
     database = commands.add_parser("db", help="state database maintenance")
     database_commands = database.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
     database_commands.add_parser("upgrade", help="apply migrations (also done at start)")
@@ -127,6 +135,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--messages", type=int, default=300, help="how many messages to generate")
     _add_shipped_commands(commands)
     return parser
+
+
+def _add_accounts_commands(commands: argparse._SubParsersAction[_SubcommandParser]) -> None:
+    """``accounts import | list | remove``: accounts kept in the state database."""
+    accounts = commands.add_parser(
+        "accounts", help="accounts kept in the state database beside the config file's: import, list, remove",
+        description="For many accounts and several daemons sharing one (PostgreSQL) state: account definitions "
+                    "kept in the state database, which every daemon picks up within seconds, without a restart. "
+                    "The config file's accounts stay; a name in both is the config file's.")
+    subcommands = accounts.add_subparsers(dest="accounts_command", required=True, metavar="ACCOUNTS_COMMAND",
+                                          parser_class=_SubcommandParser)
+    imported = subcommands.add_parser(
+        "import", help="add or update the [[account]] tables of FILE", description="Check every [[account]] table "
+        "of FILE exactly as the config file's are checked, then store them all, or none if one is wrong. An "
+        "account of the same name is updated. Secrets are never stored: an inline password or client_secret is "
+        "refused; use password_command, password_file, password_env, keyring or OAuth2 (its token stays in its "
+        "token store). Relative paths count from FILE's directory.")
+    imported.add_argument("file", type=Path, metavar="FILE.toml", help="a TOML file of [[account]] tables")
+    imported.add_argument("--dry-run", action="store_true", help="check FILE and say what would be added or "
+                          "updated; write nothing")
+    listed = subcommands.add_parser("list", help="every account: name, protocol, user@server, and where it is "
+                                    "defined (file or database)")
+    listed.add_argument("--json", action="store_true", help="machine-readable output")
+    removed = subcommands.add_parser(
+        "remove", help="remove an account kept in the state database", description="The daemons stop scheduling "
+        "it within seconds; a sync of it under way finishes. Its store and its state rows are kept: importing "
+        "it again goes on where it left off.")
+    removed.add_argument("name", metavar="NAME", help="the account")
+    removed.add_argument("--dry-run", action="store_true", help="say what would be removed; change nothing")
 
 
 def _add_shipped_commands(commands: argparse._SubParsersAction[_SubcommandParser]) -> None:
@@ -168,7 +205,7 @@ def _report(error: BaseException, verbose: bool) -> None:
 
 def _load(args: argparse.Namespace) -> Config:
     path = args.config or config_module.default_config_path()
-    config = load_config(path)
+    config = load(path)
     if not args.verbose and not args.quiet:
         logging.getLogger("mailsyncd").setLevel(config.general.log_level.upper())
     return config
@@ -198,13 +235,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _auth(config, args)
     if args.command == "adopt":
         return _adopt(config, args.name, args.dry_run)
+    if args.command == "accounts":
+        return _accounts(config, args)
+    if args.command == "wake":
+        return _wake(config, args.accounts)
     return _db_upgrade(config)
 
 
 def _selected(config: Config, names: Sequence[str]) -> list[AccountConfig]:
     unknown = [name for name in names if name not in {account.name for account in config.accounts}]
     if unknown:
-        raise FatalError(f"no account named {', '.join(unknown)} in {config.path}; have: "
+        where = f"{config.path} or the state database" if config.stored else str(config.path)
+        raise FatalError(f"no account named {', '.join(unknown)} in {where}; have: "
                          f"{', '.join(account.name for account in config.accounts) or 'none'}")
     return [account for account in config.accounts if not names or account.name in names]
 
@@ -406,6 +448,121 @@ def _adopt(config: Config, name: str, dry_run: bool) -> int:
     print(f"{account.name}: {counts.adopted} matched and recorded where they lie, {counts.fetched} new stored "
           f"({counts.fetched_bytes} bytes), {local_only} local only (kept, never removed)")
     return EXIT_PARTIAL if counts.errors else EXIT_OK
+
+
+def _open_shared(config: Config) -> App:
+    """The state database for a command that may run beside the daemon (accounts, wake):
+    migrated under the instance lock when nobody holds it; a daemon holding it has
+    migrated it at its start already."""
+    try:
+        with db.instance_lock(config.general.state):
+            return App.open(config)
+    except AlreadyRunning:
+        return App.open(config)
+
+
+def _accounts(config: Config, args: argparse.Namespace) -> int:
+    in_file = {account.name: account for account in config.accounts if account.name not in config.stored}
+    if args.accounts_command == "list":
+        return _accounts_list(config, in_file, args.json)
+    with _open_shared(config) as app:
+        where = db.location(config.general.state)
+        if args.accounts_command == "import":
+            return _accounts_import(config, app, in_file, args.file, args.dry_run, where)
+        return _accounts_remove(config, app, in_file, args.name, args.dry_run, where)
+
+
+def _accounts_import(config: Config, app: App, in_file: dict[str, AccountConfig], path: Path, dry_run: bool,
+                     where: str) -> int:
+    from mailsyncd.service.schedule import schedule_for
+
+    parsed = load_account_file(path, config.general.state)
+    for account, _ in parsed:
+        # A crontab the daemons cannot read would fail every reload, and hold up every later change.
+        schedule_for(account, path, UTC)
+        if account.name in in_file:
+            raise ConfigError(path, f'account "{account.name}".name', f"{config.path} defines this account too, and "
+                              "its definition would win; rename it here or remove it there")
+    base = path.parent.absolute()
+    with db.state_errors(config.general.state):
+        outcome = definitions.save(app.engine, [definitions.Definition(account.name, table, base)
+                                                for account, table in parsed], dry_run=dry_run)
+    for account, _ in parsed:
+        said = outcome[account.name] if not dry_run or outcome[account.name] == "unchanged" else \
+            f"would be {outcome[account.name]}"
+        print(f"{account.name}: {said} ({account.protocol}, {account.username}@{account.host})")
+    if dry_run:
+        print(f"dry run: {path} is valid; nothing was written")
+    else:
+        print(f"{where}: {_count(len(parsed))} from {path}; running daemons pick the changes up within seconds")
+    return EXIT_OK
+
+
+def _accounts_remove(config: Config, app: App, in_file: dict[str, AccountConfig], name: str, dry_run: bool,
+                     where: str) -> int:
+    if name in in_file:
+        raise ConfigError(config.path, f'account "{name}"', "is defined in this file, not in the state database; "
+                          "remove it there (and reload the daemon)")
+    if name not in config.stored:
+        raise FatalError(f"{where}: holds no account named {name}; have: {', '.join(sorted(config.stored)) or 'none'}")
+    store = config.account(name).store.path
+    if dry_run:
+        print(f"{name}: would be removed from {where}; its store {store} and its state rows would be kept")
+        return EXIT_OK
+    with db.state_errors(config.general.state):
+        definitions.remove(app.engine, name)
+    print(f"{name}: removed from {where}; daemons stop scheduling it within seconds (a sync under way finishes). "
+          f"Its store {store} and its state rows are kept: importing it again goes on from there")
+    return EXIT_OK
+
+
+def _accounts_list(config: Config, in_file: dict[str, AccountConfig], as_json: bool) -> int:
+    entries = [{"name": account.name, "protocol": account.protocol, "host": account.host, "port": account.port,
+                "username": account.username, "source": "database" if account.name in config.stored else "file",
+                "shadowed": account.name in config.shadowed} for account in config.accounts]
+    if as_json:
+        json.dump(entries, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    for entry in entries:
+        note = " (also in the database, whose definition is not used)" if entry["shadowed"] else ""
+        print(f"{entry['name']}  {entry['protocol']}  {entry['username']}@{entry['host']}:{entry['port']}  "
+              f"{entry['source']}{note}")
+    print(f"{_count(len(in_file))} in {config.path}, {len(config.stored)} in {db.location(config.general.state)}")
+    return EXIT_OK
+
+
+def _count(accounts: int) -> str:
+    return "1 account" if accounts == 1 else f"{accounts} accounts"
+
+
+def _wake(config: Config, names: Sequence[str]) -> int:
+    _selected(config, names)
+    where = db.location(config.general.state)
+    if db.sqlite_path(db.database_url(config.general.state)) is not None:
+        from mailsyncd.service.control import ask_daemon
+
+        try:
+            with db.instance_lock(config.general.state):
+                pass
+        except AlreadyRunning as running:
+            if running.daemon_pid is None:
+                raise
+            ask_daemon(running.daemon_pid)
+            print(f"asked mailsyncd run (pid {running.daemon_pid}) to sync every account now: on SQLite it is "
+                  "the one daemon, and its signal (SIGUSR1) names no account")
+            return EXIT_OK
+        log.error("no mailsyncd run uses %s: nothing was asked; `mailsyncd sync` syncs now in this process", where)
+        return EXIT_PARTIAL
+    with App.open(config) as app, db.state_errors(config.general.state):
+        listening = definitions.listeners(app.engine)
+        definitions.wake(app.engine, names)
+    what = ", ".join(names) or "every account"
+    if not listening:
+        log.error("no mailsyncd run listens on %s: nothing will sync %s until one starts", where, what)
+        return EXIT_PARTIAL
+    print(f"asked the {listening} daemons listening on {where} to sync {what} now")
+    return EXIT_OK
 
 
 def _db_upgrade(config: Config) -> int:

@@ -10,12 +10,13 @@ the closest known key for a typo. Unknown keys are errors, not warnings: a missp
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from pathlib import Path
@@ -426,9 +427,19 @@ class GeneralConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """The config file's accounts, then the state database's (``with_stored_accounts``).
+
+    ``stored`` names the accounts that came from the database; ``shadowed`` those stored
+    under a name the config file also has, whose file definition wins; ``generation`` is
+    the database's change counter when they were read (a daemon reloads when it moves).
+    """
+
     path: Path
     general: GeneralConfig
     accounts: tuple[AccountConfig, ...]
+    stored: frozenset[str] = frozenset()
+    shadowed: tuple[str, ...] = ()
+    generation: int = 0
 
     def account(self, name: str) -> AccountConfig:
         """The account called ``name``; KeyError if there is none."""
@@ -440,29 +451,48 @@ class Config:
 
 def load_config(path: Path) -> Config:
     """Read and check the config file; raises ConfigError, naming the file and the key."""
+    text, mode = _read(path)
+    config = parse_config(text, path)
+    _check_ca_files(path, config.accounts)
+    # A warning, not an error: the file may be private by other means (an encrypted home).
+    if mode & 0o044 and any(account.password and account.password.kind == "inline" for account in config.accounts):
+        log.warning("%s holds a password and other users can read it; run: chmod 600 %s", path, path)
+    return config
+
+
+def load_account_file(path: Path, state: str | None) -> list[tuple[AccountConfig, dict[str, Any]]]:
+    """Read and check a file of accounts to import (``parse_account_file``)."""
+    parsed = parse_account_file(_read(path, "name a TOML file of [[account]] tables")[0], path, state)
+    _check_ca_files(path, [account for account, _ in parsed])
+    return parsed
+
+
+def _check_ca_files(path: Path, accounts: Iterable[AccountConfig]) -> None:
+    for account in accounts:
+        # Checked here, not at the first connection, where it would read "[Errno 2]".
+        if account.tls_ca_file is not None and not account.tls_ca_file.is_file():
+            raise ConfigError(path, f'account "{account.name}".tls_ca_file',
+                              f"no such file: {account.tls_ca_file}")
+
+
+_CREATE_IT = "create it (`mailsyncd example-config` prints an example) or pass --config"
+
+
+def _read(path: Path, hint: str = _CREATE_IT) -> tuple[str, int]:
+    """A TOML file's text and its mode bits; ConfigError naming it when it cannot be read."""
     try:
         with path.open("rb") as handle:
             data = handle.read()
             mode = os.fstat(handle.fileno()).st_mode
     except FileNotFoundError:
-        raise ConfigError(path, "", "no such file; create it (`mailsyncd example-config` prints an "
-                                    "example) or pass --config") from None
+        raise ConfigError(path, "", f"no such file; {hint}") from None
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read it: {exc.strerror}") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(path, "", "not UTF-8 text") from None
-    config = parse_config(text, path)
-    for account in config.accounts:
-        # Checked here, not at the first connection, where it would read "[Errno 2]".
-        if account.tls_ca_file is not None and not account.tls_ca_file.is_file():
-            raise ConfigError(path, f'account "{account.name}".tls_ca_file',
-                              f"no such file: {account.tls_ca_file}")
-    # A warning, not an error: the file may be private by other means (an encrypted home).
-    if mode & 0o044 and any(account.password and account.password.kind == "inline" for account in config.accounts):
-        log.warning("%s holds a password and other users can read it; run: chmod 600 %s", path, path)
-    return config
+    return text, mode
 
 
 def parse_config(text: str, path: Path) -> Config:
@@ -481,10 +511,7 @@ def parse_config(text: str, path: Path) -> Config:
     accounts = document.get("account", [])
     if not isinstance(accounts, list):
         raise top.error("account", f"expected an array of tables ([[account]]), got {_a(accounts)}")
-    state = values["state"] or str(default_state_path())
-    # Tokens live beside a state file; a state database elsewhere (a URL) leaves them in
-    # the XDG state directory.
-    token_dir = (default_state_path() if "://" in state else Path(state)).parent / "oauth2"
+    token_dir = _token_dir(values["state"])
     parsed = tuple(_parse_account(table, index, path, base, token_dir) for index, table in enumerate(accounts))
     seen: set[str] = set()
     for account in parsed:
@@ -494,6 +521,72 @@ def parse_config(text: str, path: Path) -> Config:
     # Unset keys take the dataclass defaults: state's is computed from the environment.
     general_config = GeneralConfig(**{name: value for name, value in values.items() if value is not None})
     return Config(path, general_config, parsed)
+
+
+def _token_dir(state: str | None) -> Path:
+    """Tokens live beside a state file; a state database elsewhere (a URL) leaves them in
+    the XDG state directory."""
+    state = state or str(default_state_path())
+    return (default_state_path() if "://" in state else Path(state)).parent / "oauth2"
+
+
+# Keys whose value is a secret itself, refused in an account file to import: the state
+# database is shared and backed up, and secrets never go into it (invariant 8).
+INLINE_SECRETS = (("", "password"), ("oauth2", "client_secret"))
+
+
+def parse_account_file(text: str, path: Path, state: str | None) -> list[tuple[AccountConfig, dict[str, Any]]]:
+    """An account file for ``mailsyncd accounts import``: ``[[account]]`` tables only,
+    each checked by the config file's own validator and refused if it holds an inline
+    secret. Each account with its table as written, to store. Raises ConfigError."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"not valid TOML: {exc}") from None
+    top = _Where(path, "")
+    for name in document:
+        if name != "account":
+            raise top.error(name, "an account file holds [[account]] tables only; [general] stays in the config file")
+    tables = document.get("account", [])
+    if not isinstance(tables, list) or not tables:
+        raise top.error("account", "expected one or more [[account]] tables")
+    base, token_dir = path.parent.absolute(), _token_dir(state)
+    parsed: list[tuple[AccountConfig, dict[str, Any]]] = []
+    for index, table in enumerate(tables):
+        account = _parse_account(table, index, path, base, token_dir)
+        for section, key in INLINE_SECRETS:
+            holder = table.get(section, {}) if section else table
+            if isinstance(holder, dict) and key in holder:
+                where = ".".join(part for part in (f'account "{account.name}"', section, key) if part)
+                raise ConfigError(path, where, "a secret is never stored in the state database; use "
+                                  + ("password_command, password_file, password_env or keyring = true" if not section
+                                     else "client_secret_command, client_secret_file or client_secret_env"))
+        if any(account.name == done.name for done, _ in parsed):
+            raise ConfigError(path, f'account "{account.name}".name', "duplicate name; names must be unique")
+        parsed.append((account, table))
+    return parsed
+
+
+def with_stored_accounts(config: Config, generation: int, stored: Iterable[tuple[str, Mapping[str, Any], Path]],
+                         where: str) -> Config:
+    """The config with the accounts of the state database after its own: each ``(name,
+    table, base)`` checked as the file's are. A name the file has too is shadowed (the
+    file wins); a stored account that no longer passes on this machine (an unset $VAR in
+    a path, say) is left out with one error line naming ``where`` it is, and the others
+    go on."""
+    token_dir = _token_dir(config.general.state)
+    label = Path(f"the state database {where}")
+    accounts, names, shadowed = list(config.accounts), {account.name for account in config.accounts}, []
+    for index, (name, table, base) in enumerate(stored):
+        if name in names:
+            shadowed.append(name)
+            continue
+        try:
+            accounts.append(_parse_account(dict(table), index, label, base, token_dir))
+        except ConfigError as error:
+            log.error("%s; the account is not synced until it is imported again", error)
+    return dataclasses.replace(config, accounts=tuple(accounts), generation=generation, shadowed=tuple(shadowed),
+                               stored=frozenset(account.name for account in accounts[len(config.accounts):]))
 
 
 @dataclass(frozen=True)

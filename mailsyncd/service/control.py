@@ -28,10 +28,7 @@ def sync_by_daemon(app: App, pid: int, names: Collection[str]) -> dict[str, RunS
     ``names``; their recorded results, by name. FatalError when the daemon is gone or does
     not start a run of one of them in time (its config may not have the account)."""
     before = _last_runs(app, names)
-    try:
-        os.kill(pid, SYNC_NOW)
-    except ProcessLookupError:
-        raise FatalError(f"the running mailsyncd (pid {pid}) has just stopped; try again") from None
+    ask_daemon(pid)
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         now = _last_runs(app, names)
@@ -44,6 +41,14 @@ def sync_by_daemon(app: App, pid: int, names: Collection[str]) -> dict[str, RunS
             raise FatalError(f"the running mailsyncd (pid {pid}) did not start a sync of {', '.join(late)} "
                              f"within {START_TIMEOUT:.0f} s; does its config have the account?")
         time.sleep(POLL)
+
+
+def ask_daemon(pid: int) -> None:
+    """Send SYNC_NOW to the daemon with ``pid``: a run of every account, soon."""
+    try:
+        os.kill(pid, SYNC_NOW)
+    except ProcessLookupError:
+        raise FatalError(f"the running mailsyncd (pid {pid}) has just stopped; try again") from None
 
 
 def _last_runs(app: App, names: Collection[str]) -> dict[str, RunStatus]:

@@ -17,14 +17,15 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from mailsyncd.app import App
-from mailsyncd.config import AccountConfig, Config, load_config
-from mailsyncd.errors import AccountBusy, AccountNotDue, ConfigError, Interrupted, MailsyncError, Retry
+from mailsyncd.app import App, load
+from mailsyncd.config import AccountConfig, Config
+from mailsyncd.errors import AccountBusy, AccountNotDue, ConfigError, Interrupted, MailsyncError, Retry, StateError
 from mailsyncd.service.jobs import AccountJob
 from mailsyncd.service.metrics import Metrics
 from mailsyncd.service.schedule import Schedule, backoff_delay, human, schedule_for
 from mailsyncd.service.signals import RELOAD, STOP, SYNC_NOW, SignalInbox
 from mailsyncd.service.systemd import notify, watchdog_interval
+from mailsyncd.service.wake import StateWatch
 from mailsyncd.service.watch import FolderWatch, LocalWatch
 from mailsyncd.sources import imap
 from mailsyncd.state import db
@@ -70,6 +71,7 @@ class Daemon:
         self._busy = threading.Condition()
         self._active = 0  # drains running
         self._syncing: set[str] = set()
+        self._state_watch: StateWatch | None = None
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -79,6 +81,9 @@ class Daemon:
             self.app = App.open(self.config)
             try:
                 self._start(schedules)
+                self._state_watch = StateWatch(self.app.engine, self.config.generation,
+                                               lambda: self.inbox.post(RELOAD), self._woken, self._stopping)
+                self._state_watch.start()
                 self._loop()
             except BaseException:
                 self._shutdown()
@@ -143,6 +148,8 @@ class Daemon:
         for job in self.jobs.values():
             for watch in job.watches:
                 watch.join(max(deadline - time.monotonic(), 0.0))
+        if self._state_watch is not None:
+            self._state_watch.join(max(deadline - time.monotonic(), 0.0))
         if hung:
             # A sync stuck in the network. Threads cannot be killed; the process can,
             # and invariant 1 makes that safe: the next run finishes or undoes the work.
@@ -212,9 +219,9 @@ class Daemon:
         notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         old = self.config
         try:
-            new = load_config(old.path)
+            new = load(old.path, self.app.engine if self.app else None)  # the file's and the database's accounts
             schedules = self._schedules(new)
-        except ConfigError as error:
+        except (ConfigError, StateError) as error:
             log.error("reload failed, still running the previous config: %s", error)
             notify("READY=1")
             return
@@ -268,8 +275,21 @@ class Daemon:
         sync; an account that backs off is tried too, since a user asked."""
         log.info("sync of every account asked for")
         for job in self.jobs.values():
-            if job.request(None):
+            if job.request(None, asked=True):
                 self._submit(job, "now")
+
+    def _woken(self, name: str | None) -> None:
+        """From the state watch (`mailsyncd wake`): a run of one account now, or of all
+        through the main loop, like SYNC_NOW. Whichever daemon claims it first syncs it."""
+        if name is None:
+            self.inbox.post(SYNC_NOW)
+            return
+        job = self.jobs.get(name)
+        if job is None:
+            log.debug("wake-up for %s, which this daemon does not have", name)
+        elif not self._stopping.is_set() and job.request(None, asked=True):
+            log.info("%s: sync asked for through the state database", name)
+            self._submit(job, "woken")
 
     def _submit(self, job: AccountJob, why: str) -> None:
         """Drain the job in the pool; call only after ``job.request`` said True."""
@@ -303,7 +323,7 @@ class Daemon:
         try:
             # Folder names from IDLE are exact names, not globs: "[Gmail]" must not match "G".
             counts = self.app.sync_account(account, [glob.escape(folder) for folder in folders],
-                                           checkpoint=self._checkpoint, scheduled=not folders)
+                                           checkpoint=self._checkpoint, scheduled=not folders and not job.asked)
         except Interrupted:
             log.info("%s: stopped at a safe point; every message written is stored and recorded", account.name)
             return

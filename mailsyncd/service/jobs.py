@@ -26,16 +26,20 @@ class AccountJob:
         self._removed = False
         self._running = False
         self._full = False
+        self._asked = False  # a user asked for the next full run (wake, SIGUSR1)
+        self.asked = False  # the run ``take`` handed out last was asked for: not skipped as not due
         self._folders: set[str] = set()
 
-    def request(self, folders: Collection[str] | None) -> bool:
-        """Ask for a run of ``folders`` (None: all of them). True when the caller must now
+    def request(self, folders: Collection[str] | None, asked: bool = False) -> bool:
+        """Ask for a run of ``folders`` (None: all of them; ``asked``: by a user, so that a
+        shared state does not skip it as synced recently). True when the caller must now
         call ``drain``; False when a drain that runs already will pick the request up."""
         with self._guard:
             if self._removed:
                 return False
             if folders is None:
                 self._full = True
+                self._asked = self._asked or asked
             elif time.monotonic() < self.retry_at:
                 return False  # backing off; the scheduled retry syncs every folder
             else:
@@ -52,11 +56,12 @@ class AccountJob:
                 self._folders.clear()  # the run before failed: pushes wait for the scheduled retry
             if stopping or self._removed or not (self._full or self._folders):
                 self._running = False
-                self._full = False
+                self._full = self._asked = False
                 self._folders.clear()
                 return None
             folders = () if self._full else tuple(sorted(self._folders))
-            self._full = False
+            self.asked = self._full and self._asked
+            self._full = self._asked = False
             self._folders.clear()
             return folders
 

@@ -49,6 +49,14 @@ class SignalInbox:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._signals.append(signum)
 
+    def post(self, signum: int) -> None:
+        """Deliver ``signum`` as if the process had received it: from a thread of ours
+        (the state database's notices), so one code path answers both."""
+        self._signals.append(signum)
+        assert self._wakeup is not None
+        with contextlib.suppress(BlockingIOError):  # the pipe is full: a wake-up is pending anyway
+            os.write(self._wakeup[1], b"\0")
+
     def wait(self, timeout: float) -> list[int]:
         """Sleep until a signal arrives or ``timeout`` passes; the signals that came."""
         assert self._wakeup is not None

@@ -124,10 +124,11 @@ class Pop3Source(Protocol):
         """One message, dot-unstuffed, with LF line ends."""
         ...
 
-    def retrieve_many(self, numbers: Sequence[int]) -> Generator[bytes | MessageError, None, None]:
+    def retrieve_many(self, numbers: Sequence[int], then: Sequence[int] = ()
+                      ) -> Generator[bytes | MessageError, None, None]:
         """``retrieve`` of each number in order, a refused message as its MessageError;
-        later requests may already be on the wire. Closing the generator early leaves
-        the session usable."""
+        later requests, ``then`` (what the next call will ask for) included, may already
+        be on the wire. Closing the generator early leaves the session usable."""
         ...
 
     def header(self, number: int) -> bytes:

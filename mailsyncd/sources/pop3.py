@@ -24,6 +24,7 @@ import logging
 import poplib
 import re
 import socket
+from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, cast
 
@@ -97,12 +98,19 @@ def _errors(account: str, host: str) -> Iterator[None]:
 
 def _capabilities(client: poplib.POP3) -> dict[str, list[str]] | None:
     """CAPA (RFC 2449), or None when the server predates it."""
-    try:
-        return {name.upper(): args for name, args in client.capa().items()}
-    except poplib.error_proto as error:
-        if _is_eof(error):
-            raise
+    return _capability_answer(_answer(lambda: cast(Any, client)._longcmd("CAPA")))
+
+
+def _capability_answer(answer: Any) -> dict[str, list[str]] | None:
+    """The capabilities in a CAPA answer: name (upper case) -> arguments; None for -ERR."""
+    if isinstance(answer, poplib.error_proto):
         return None
+    found: dict[str, list[str]] = {}
+    for line in answer[1]:
+        words = line.decode("ascii", "replace").split()
+        if words:
+            found[words[0].upper()] = words[1:]
+    return found
 
 
 def connect(account: AccountConfig, password: Secret, deadline: float | None = None) -> Pop3Session:
@@ -130,24 +138,36 @@ def connect(account: AccountConfig, password: Secret, deadline: float | None = N
                 trace.received(client.getwelcome())
                 wired = cast(Any, client)  # typeshed omits poplib's line functions
                 wired._putline, wired._getline = trace.wrap(wired._putline, wired._getline)
+            # Pipelined commands go out as written, not held back by Nagle until the
+            # previous one is acknowledged, which would cost the round trip they save.
+            client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             capabilities = _capabilities(client)
             if account.security == "starttls":
                 if capabilities is None or "STLS" not in capabilities:
                     raise AccountError(f"{account.name}: {account.host} does not offer STLS; "
                                        "refusing to log in without TLS")
                 client.stls(tls_context(account))
-                # RFC 2595: what the server said before TLS is forgotten.
+                # RFC 2595: what the server said before TLS is forgotten, and asked again.
+                capabilities = _capabilities(client)
             if account.auth == "oauth2":
                 method = _oauth2_login(client, account, password, capabilities)
             else:
-                method = _login(client, account, password, encrypted)
+                method = _login(client, account, password, encrypted, _pipelines(capabilities))
             _guard(client, account, deadline)
-            capabilities = _capabilities(client)
+            # What the server offers after the login may differ (RFC 2449). A server that
+            # pipelines is asked together with the listing, which needs it first.
+            stale = _pipelines(capabilities)
+            if not stale:
+                capabilities = _capabilities(client)
         except BaseException:
             with contextlib.suppress(Exception):
                 client.close()
             raise
-    return Pop3Session(client, account.name, account.host, capabilities, method, trace)
+    return Pop3Session(client, account.name, account.host, capabilities, method, trace, stale)
+
+
+def _pipelines(capabilities: dict[str, list[str]] | None) -> bool:
+    return capabilities is not None and "PIPELINING" in capabilities
 
 
 def _guard(client: poplib.POP3, account: AccountConfig, deadline: float | None) -> None:
@@ -176,8 +196,10 @@ class _Sending:
         return getattr(self._sock, name)
 
 
-def _login(client: poplib.POP3, account: AccountConfig, password: Secret, encrypted: bool) -> str:
-    """APOP when the greeting carries a challenge, else USER/PASS; returns the method."""
+def _login(client: poplib.POP3, account: AccountConfig, password: Secret, encrypted: bool,
+           pipelining: bool) -> str:
+    """APOP when the greeting carries a challenge, else USER/PASS (in one round trip
+    where the server pipelines); returns the method."""
     refused: str | None = None
     if _APOP_TIMESTAMP.match(client.getwelcome()):
         try:
@@ -190,9 +212,18 @@ def _login(client: poplib.POP3, account: AccountConfig, password: Secret, encryp
         if not encrypted:
             log.warning("%s: %s refused APOP (%s); sending the password unencrypted (allow_plaintext)",
                         account.name, account.host, refused)
+    wired = cast(Any, client)  # poplib's line functions; typeshed omits them
     try:
-        client.user(account.username)
-        client.pass_(password.reveal())
+        if pipelining:  # both in one round trip; the two answers are read in order
+            wired._putcmd(f"USER {account.username}")
+            wired._putcmd(f"PASS {password.reveal()}")
+            answers = [_answer(wired._getresp) for _ in range(2)]
+            for answer in answers:
+                if isinstance(answer, poplib.error_proto):
+                    raise answer
+        else:
+            client.user(account.username)
+            client.pass_(password.reveal())
     except poplib.error_proto as error:
         if _is_eof(error):
             raise
@@ -200,6 +231,17 @@ def _login(client: poplib.POP3, account: AccountConfig, password: Secret, encryp
         tried = f"APOP: {refused}; USER/PASS: {said}" if refused else said
         raise AuthError(f"{account.name}: login refused by {account.host}: {tried}") from error
     return "USER"
+
+
+def _answer(read: Callable[..., Any], *args: str) -> Any:
+    """One answer of several in flight: a -ERR is returned, not raised, so that the
+    answers behind it are still read and the session stays in step."""
+    try:
+        return read(*args)
+    except poplib.error_proto as error:
+        if _is_eof(error):
+            raise
+        return error
 
 
 def _oauth2_login(client: poplib.POP3, account: AccountConfig, token: Secret,
@@ -233,7 +275,8 @@ class Pop3Session:
     closes the socket (rolling back any DELE) unless ``quit`` already succeeded."""
 
     def __init__(self, client: poplib.POP3, account: str, host: str,
-                 capabilities: dict[str, list[str]] | None, method: str, trace: PopTrace | None = None) -> None:
+                 capabilities: dict[str, list[str]] | None, method: str, trace: PopTrace | None = None,
+                 stale: bool = False) -> None:
         self._client = client
         self._trace = trace
         self._account = account
@@ -242,6 +285,9 @@ class Pop3Session:
         self.login_method = method  # "APOP", "USER", "XOAUTH2" or "OAUTHBEARER": how this session logged in
         self._sizes: dict[int, int] = {}
         self._open = True
+        self._stale = stale  # capabilities from before the login, to be asked again with LIST
+        self._in_flight: deque[int] = deque()  # RETRs sent whose answers are not read yet
+        self._marked = False  # a DELE was sent: QUIT must be confirmed
 
     def __enter__(self) -> Pop3Session:
         return self
@@ -300,21 +346,45 @@ class Pop3Session:
 
     # --- the Pop3Source contract --------------------------------------------------------
 
+    def _settle(self) -> None:
+        """Read and drop the answers to RETRs sent ahead that no batch took (one was cut
+        short), so that the next answer read is the next command's."""
+        while self._in_flight:
+            self._retr_answer(self._in_flight.popleft())
+
     def stat(self) -> tuple[int, int]:
         """(messages, bytes) on the server."""
         with _errors(self._account, self._host):
+            self._settle()
             return self._client.stat()
 
     def listing(self) -> PopListing:
+        """LIST and UIDL (and CAPA after a pipelined login) in one round trip where the
+        server pipelines, one after the other where it does not."""
         with _errors(self._account, self._host):
-            _, lines, _ = self._client.list()
+            self._settle()
+            wired = cast(Any, self._client)
+            together = self._offers("PIPELINING") is True and self._offers("UIDL") is not False
+            asked = ["CAPA"] * self._stale + ["LIST"] + ["UIDL"] * together
+            for command in asked:
+                wired._putcmd(command)
+            if self._stale:
+                self.capabilities = _capability_answer(_answer(wired._getlongresp)) or self.capabilities
+                self._stale = False
+            _, lines, _ = wired._getlongresp()
             sizes: dict[int, int] = {}
             for line in lines:
                 parts = line.split()
                 if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
                     sizes[int(parts[0])] = int(parts[1])
             self._sizes = sizes
-            uidls = self._uidls() if self._offers("UIDL") is not False else None
+            answer: Any = None
+            if together:
+                answer = _answer(wired._getlongresp)
+            elif self._offers("UIDL") is not False:
+                answer = _answer(wired._longcmd, "UIDL")
+            # Not used where the server says it lacks UIDL, even if it answered.
+            uidls = None if answer is None or self._offers("UIDL") is False else self._uidl_answer(answer)
             if uidls is not None:
                 entries = {number: (uidls[number], size) for number, size in sizes.items() if number in uidls}
                 has_uidl = True
@@ -327,15 +397,13 @@ class Pop3Session:
                         self._account, unidentified, self._host)
         return PopListing(entries, has_uidl=has_uidl)
 
-    def _uidls(self) -> dict[int, str] | None:
-        try:
-            _, lines, _ = self._client.uidl()
-        except poplib.error_proto as error:
-            if _is_eof(error) or self._offers("UIDL"):
-                raise
-            return None  # no CAPA, and UIDL turned out to be missing too
+    def _uidl_answer(self, answer: Any) -> dict[int, str] | None:
+        if isinstance(answer, poplib.error_proto):
+            if self._offers("UIDL"):
+                raise answer
+            return None  # not offered, and UIDL turned out to be missing indeed
         found: dict[int, str] = {}
-        for line in lines:
+        for line in answer[1]:
             parts = line.split()
             if len(parts) == 2 and parts[0].isdigit() and _UIDL.fullmatch(parts[1]):
                 found[int(parts[0])] = parts[1].decode("ascii")
@@ -370,35 +438,40 @@ class Pop3Session:
         another client), AccountError when the connection fails.
         """
         with _errors(self._account, self._host):
+            self._settle()
             self._send(f"RETR {number}")
             answer = self._retr_answer(number)
         if isinstance(answer, MessageError):
             raise answer
         return answer
 
-    def retrieve_many(self, numbers: Sequence[int]) -> Generator[bytes | MessageError, None, None]:
+    def retrieve_many(self, numbers: Sequence[int], then: Sequence[int] = ()
+                      ) -> Generator[bytes | MessageError, None, None]:
         """``retrieve`` for each number in turn, the message or the MessageError saying
         why the server refused it. Where the server offers PIPELINING (RFC 2449) up to
         PIPELINE_WINDOW RETRs are in flight, so a message costs no round trip of its own;
-        one message is read at a time all the same. Closing the generator early reads and
-        drops the answers still in flight, so the session stays in step for DELE and QUIT."""
+        one message is read at a time all the same.
+
+        ``then`` names the numbers the next call will ask for: the window runs on into
+        them, so the server keeps sending while the caller commits this batch, and the
+        next call reads what is already on the wire. Answers nobody takes (a batch cut
+        short, a different next call) are read and dropped before any other command."""
         window = PIPELINE_WINDOW if self._offers("PIPELINING") else 1
-        sent = done = 0
-        try:
+        queue = [*numbers, *then]
+        with _errors(self._account, self._host):
+            if list(self._in_flight) != queue[:len(self._in_flight)]:
+                self._settle()
+        sent = len(self._in_flight)
+        for done, number in enumerate(numbers):
             with _errors(self._account, self._host):
-                while done < len(numbers):
-                    ahead = numbers[sent:done + window]
-                    if ahead:
-                        self._send(*(f"RETR {number}" for number in ahead))
-                        sent += len(ahead)
-                    answer = self._retr_answer(numbers[done])
-                    done += 1
-                    yield answer
-        finally:
-            if done < sent:
-                with _errors(self._account, self._host):
-                    for number in numbers[done:sent]:
-                        self._retr_answer(number)
+                ahead = queue[sent:done + window]
+                if ahead:
+                    self._send(*(f"RETR {number}" for number in ahead))
+                    self._in_flight.extend(ahead)
+                    sent += len(ahead)
+                self._in_flight.popleft()
+                answer = self._retr_answer(number)
+            yield answer
 
     def _retr_answer(self, number: int) -> bytes | MessageError:
         """The answer to one RETR already sent: the message, or the refusal."""
@@ -412,6 +485,7 @@ class Pop3Session:
     def header(self, number: int) -> bytes:
         """TOP n 0: the header block, with LF line ends; errors as for ``retrieve``."""
         with _errors(self._account, self._host):
+            self._settle()
             self._send(f"TOP {number} 0")
             try:
                 self._status()
@@ -465,6 +539,8 @@ class Pop3Session:
     def delete(self, number: int) -> None:
         """DELE: marks only; the server expunges after QUIT answers +OK."""
         with _errors(self._account, self._host):
+            self._settle()
+            self._marked = True
             try:
                 self._client.dele(number)
             except poplib.error_proto as error:
@@ -475,8 +551,15 @@ class Pop3Session:
 
     def quit(self) -> None:
         """QUIT, and raise AccountError unless the server confirmed with +OK (then
-        the marked messages were not deleted)."""
+        the marked messages were not deleted). With nothing marked there is nothing to
+        confirm: QUIT goes out and the connection is closed without waiting."""
+        if not self._marked:
+            with contextlib.suppress(OSError):
+                self._send("QUIT")
+            self.close()
+            return
         with _errors(self._account, self._host):
+            self._settle()
             try:
                 answer = self._client.quit()
             except poplib.error_proto as error:

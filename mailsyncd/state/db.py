@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 # The newest revision under migrations/versions. Checking it with one query lets every
 # start skip importing Alembic when the schema is current (a test keeps it in step).
-HEAD_REVISION = "0005"
+HEAD_REVISION = "0006"
 
 
 def database_url(state: str) -> str:
@@ -85,7 +85,7 @@ def create(state: str) -> Engine:
     return engine
 
 
-def _where(state: str) -> str:
+def location(state: str) -> str:
     """The state database as a user finds it: the file, or the URL without its password."""
     url = database_url(state)
     path = sqlite_path(url)
@@ -98,7 +98,7 @@ def graded(state: str, error: DBAPIError | sqlite3.Error, account: str | None = 
     Within one ``account``'s run, a complaint that is not about the file itself (the
     server database went away, say) ends that account's run only."""
     detail = str(getattr(error, "orig", None) or error).splitlines()[0]
-    where = _where(state)
+    where = location(state)
     lowered = detail.lower()
     if "is not a database" in lowered or "malformed" in lowered or "file is encrypted" in lowered:
         return StateDamaged(f"the state database {where} is damaged ({detail}); move it aside (mv {where} "

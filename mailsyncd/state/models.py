@@ -130,3 +130,23 @@ LEASES = Table(
     Column("until", DateTime(timezone=True)),
     Column("due", DateTime(timezone=True)),  # a scheduled run before this is skipped: synced recently
 )
+
+# Accounts kept in the database (``mailsyncd accounts import``) beside the config file's.
+# ``definition`` is the account's TOML table as JSON, checked by the config file's own
+# validator at import and again at every load; ``base`` is the directory its relative
+# paths are anchored at (the imported file's). Never a secret: import refuses inline ones.
+ACCOUNT_DEFINITIONS = Table(
+    "account_definitions", metadata,
+    Column("name", String(200), primary_key=True),
+    Column("definition", Text, nullable=False),
+    Column("base", Text, nullable=False),
+    Column("updated", DateTime(timezone=True), nullable=False),
+)
+
+# One row (id 1): a counter every import and removal increments in its transaction, so a
+# daemon notices a change with one cheap read, whatever the clocks of the nodes say.
+ACCOUNT_GENERATION = Table(
+    "account_generation", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("generation", BigInteger, nullable=False),
+)

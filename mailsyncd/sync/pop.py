@@ -106,7 +106,8 @@ class PopSync(Effects):
         self.progress.start_folder(self.account, INBOX, len(fetches), sum(size for _, _, size in fetches))
         try:
             pool = ContentPool(self.repo.pop_unclaimed(self.account_id), self.store.read)
-            self._write(fetches, PopLedger(self), _size, BATCH_MAX_COUNT, pool)
+            self._write(fetches, PopLedger(self, [number for number, _, _ in fetches]), _size, BATCH_MAX_COUNT,
+                        pool)
         finally:
             self.progress.end_folder()
 
@@ -203,10 +204,14 @@ def _size(fetch: Fetch) -> int:
 @dataclass
 class PopLedger:
     """POP's part in ``store_batch``: messages are keyed by UIDL within the account and
-    retrieved one at a time, so memory is bounded by one message."""
+    retrieved one at a time, so memory is bounded by one message. ``order`` is every
+    number the batches will ask for, in their order: a batch's RETRs run on into the
+    next batch's, so the server keeps sending while a batch is committed."""
 
     session: PopSync
+    order: Sequence[int]
     adopted: list[tuple[str, RecordedMessage]] = field(default_factory=list)
+    asked: int = 0  # numbers of ``order`` the batches so far asked for
 
     def size(self, message: Fetch) -> int:
         return _size(message)
@@ -219,7 +224,10 @@ class PopLedger:
             (uidl, size, location) for (_, uidl, size), location in intents])
 
     def bodies(self, messages: Sequence[Fetch]) -> Generator[bytes | None, None, None]:
-        with contextlib.closing(self.session.source.retrieve_many([number for number, _, _ in messages])) as answers:
+        self.asked += len(messages)
+        then = self.order[self.asked:self.asked + BATCH_MAX_COUNT]
+        with contextlib.closing(self.session.source.retrieve_many([number for number, _, _ in messages],
+                                                                  then)) as answers:
             for answer in answers:
                 if isinstance(answer, MessageError):
                     # Expunged by another client meanwhile, most likely: not stored, so
@@ -250,7 +258,7 @@ class PopPlaceholderLedger(PopLedger):
     as placeholders. ``size`` is what each one cost to download."""
 
     def __init__(self, session: PopSync) -> None:
-        super().__init__(session)
+        super().__init__(session, ())
         self.downloaded: dict[str, int] = {}
 
     def size(self, message: Fetch) -> int:

@@ -10,7 +10,6 @@ from mailsyncd.sources.base import TwoWaySource
 from mailsyncd.state.repo import KnownFolder, PushIntent, StateRepo
 from mailsyncd.stores.base import Store
 from mailsyncd.stores.maildir import MaildirStore, flags_from_name
-from mailsyncd.sync.twoway_run import FlagChange, IntentKind, find_uploaded
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +55,8 @@ def reconcile_pushes(repo: StateRepo, store: MaildirStore, source: TwoWaySource,
     The other kinds (moves of files, \\Deleted + UID EXPUNGE, removals) leave both sides
     where the next merge against the unchanged base sees what was done and what was not.
     """
+    # Imported here: a pull (every timer run) never loads the two-way code.
+    from mailsyncd.sync.twoway_run import IntentKind
     intents = repo.push_intents(account_id)
     if not intents:
         return 0
@@ -76,6 +77,7 @@ def reconcile_pushes(repo: StateRepo, store: MaildirStore, source: TwoWaySource,
 def _settle_flags(repo: StateRepo, store: MaildirStore, source: TwoWaySource, folder: KnownFolder,
                   writes: list[PushIntent]) -> None:
     """Count the flag writes that happened into their messages' bases."""
+    from mailsyncd.sync.twoway_run import FlagChange
     uidvalidity = writes[0].uidvalidity
     if uidvalidity is None or uidvalidity != folder.uidvalidity:
         return  # the pairs they were about are over
@@ -99,6 +101,7 @@ def _settle_flags(repo: StateRepo, store: MaildirStore, source: TwoWaySource, fo
 def _find_pushed(repo: StateRepo, store: MaildirStore, source: TwoWaySource, intent: PushIntent,
                  folders: dict[int, KnownFolder]) -> None:
     """Pair an uploaded or moved message found on the server with its file."""
+    from mailsyncd.sync.twoway_run import IntentKind, find_uploaded
     target_id = intent.target_folder_id if intent.kind == IntentKind.MOVE else intent.folder_id
     target = folders.get(target_id) if target_id is not None else None
     if target is None or target.uidvalidity is None or intent.local_name is None:

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
@@ -529,13 +529,13 @@ def test_bad_password_and_untrusted_certificate_fail_cleanly(tmp_path: Path, dov
 
 def test_without_uidl_messages_are_known_by_their_headers(tmp_path: Path, dovecot: DovecotUser,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    real = pop3._capabilities
+    real = pop3._capability_answer
 
-    def without_uidl(client: poplib.POP3) -> dict[str, list[str]] | None:
-        found = real(client)
+    def without_uidl(answer: Any) -> dict[str, list[str]] | None:
+        found = real(answer)
         return None if found is None else {name: args for name, args in found.items() if name != "UIDL"}
 
-    monkeypatch.setattr(pop3, "_capabilities", without_uidl)
+    monkeypatch.setattr(pop3, "_capability_answer", without_uidl)
     messages = generated(10, "hdr")
     twin = messages[0]
     dovecot.server.append_many(dovecot.user, "INBOX", [*messages, twin])  # same headers twice
@@ -628,3 +628,75 @@ def test_pipelined_retrieval_closed_early_leaves_the_session_in_step(tmp_path: P
         assert session.stat() == (6, sum(size for _, size in listing.entries.values()))
         assert list(session.retrieve_many(numbers[:2])) == [as_stored(data) for data in sent[:2]]
         session.quit()
+
+
+# --- round trips ---------------------------------------------------------------------------
+
+
+class _Trace(logging.Handler):
+    """The ``-vv`` trace's lines (``> `` sent, ``< `` read) and markers, in order."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _, shown = record.getMessage().split(" ", 1)
+        self.lines.append(shown)
+
+    def sends(self) -> list[list[str]]:
+        """The commands of each burst the client sent before it read again."""
+        bursts: list[list[str]] = []
+        reading = True
+        for line in self.lines:
+            if line.startswith("> "):
+                if reading:
+                    bursts.append([])
+                bursts[-1].append(line[2:].split(" ")[0])
+            reading = line.startswith("< ")
+        return bursts
+
+
+@pytest.fixture
+def wire() -> Iterator[_Trace]:
+    handler = _Trace()
+    trace = logging.getLogger("mailsyncd.trace")
+    level = trace.level
+    trace.setLevel(logging.DEBUG)
+    trace.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        trace.removeHandler(handler)
+        trace.setLevel(level)
+
+
+def test_a_pipelining_server_is_waited_for_only_where_an_answer_is_needed(
+        tmp_path: Path, dovecot: DovecotUser, wire: _Trace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """USER and PASS go together, the CAPA after the login rides with LIST and UIDL, and
+    a QUIT with nothing marked is not waited for: a no-op is four bursts, three waits.
+    A batch's RETRs run on into the next batch's, so the server is still sending while
+    a batch is committed."""
+    from mailsyncd.sync import pop as pop_sync
+
+    monkeypatch.setattr(pop_sync, "BATCH_MAX_COUNT", 5)
+    sent = generated(18, "pipe")
+    dovecot.server.append_many(dovecot.user, "INBOX", sent)
+    config = pop_config(tmp_path, dovecot)
+
+    def mark(step: str) -> None:
+        if step == "commit":
+            wire.lines.append("commit")
+
+    assert sync_in_process(config, checkpoint=mark).fetched == 18
+    commits = [index for index, line in enumerate(wire.lines) if line == "commit"]
+    assert len(commits) == 4
+    for batch, commit in enumerate(commits[:-1]):
+        following = f"> RETR {5 * (batch + 1) + 1}"  # the next batch's first message
+        assert following in wire.lines[:commit], (batch, wire.lines)
+    assert local(config, "maildir") == Counter(as_stored(data) for data in sent)
+
+    wire.lines.clear()
+    assert sync_in_process(config).fetched == 0
+    assert wire.sends() == [["CAPA"], ["USER", "PASS"], ["CAPA", "LIST", "UIDL"], ["QUIT"]], wire.lines
+    assert wire.lines[-1].startswith("> QUIT")
