@@ -155,6 +155,14 @@ class SnapshotBase:
     highestmodseq: int | None
     present_count: int  # recorded messages with uid < uidnext still on the server
 
+    def accounts_for(self, exists: int, new: int, vanished: int = 0) -> bool:
+        """True when the server's message count is exactly the recorded messages, less
+        the ``vanished`` ones it reported expunged (UIDs below ``uidnext``), plus the
+        ``new`` ones listed from ``uidnext`` on: then no other recorded message vanished
+        (mbsync's check), and no UID listing is needed to find out. A report that names
+        UIDs expunged before the base makes the count disagree, never agree wrongly."""
+        return exists == self.present_count - vanished + new
+
 
 @dataclass(frozen=True)
 class FolderSnapshot:

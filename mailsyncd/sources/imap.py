@@ -4,11 +4,24 @@ Pull is read-only (invariant 2): folders are opened with EXAMINE and bodies fetc
 BODY.PEEK[], so nothing here can set \\Seen or change the server. imapclient's
 bytes-keyed dicts are turned into domain values before they leave this module.
 
-The snapshot asks as little as it can. With CONDSTORE, an unchanged HIGHESTMODSEQ and
-UIDNEXT mean nothing changed, so a no-op sync of a folder is one EXAMINE. New mail is
-found with ``UID SEARCH UID n:*``, flag changes with ``SEARCH MODSEQ``, and expunges by
-comparing the message count with what we recorded, falling back to a UID listing only
-when the counts differ.
+The snapshot asks as little as it can, and waits as seldom as it can: on a real network
+each wait for an answer costs a round trip, whatever the command. The commands that do
+not depend on the EXAMINE's answer are sent right behind it, so a changed folder usually
+costs one round trip before its bodies:
+
+- with QRESYNC (RFC 7162), the EXAMINE itself names the last sync's UIDVALIDITY and
+  HIGHESTMODSEQ, and its answer carries the flags of every message changed since and the
+  UIDs expunged since (VANISHED (EARLIER));
+- with CONDSTORE only, ``UID FETCH 1:n-1 (FLAGS) (CHANGEDSINCE m)`` follows it;
+- without either, ``UID FETCH 1:n-1 (FLAGS)`` of every older message tells flag changes
+  and expunges at once;
+- new mail is ``UID FETCH n:* (UID FLAGS INTERNALDATE RFC822.SIZE)``, without a SEARCH,
+  sent ahead when LIST-STATUS showed there are few (a first sync of a small folder is
+  ``UID FETCH 1:*`` the same way), else after the EXAMINE's count.
+
+Expunges are then told by the message count (``SnapshotBase.accounts_for``): a
+``UID SEARCH`` of the older UIDs is sent only when the count says that messages
+vanished which nothing reported.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import ssl
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,7 +45,7 @@ from imapclient import IMAPClient, imap_utf7, tls
 from imapclient import exceptions as imap_errors
 from imapclient.imap4 import IMAP4WithTimeout
 from imapclient.imapclient import _quote
-from imapclient.response_parser import parse_response
+from imapclient.response_parser import parse_fetch_response, parse_response
 
 from mailsyncd import sasl
 from mailsyncd.config import AccountConfig
@@ -57,6 +71,7 @@ log = logging.getLogger(__name__)
 # memory one parsed response takes however large the folder.
 UID_CHUNK = 1000
 META = [b"UID", b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE"]
+MESSAGE_ID_ITEM = b"BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
 MESSAGE_ID_FIELD = b"BODY[HEADER.FIELDS (MESSAGE-ID)]"
 TIMEOUT = 60.0
 IDLE_RENEW = 29 * 60.0  # RFC 2177: servers may drop an IDLE after 30 minutes, so re-issue it before
@@ -187,6 +202,9 @@ class _ReadGuard:
       step, and the message's body becomes a ``_Refused``;
     - the progress deadline and the run's deadline (``GuardedReader``).
 
+    It also counts the round trips: every first line read after something was sent is
+    one wait for the server, however many commands went out together before it.
+
     IDLE's non-blocking reads (imapclient's ``idle_check``) are passed through untouched.
     """
 
@@ -200,6 +218,8 @@ class _ReadGuard:
         self._readline: Callable[[], bytes] = self._imap.readline
         self._send: Callable[[bytes], None] = self._imap.send
         self._trace = ImapTrace(account.host) if tracing() else None
+        self.round_trips = 0
+        self._waiting = False  # something was sent and no answer read since
         self._imap.read = self.read
         self._imap.readline = self.readline
         self._imap.send = self.send
@@ -219,9 +239,13 @@ class _ReadGuard:
         if self._trace is not None:
             self._trace.sent(data)
         self._reader.sent()
+        self._waiting = True
         self._send(data)
 
     def readline(self) -> bytes:
+        if self._waiting:
+            self._waiting = False
+            self.round_trips += 1
         if self._imap.sock.gettimeout() == 0.0:
             line = self._readline()
         else:
@@ -326,14 +350,16 @@ class ImapSession:
         self._guard = guard
         self._account = account
         self._host = host
-        self.condstore = client.has_capability("CONDSTORE") or client.has_capability("QRESYNC")
+        self.qresync = bool(client.has_capability("QRESYNC"))
+        self.condstore = bool(client.has_capability("CONDSTORE")) or self.qresync
         self._statuses: dict[str, ServerStatus] = {}
         self._enabling: bytes | None = None  # the tag of an ENABLE whose answer is still to come
+        self._extension = "QRESYNC" if self.qresync else "CONDSTORE"  # QRESYNC implies CONDSTORE
         if self.condstore:
             with _errors(account, host):
                 # Sent now, answered before the next command's answer is read (``_settle``):
                 # it travels with LIST instead of costing a round trip of its own.
-                self._enabling = client._imap._command("ENABLE", "CONDSTORE")
+                self._enabling = client._imap._command("ENABLE", self._extension)
 
     def _settle(self) -> None:
         """Read the answer to the ENABLE sent ahead, if it is still to come."""
@@ -341,7 +367,12 @@ class ImapSession:
         if tag is not None:
             typ, data = self._client._imap._command_complete("ENABLE", tag)
             if typ != "OK":
-                raise imap_errors.IMAPClientError(f"ENABLE CONDSTORE refused: {data!r}")
+                raise imap_errors.IMAPClientError(f"ENABLE {self._extension} refused: {data!r}")
+
+    @property
+    def round_trips(self) -> int:
+        """How often this session has waited for the server's answer so far."""
+        return self._guard.round_trips
 
     def __enter__(self) -> ImapSession:
         return self
@@ -350,6 +381,7 @@ class ImapSession:
         self.close()
 
     def close(self) -> None:
+        log.debug("%s: %d round trips to %s", self._account, self.round_trips, self._host)
         with contextlib.suppress(Exception):
             self._client.logout()
         with contextlib.suppress(Exception):
@@ -432,65 +464,154 @@ class ImapSession:
 
     def _snapshot(self, name: str, base: SnapshotBase | None, *, readonly: bool,
                   with_message_id: bool) -> FolderSnapshot:
+        items = META + ([MESSAGE_ID_ITEM] if with_message_id else [])
         with self._folder_errors(name):
             self._settle()
-            status = self._client.select_folder(name, readonly=readonly)
-            uidvalidity = int(status[b"UIDVALIDITY"])
-            exists = int(status.get(b"EXISTS", 0))
-            uidnext = int(status.get(b"UIDNEXT", 0))
-            modseq = status.get(b"HIGHESTMODSEQ") if self.condstore else None
-            highestmodseq = int(modseq) if modseq is not None else None
-            if base is None or base.uidvalidity != uidvalidity:
-                uids = self._client.search("ALL") if exists else []
-                new = self._metadata(uids, with_message_id=with_message_id)
-                return FolderSnapshot(uidvalidity, uidnext or _next(new), highestmodseq, exists, new=new,
-                                      present=frozenset(message.uid for message in new))
-            return self._incremental(base, uidvalidity, uidnext, highestmodseq, exists, with_message_id)
+            opened = self._open(name, base, readonly, items)
+            if base is None or base.uidvalidity != opened.uidvalidity:
+                return self._everything(opened, items)
+            return self._changes(base, opened, items)
 
-    def _incremental(self, base: SnapshotBase, uidvalidity: int, uidnext: int, highestmodseq: int | None,
-                     exists: int, with_message_id: bool = True) -> FolderSnapshot:
-        unchanged_modseq = highestmodseq is not None and highestmodseq == base.highestmodseq
-        if unchanged_modseq and uidnext == base.uidnext and exists == base.present_count:
+    def _open(self, name: str, base: SnapshotBase | None, readonly: bool, items: list[bytes]) -> _Opened:
+        """EXAMINE (SELECT unless ``readonly``) the folder, with what can be asked before its
+        answer is known sent right behind it (see the module's docstring), all in one burst.
+
+        The commands sent ahead assume the UIDVALIDITY is still the base's; when it is
+        not, their answers are read and thrown away."""
+        status = self._statuses.get(name)
+        first = base.uidnext if base is not None else 1
+        expected = None
+        if status is not None and (base is None or status.uidvalidity == base.uidvalidity):
+            expected = status.messages if first == 1 else status.uidnext - first
+        qresync = self.qresync and base is not None and base.highestmodseq is not None
+        ahead_new = expected is not None and expected <= UID_CHUNK
+        ahead: list[tuple[str, ...]] = []
+        if ahead_new:
+            ahead.append(("UID", "FETCH", f"{first}:*", _items(items)))
+        if base is not None and first > 1 and not qresync:
+            if self.condstore and base.highestmodseq is not None:
+                ahead.append(("UID", "FETCH", f"1:{first - 1}", "(UID FLAGS)", f"(CHANGEDSINCE {base.highestmodseq})"))
+            else:
+                ahead.append(("UID", "FETCH", f"1:{first - 1}", "(UID FLAGS)"))
+
+        imap = self._client._imap
+        command = "EXAMINE" if readonly else "SELECT"
+        arguments = [self._client._normalise_folder(name)]
+        if qresync and base is not None:
+            arguments.append(f"(QRESYNC ({base.uidvalidity} {base.highestmodseq}))")
+        imap.untagged_responses = {}  # as imaplib's select: nothing of the last folder is kept
+        imap.is_readonly = readonly
+        tag = imap._command(command, *arguments)
+        imap.state = "SELECTED"  # imaplib refuses to send a FETCH before; a failed EXAMINE undoes it
+        tags = [imap._command(*words) for words in ahead]
+        try:
+            typ, data = imap._command_complete(command, tag)
+            if typ != "OK":
+                imap.state = "AUTH"  # a failed EXAMINE leaves no folder open (RFC 3501 6.3.1)
+                raise imap_errors.IMAPClientError(f"{command.lower()} failed: {_text(data[0] if data else '')}")
+        except BaseException:
+            self._drain(tags)
+            raise
+        examined = imap.untagged_responses.pop("FETCH", [])  # QRESYNC: what changed since the base
+        vanished = [line for line in imap.untagged_responses.pop("VANISHED", []) if isinstance(line, bytes)]
+        selected = self._client._process_select_response(imap.untagged_responses)
+        for sent in tags:
+            self._complete("FETCH", sent)
+        fetched = imap.untagged_responses.pop("FETCH", [])
+        uidvalidity = int(selected[b"UIDVALIDITY"])
+        modseq = selected.get(b"HIGHESTMODSEQ") if self.condstore else None
+        opened = _Opened(uidvalidity, int(selected.get(b"UIDNEXT", 0)), int(modseq) if modseq is not None else None,
+                         int(selected.get(b"EXISTS", 0)), first if ahead_new else None)
+        if base is None or uidvalidity != base.uidvalidity:
+            if base is not None:
+                opened.first = None  # fetched from the old UIDNEXT on: not a listing of this UIDVALIDITY
+            else:
+                opened.new = self._new_messages(fetched, first, items)
+            return opened
+        opened.new = self._new_messages(fetched, first, items) if ahead_new else ()
+        opened.older = {uid: _flags(item.get(b"FLAGS", ())) for uid, item in
+                        _fetched([*examined, *fetched]) if uid < first and b"FLAGS" in item}
+        opened.vanished = frozenset(uid for line in vanished for uid in _uid_range(line, below=first))
+        opened.listed_older = first > 1 and not qresync and not (self.condstore and base.highestmodseq is not None)
+        return opened
+
+    def _complete(self, command: str, tag: bytes) -> None:
+        """Read up to the answer to a command sent earlier; raise unless it is OK."""
+        typ, data = self._client._imap._command_complete(command, tag)
+        if typ != "OK":
+            raise imap_errors.IMAPClientError(f"{command} failed: {_text(data[0] if data else '')}")
+
+    def _drain(self, tags: Sequence[bytes]) -> None:
+        """Read the answers to commands sent behind one that failed, so the connection
+        stays in step for the next folder; their own failures are expected."""
+        for tag in tags:
+            try:
+                self._client._imap._command_complete("FETCH", tag)
+            except imap_errors.IMAPClientAbortError:
+                raise
+            except imap_errors.IMAPClientError:
+                continue  # expected: no folder is open
+        self._client._imap.untagged_responses.pop("FETCH", None)
+
+    def _listed(self, first: int, items: list[bytes]) -> tuple[RemoteMessage, ...]:
+        """Every message from UID ``first`` on, in one ``UID FETCH first:*`` (no SEARCH)."""
+        self._complete("FETCH", self._client._imap._command("UID", "FETCH", f"{first}:*", _items(items)))
+        return self._new_messages(self._client._imap.untagged_responses.pop("FETCH", []), first, items)
+
+    def _new_messages(self, raw: list[Any], first: int, items: list[bytes]) -> tuple[RemoteMessage, ...]:
+        """The messages from UID ``first`` on in raw FETCH answers to ``items``; ``n:*``
+        also names the highest UID when it is below n (RFC 3501 6.4.8), which is left out."""
+        with_message_id = MESSAGE_ID_ITEM in items
+        found = {uid: _remote(uid, item, with_message_id) for uid, item in _fetched(raw)
+                 if uid >= first and b"RFC822.SIZE" in item}
+        return tuple(found[uid] for uid in sorted(found))
+
+    def _everything(self, opened: _Opened, items: list[bytes]) -> FolderSnapshot:
+        """First sync, or a new UIDVALIDITY: every message is new."""
+        if opened.first == 1:
+            new = opened.new
+        elif opened.exists == 0:
+            new = ()
+        elif opened.exists <= UID_CHUNK:
+            new = self._listed(1, items)
+        else:  # a large folder: listed, then described UID_CHUNK messages at a time
+            new = self._metadata(self._client.search("ALL"), items)
+        return FolderSnapshot(opened.uidvalidity, opened.uidnext or _next(new), opened.highestmodseq, opened.exists,
+                              new=new, present=frozenset(message.uid for message in new))
+
+    def _changes(self, base: SnapshotBase, opened: _Opened, items: list[bytes]) -> FolderSnapshot:
+        """What changed since ``base``, of which ``_open`` already has the flags and
+        expunges and perhaps the new messages."""
+        uidvalidity, uidnext, highestmodseq, exists = (opened.uidvalidity, opened.uidnext, opened.highestmodseq,
+                                                       opened.exists)
+        if (highestmodseq is not None and highestmodseq == base.highestmodseq and uidnext == base.uidnext
+                and exists == base.present_count):
             return FolderSnapshot(uidvalidity, uidnext, highestmodseq, exists)
-        new: tuple[RemoteMessage, ...] = ()
-        if uidnext == 0 or uidnext > base.uidnext:
-            found = [uid for uid in self._client.search(["UID", f"{base.uidnext}:*"]) if uid >= base.uidnext]
-            new = self._metadata(found, with_message_id=with_message_id)
-        changed: dict[int, frozenset[str]] = {}
+        new = opened.new
+        if opened.first is None and (uidnext == 0 or uidnext > base.uidnext):
+            if uidnext and uidnext - base.uidnext <= UID_CHUNK:
+                new = self._listed(base.uidnext, items)
+            else:
+                found = [uid for uid in self._client.search(["UID", f"{base.uidnext}:*"]) if uid >= base.uidnext]
+                new = self._metadata(found, items)
         present: frozenset[int] | None = None
-        if highestmodseq is not None and base.highestmodseq is not None:
-            if not unchanged_modseq:
-                changed_uids = [uid for uid in self._client.search(["MODSEQ", str(base.highestmodseq + 1)])
-                                if uid < base.uidnext]
-                changed = self._flags_of(changed_uids)
-            if exists - len(new) != base.present_count:
-                present = frozenset(uid for uid in self._client.search(["UID", f"1:{base.uidnext - 1}"])
-                                    if uid < base.uidnext)
-        else:
-            # No CONDSTORE: one UID/FLAGS scan of the old messages tells both flag
-            # changes and expunges.
-            old = [uid for uid in self._client.search(["UID", f"1:{max(base.uidnext - 1, 1)}"])
-                   if uid < base.uidnext]
-            changed = self._flags_of(old)
-            present = frozenset(old)
+        if opened.listed_older or base.uidnext <= 1:
+            present = frozenset(opened.older)  # every older UID was listed (or there are none)
+        elif not base.accounts_for(exists, len(new), len(opened.vanished)):
+            present = frozenset(uid for uid in self._client.search(["UID", f"1:{base.uidnext - 1}"])
+                                if uid < base.uidnext)
         return FolderSnapshot(uidvalidity, uidnext or _next(new), highestmodseq, exists, new=new,
-                              changed_flags=changed, present=present)
+                              changed_flags=opened.older, present=present, vanished=opened.vanished)
 
     def _chunks(self, uids: Sequence[int], data: list[bytes]) -> Iterator[dict[int, dict[bytes, Any]]]:
         ordered = sorted(uids)
         for start in range(0, len(ordered), UID_CHUNK):
             yield self._client.fetch(ordered[start:start + UID_CHUNK], data)
 
-    def _metadata(self, uids: Sequence[int], with_message_id: bool = False) -> tuple[RemoteMessage, ...]:
-        data = META + ([b"BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"] if with_message_id else [])
-        out = []
-        for response in self._chunks(uids, data):
-            for uid, item in response.items():
-                header = item.get(MESSAGE_ID_FIELD)
-                out.append(RemoteMessage(
-                    uid=uid, size=_size(item.get(b"RFC822.SIZE", 0)), flags=_flags(item.get(b"FLAGS", ())),
-                    internaldate=_internaldate(item.get(b"INTERNALDATE")),
-                    message_id=message_id(header) if with_message_id and isinstance(header, bytes) else None))
+    def _metadata(self, uids: Sequence[int], items: list[bytes]) -> tuple[RemoteMessage, ...]:
+        with_message_id = MESSAGE_ID_ITEM in items
+        out = [_remote(uid, item, with_message_id) for response in self._chunks(uids, items)
+               for uid, item in response.items()]
         return tuple(sorted(out, key=lambda message: message.uid))
 
     def _flags_of(self, uids: Sequence[int]) -> dict[int, frozenset[str]]:
@@ -724,6 +845,70 @@ class ImapSession:
         return _text(data[0]) if data and data[0] else ""
 
 
+@dataclass
+class _Opened:
+    """A folder just opened, with the answers to what was sent behind the EXAMINE."""
+
+    uidvalidity: int
+    uidnext: int  # 0 when the server did not say
+    highestmodseq: int | None
+    exists: int
+    first: int | None  # ``new`` lists every message from this UID on; None: not asked yet
+    new: tuple[RemoteMessage, ...] = ()
+    older: dict[int, frozenset[str]] = field(default_factory=dict)  # flags below the base's UIDNEXT
+    listed_older: bool = False  # ``older`` holds every UID below the base's UIDNEXT
+    vanished: frozenset[int] = frozenset()
+
+
+def _items(items: Sequence[bytes]) -> str:
+    return "(" + " ".join(item.decode("ascii") for item in items) + ")"
+
+
+def _remote(uid: int, item: dict[bytes, Any], with_message_id: bool) -> RemoteMessage:
+    header = item.get(MESSAGE_ID_FIELD)
+    return RemoteMessage(
+        uid=uid, size=_size(item.get(b"RFC822.SIZE", 0)), flags=_flags(item.get(b"FLAGS", ())),
+        internaldate=_internaldate(item.get(b"INTERNALDATE")),
+        message_id=message_id(header) if with_message_id and isinstance(header, bytes) else None)
+
+
+def _fetched(raw: Sequence[Any]) -> Iterator[tuple[int, dict[bytes, Any]]]:
+    """(UID, items) of each FETCH response in imaplib's raw untagged data, parsed
+    UID_CHUNK responses at a time, so that the parsed form of a large answer never exists
+    whole. imaplib keeps a response as its (line, literal) pairs, if any, then the bytes
+    of the rest of its line: a response ends at each element that is not a pair. A
+    response without a UID (an unsolicited flag change) is left out."""
+    batch: list[Any] = []
+    count = 0
+    for part in raw:
+        batch.append(part)
+        if not isinstance(part, tuple):
+            count += 1
+            if count == UID_CHUNK:
+                yield from _by_uid(batch)
+                batch, count = [], 0
+    if batch:
+        yield from _by_uid(batch)
+
+
+def _by_uid(batch: list[Any]) -> Iterator[tuple[int, dict[bytes, Any]]]:
+    for item in parse_fetch_response(batch, False, False).values():
+        uid = item.get(b"UID")
+        if isinstance(uid, int):
+            yield uid, item
+
+
+def _uid_range(line: bytes, below: int) -> Iterator[int]:
+    """The UIDs below ``below`` in a VANISHED response's data (``(EARLIER) 3:5,9``): only
+    those can be recorded, which also bounds what a hostile range can cost."""
+    words = parse_response([line])
+    for part in _text(words[-1] if not isinstance(words[-1], tuple) else b"").split(","):
+        low, _, high = part.partition(":")
+        if low.isdigit() and (not high or high.isdigit()):
+            start, stop = sorted((int(low), int(high or low)))
+            yield from range(max(start, 1), min(stop, below - 1) + 1)
+
+
 def _uid_set(uids: Iterable[int]) -> str:
     return ",".join(str(uid) for uid in sorted(set(uids)))
 
@@ -873,7 +1058,9 @@ class IdleWatcher:
             if response and response[0] == b"BYE":
                 text = b" ".join(part for part in response[1:] if isinstance(part, bytes))
                 raise imap_errors.IMAPClientAbortError(f"server said BYE: {_text(text)}")
-        return any(len(response) > 1 and response[1] in _CHANGES for response in responses)
+        # "* 3 EXPUNGE" is (3, b"EXPUNGE"); with QRESYNC enabled, "* VANISHED 7" is (b"VANISHED", 7).
+        return any(response and (response[0] == b"VANISHED" or (len(response) > 1 and response[1] in _CHANGES))
+                   for response in responses)
 
 
 @contextlib.contextmanager
