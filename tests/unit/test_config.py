@@ -580,3 +580,28 @@ def test_large_message_keys_refused_in_one_line(keys: dict[str, str], store: dic
 def test_fetch_parts_is_for_imap() -> None:
     problem = str(error(account(POP3, fetch_parts='"text"', max_message_size='"2MB"')))
     assert 'fetch_parts: only for protocol = "imap"' in problem
+
+
+# --- a shared state --------------------------------------------------------------------
+
+SHARED = '[general]\nstate = "postgresql+psycopg://mailsyncd@localhost/mailsyncd"\n'
+
+
+def test_mbox_with_a_shared_state_is_refused_unless_the_store_is_local() -> None:
+    """Any daemon may take the account over, and mbox's locks do not hold across
+    machines: the mbox store must be said to be one node's local disk."""
+    mbox = account(store={"format": '"mbox"', "path": '"/mail/work.mbox"'})
+    problem = error(SHARED + mbox)
+    assert problem.key == 'account "work".store.format'
+    assert "shared_store = false" in problem.problem and '"maildir"' in problem.problem
+    local = account(store={"format": '"mbox"', "path": '"/mail/work.mbox"', "shared_store": "false"})
+    assert parse(SHARED + local).accounts[0].store.shared_store is False
+    assert parse(mbox).accounts[0].store.format == "mbox"  # a state of one machine: no question
+    assert parse(SHARED + account()).accounts[0].store.format == "maildir"
+
+
+def test_sticky_and_host_logins() -> None:
+    general = parse(SHARED.replace("\n", "\nsticky = true\nhost_logins = 4\n", 1) + account())
+    assert general.general.host_logins == 4 and general.accounts[0].sticky is True
+    assert parse(SHARED.replace("\n", "\nsticky = true\n", 1) + account(sticky="false")).accounts[0].sticky is False
+    assert parse(SHARED + account()).accounts[0].sticky is False and parse(SHARED).general.host_logins is None
