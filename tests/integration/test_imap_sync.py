@@ -4,6 +4,8 @@ database, not at a protocol transcript."""
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -261,3 +263,34 @@ def test_raising_max_message_size_fetches_what_was_skipped(tmp_path: Path, dovec
     config.write_text(config.read_text().replace('max_message_size = "1KB"', 'max_message_size = "1MB"'))
     assert sync_counts(config).fetched == 1
     assert store_bags(config, "maildir")[""] == server_bag(dovecot, "INBOX", "maildir")
+
+
+def test_a_changed_folder_costs_a_fixed_few_round_trips(tmp_path: Path, dovecot: DovecotUser) -> None:
+    """New mail, flag changes and an expunge in one folder: the EXAMINE carries what
+    QRESYNC can tell, the listing of new UIDs goes right behind it, so the session waits
+    after the login for LIST, the EXAMINE burst, the bodies and LOGOUT, whatever changed. Each
+    change finds its way into the store all the same."""
+    server = dovecot.server
+    uids = server.append_many(dovecot.user, "INBOX", [path.read_bytes() for path in corpus_messages(12)])
+    config = write_config(tmp_path, server, dovecot.user, dovecot.password, extra='mode = "mirror"')
+    assert sync(config) == 0
+    server.add_flags(dovecot.user, "INBOX", uids[:3], ["\\Flagged"])
+    server.expunge(dovecot.user, "INBOX", uids[-2:])
+    server.append_many(dovecot.user, "INBOX", [path.read_bytes() for path in corpus_messages(15)[-3:]])
+    said: list[str] = []
+    source_log = logging.getLogger("mailsyncd.sources.imap")
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    level = source_log.level
+    source_log.setLevel(logging.DEBUG)
+    source_log.addHandler(handler)
+    try:
+        counts = sync_counts(config)
+    finally:
+        source_log.removeHandler(handler)
+        source_log.setLevel(level)
+    assert (counts.fetched, counts.flags, counts.removed) == (3, 3, 2)
+    assert store_bags(config, "maildir")[""] == server_bag(dovecot, "INBOX", "maildir")
+    (trips,) = [int(match.group(1)) for line in said for match in [re.search(r": (\d+) round trips to ", line)]
+                if match]
+    assert trips <= 4, (trips, said)
