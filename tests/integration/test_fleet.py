@@ -4,21 +4,23 @@ cap among several daemons, and sticky accounts left to the node that synced them
 from __future__ import annotations
 
 import itertools
+import signal
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import inspect, select
 
 from mailsyncd.app import App
 from mailsyncd.config import load_config
 from mailsyncd.errors import AccountReserved
 from mailsyncd.state import db
 from mailsyncd.state.models import LEASES, SYNC_RUNS
-from tests.helpers import corpus_messages, maildir_contents, wait_for
+from tests.helpers import corpus_messages, maildir_contents, run_cli, wait_for
 from tests.integration.test_service import Daemon, clean_env
 from tests.integration.test_shared_state import LEASE, assert_exactly_once, make_users, shared_config
+from tests.proxy import CutProxy
 from tests.server_helpers import DevServer
 
 
@@ -94,3 +96,44 @@ def test_a_sticky_account_stays_with_its_node_until_that_node_is_overdue(
             results = connection.execute(select(SYNC_RUNS.c.result)).scalars().all()
         assert results == ["ok"] * 3  # the skipped runs are not runs, nor failures
         assert_exactly_once(b.engine, dovecot_server, tmp_path / "stores", users)
+
+
+def test_a_daemon_stopped_past_its_lease_has_its_late_writes_refused(
+        tmp_path: Path, dovecot_server: DevServer, postgres_url: str) -> None:
+    """``mailsyncd run`` SIGSTOPped while it fetches (the server trickles): once its lease
+    ran out another takes the account over and finishes it; SIGCONT: the stopped
+    daemon's late writes are refused in one line, and each message is stored once."""
+    users = make_users(dovecot_server, 1, 40)
+    total = sum(len(message) for message in dovecot_server.fetch_all(users[0][0], "INBOX").values())
+    with CutProxy(dovecot_server.host, dovecot_server.imaps_port) as proxy:
+        stalled = shared_config(tmp_path, postgres_url, dovecot_server, users, "a")
+        stalled.write_text(stalled.read_text().replace(f"port = {dovecot_server.imaps_port}",
+                                                       f"port = {proxy.port}"))
+        other = shared_config(tmp_path, postgres_url, dovecot_server, users, "b")
+        proxy.trickle_after_bytes(20_000, max(2_000, total // 8))  # the bodies take about 8 s
+        engine = db.create(postgres_url)
+        daemon = Daemon(stalled, clean_env(), name="stalled")
+        try:
+            def held() -> bool:
+                with engine.connect() as connection:  # the daemon migrates the new database first
+                    return inspect(connection).has_table(LEASES.name) and \
+                        connection.execute(select(LEASES.c.owner)).scalar() is not None
+
+            assert wait_for(held, 20), daemon.log()
+            time.sleep(1)
+            daemon.send(signal.SIGSTOP)
+            assert not list((tmp_path / "stores").rglob("new/*")), "stopped after its writes, not mid-sync"
+            time.sleep(LEASE + 1)
+            takeover = run_cli(other, "sync")
+            assert takeover.returncode == 0, takeover.stderr
+            assert "held by" not in takeover.stderr
+            daemon.send(signal.SIGCONT)
+            daemon.wait_log("this run's late writes were refused", timeout=30)
+            assert daemon.stop(20) == 0, daemon.log()
+        finally:
+            if daemon.process.poll() is None:
+                daemon.send(signal.SIGCONT)
+            daemon.kill()
+    assert "Traceback" not in daemon.log(), daemon.log()
+    assert_exactly_once(engine, dovecot_server, tmp_path / "stores", users)
+    engine.dispose()
