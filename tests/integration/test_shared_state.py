@@ -54,7 +54,7 @@ def make_users(server: DevServer, count: int, messages: int) -> list[tuple[str, 
 def assert_exactly_once(engine: Engine, server: DevServer, stores: Path, users: list[tuple[str, str]]) -> None:
     for user, _ in users:
         wanted = expected(server.fetch_all(user, "INBOX").values(), "maildir")
-        assert maildir_contents(stores / user).get("")  # maildir++: INBOX is the root == wanted, user
+        assert maildir_contents(stores / user).get("") == wanted, user  # maildir++: INBOX is the root
         with engine.connect() as connection:
             states = Counter(connection.execute(
                 select(MESSAGES.c.state).join(FOLDERS, FOLDERS.c.id == MESSAGES.c.folder_id)
