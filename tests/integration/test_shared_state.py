@@ -12,6 +12,7 @@ import secrets
 import signal
 import time
 from collections import Counter
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def assert_exactly_once(engine: Engine, server: DevServer, stores: Path, users: 
         assert states == Counter({"stored": sum(wanted.values())}), user
 
 
-def assert_runs_one_at_a_time(engine: Engine) -> list[Row[tuple[int, datetime, datetime | None]]]:
+def assert_runs_one_at_a_time(engine: Engine) -> Sequence[Row[int, datetime, datetime | None]]:
     """Never two daemons on one account at once: each account's recorded runs follow one
     another. Returns the runs, by account and start."""
     with engine.connect() as connection:
@@ -79,7 +80,7 @@ def assert_runs_one_at_a_time(engine: Engine) -> list[Row[tuple[int, datetime, d
     for before, after in itertools.pairwise(runs):
         if before.account_id == after.account_id:
             assert before.finished is not None and before.finished <= after.started, (before, after)
-    return list(runs)
+    return runs
 
 
 def test_three_daemons_share_the_accounts_one_writer_each(
