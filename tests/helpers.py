@@ -39,13 +39,15 @@ def corpus_messages(limit: int | None = None) -> list[Path]:
 
 
 def write_config(directory: Path, server: Any, user: str, password: str, store_format: str = "maildir",
-                 name: str = "acct", protocol: str = "imap", extra: str = "", store_extra: str = "") -> Path:
-    """A config for one account of the harness server over implicit TLS."""
+                 name: str = "acct", protocol: str = "imap", extra: str = "", store_extra: str = "",
+                 state: str | None = None) -> Path:
+    """A config for one account of the harness server over implicit TLS; its state in
+    ``directory`` unless ``state`` names another (a path or a database URL)."""
     port = server.imaps_port if protocol == "imap" else server.pop3s_port
     store = directory / f"store-{name}"
     text = f"""
 [general]
-state = "{directory / 'state.db'}"
+state = "{state or directory / 'state.db'}"
 
 [[account]]
 name = "{name}"

@@ -1,5 +1,6 @@
 """What a run records in the state database, also when it is cut short: an interrupted or
-failed run keeps the counts of what it did fetch (``status`` shows them)."""
+failed run keeps the counts of what it did fetch (``status`` shows them). On SQLite and on
+PostgreSQL alike (``state_url``)."""
 
 from __future__ import annotations
 
@@ -38,10 +39,10 @@ def run_and_report(config: Path, checkpoint: Checkpoint, raised: type[MailsyncEr
     return report
 
 
-def test_an_interrupted_imap_run_records_what_it_fetched(tmp_path: Path, dovecot: DovecotUser) -> None:
+def test_an_interrupted_imap_run_records_what_it_fetched(tmp_path: Path, dovecot: DovecotUser, state_url: str) -> None:
     bodies = [path.read_bytes() for path in corpus_messages(6)]
     dovecot.server.append_many(dovecot.user, "INBOX", bodies)
-    config = write_config(tmp_path, dovecot.server, dovecot.user, dovecot.password)
+    config = write_config(tmp_path, dovecot.server, dovecot.user, dovecot.password, state=state_url)
     report = run_and_report(config, raise_at_write(Interrupted("stopping"), 4), Interrupted)
     assert report.last_run is not None
     assert report.last_run.result is RunResult.INTERRUPTED
@@ -52,10 +53,11 @@ def test_an_interrupted_imap_run_records_what_it_fetched(tmp_path: Path, dovecot
     assert report.last_run.fetched_bytes == sum(len(on_server[uid]) for uid in sorted(on_server)[:4])
 
 
-def test_a_failed_pop3_run_records_what_it_fetched(tmp_path: Path, dovecot: DovecotUser) -> None:
+def test_a_failed_pop3_run_records_what_it_fetched(tmp_path: Path, dovecot: DovecotUser, state_url: str) -> None:
     bodies = [path.read_bytes() for path in corpus_messages(5)]
     dovecot.server.append_many(dovecot.user, "INBOX", bodies)
-    config = write_config(tmp_path, dovecot.server, dovecot.user, dovecot.password, protocol="pop3")
+    config = write_config(tmp_path, dovecot.server, dovecot.user, dovecot.password, protocol="pop3",
+                          state=state_url)
     report = run_and_report(config, raise_at_write(AccountError("connection lost"), 3), AccountError)
     assert report.last_run is not None
     assert report.last_run.result is RunResult.FAILED

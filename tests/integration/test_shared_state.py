@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import secrets
 import signal
 import time
 from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, Row, select
 
 from mailsyncd.app import App
 from mailsyncd.config import load_config
@@ -41,12 +44,17 @@ def shared_config(directory: Path, url: str, server: DevServer, users: list[tupl
 
 
 def make_users(server: DevServer, count: int, messages: int) -> list[tuple[str, str]]:
-    files = corpus_messages(messages * count)
+    """``count`` new users with ``messages`` corpus messages each, none twice in one mailbox:
+    user ``index`` gets every ``count``-th message from ``index`` on, round the corpus again
+    when more are needed (a stride prime to the corpus size revisits none before all are used)."""
+    corpus = [path.read_bytes() for path in corpus_messages()]
+    assert messages <= len(corpus), (messages, len(corpus))
+    assert messages * count <= len(corpus) or math.gcd(count, len(corpus)) == 1, (count, len(corpus))
     users = []
     for index in range(count):
         user, password = f"shared{secrets.token_hex(4)}", secrets.token_urlsafe(12)
         server.add_user(user, password)
-        server.append_many(user, "INBOX", [path.read_bytes() for path in files[index::count][:messages]])
+        server.append_many(user, "INBOX", [corpus[(index + step * count) % len(corpus)] for step in range(messages)])
         users.append((user, password))
     return users
 
@@ -61,6 +69,18 @@ def assert_exactly_once(engine: Engine, server: DevServer, stores: Path, users: 
                 .join(ACCOUNTS, ACCOUNTS.c.id == FOLDERS.c.account_id)
                 .where(ACCOUNTS.c.name == user, FOLDERS.c.name == "INBOX")).scalars())
         assert states == Counter({"stored": sum(wanted.values())}), user
+
+
+def assert_runs_one_at_a_time(engine: Engine) -> Sequence[Row[int, datetime, datetime | None]]:
+    """Never two daemons on one account at once: each account's recorded runs follow one
+    another. Returns the runs, by account and start."""
+    with engine.connect() as connection:
+        runs = connection.execute(select(SYNC_RUNS.c.account_id, SYNC_RUNS.c.started, SYNC_RUNS.c.finished)
+                                  .order_by(SYNC_RUNS.c.account_id, SYNC_RUNS.c.started)).all()
+    for before, after in itertools.pairwise(runs):
+        if before.account_id == after.account_id:
+            assert before.finished is not None and before.finished <= after.started, (before, after)
+    return runs
 
 
 def test_three_daemons_share_the_accounts_one_writer_each(
@@ -90,14 +110,8 @@ def test_three_daemons_share_the_accounts_one_writer_each(
         for daemon in running:
             daemon.kill()
     assert_exactly_once(engine, dovecot_server, tmp_path / "stores", users)
-    # Never two daemons on one account at once: each account's runs follow one another.
-    with engine.connect() as connection:
-        runs = connection.execute(select(SYNC_RUNS.c.account_id, SYNC_RUNS.c.started, SYNC_RUNS.c.finished)
-                                  .order_by(SYNC_RUNS.c.account_id, SYNC_RUNS.c.started)).all()
+    runs = assert_runs_one_at_a_time(engine)
     assert len(runs) >= len(users)
-    for before, after in itertools.pairwise(runs):
-        if before.account_id == after.account_id:
-            assert before.finished is not None and before.finished <= after.started, (before, after)
     logs = [daemon.log() for daemon in running]
     assert sum(" 1 new (" in daemon.log() for daemon in running if daemon is not busiest) >= 1, logs
     # Each account about once per half interval (the due time), not once per daemon and interval.
