@@ -517,13 +517,17 @@ def _read(path: Path, hint: str = _CREATE_IT) -> tuple[str, int]:
     return text, mode
 
 
-def parse_config(text: str, path: Path) -> Config:
-    """Check ``text`` as if read from ``path``, which anchors relative paths and names errors."""
+def _document(text: str, path: Path) -> tuple[dict[str, Any], _Where]:
+    """The TOML document of a config or account file, and where its errors point."""
     try:
-        document = tomllib.loads(text)
+        return tomllib.loads(text), _Where(path, "")
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "", f"not valid TOML: {exc}") from None
-    top = _Where(path, "")
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Check ``text`` as if read from ``path``, which anchors relative paths and names errors."""
+    document, top = _document(text, path)
     for name in document:
         if name not in ("general", "account"):
             raise top.error(name, _unknown(name, ["general", "account"]))
@@ -569,11 +573,7 @@ def parse_account_file(text: str, path: Path, state: str | None) -> list[tuple[A
     """An account file for ``mailsyncd accounts import``: ``[[account]]`` tables only,
     each checked by the config file's own validator and refused if it holds an inline
     secret. Each account with its table as written, to store. Raises ConfigError."""
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, "", f"not valid TOML: {exc}") from None
-    top = _Where(path, "")
+    document, top = _document(text, path)
     for name in document:
         if name != "account":
             raise top.error(name, "an account file holds [[account]] tables only; [general] stays in the config file")
