@@ -549,12 +549,18 @@ def parse_config(text: str, path: Path) -> Config:
     general_config = GeneralConfig(**{name: value for name, value in values.items() if value is not None})
     if general_config.shared:
         for account in parsed:
-            if account.store.format == "mbox" and account.store.shared_store:
-                raise ConfigError(path, f'account "{account.name}".store.format',
-                                  '"mbox" is refused with a shared (PostgreSQL) state: any node may sync the '
-                                  'account and mbox locks may not hold across machines; use "maildir", or set '
-                                  "shared_store = false if the store is on a local disk only this node syncs")
+            _refuse_shared_mbox(account, path)
     return Config(path, general_config, parsed)
+
+
+def _refuse_shared_mbox(account: AccountConfig, path: Path) -> None:
+    """With a shared state any node may sync the account, and mbox locks may not hold
+    across machines: an mbox store must be declared one node's local disk."""
+    if account.store.format == "mbox" and account.store.shared_store:
+        raise ConfigError(path, f'account "{account.name}".store.format',
+                          '"mbox" is refused with a shared (PostgreSQL) state: any node may sync the '
+                          'account and mbox locks may not hold across machines; use "maildir", or set '
+                          "shared_store = false if the store is on a local disk only this node syncs")
 
 
 def _token_dir(state: str | None) -> Path:
@@ -584,6 +590,8 @@ def parse_account_file(text: str, path: Path, state: str | None) -> list[tuple[A
     parsed: list[tuple[AccountConfig, dict[str, Any]]] = []
     for index, table in enumerate(tables):
         account = _parse_account(table, index, path, base, token_dir, sticky=False)
+        if state is not None and GeneralConfig(state=state).shared:
+            _refuse_shared_mbox(account, path)
         for section, key in INLINE_SECRETS:
             holder = table.get(section, {}) if section else table
             if isinstance(holder, dict) and key in holder:
@@ -612,7 +620,10 @@ def with_stored_accounts(config: Config, generation: int, stored: Iterable[tuple
             shadowed.append(name)
             continue
         try:
-            accounts.append(_parse_account(dict(table), index, label, base, token_dir, config.general.sticky))
+            found = _parse_account(dict(table), index, label, base, token_dir, config.general.sticky)
+            if config.general.shared:
+                _refuse_shared_mbox(found, label)
+            accounts.append(found)
         except ConfigError as error:
             log.error("%s; the account is not synced until it is imported again", error)
     return dataclasses.replace(config, accounts=tuple(accounts), generation=generation, shadowed=tuple(shadowed),

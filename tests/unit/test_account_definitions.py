@@ -262,3 +262,18 @@ def test_the_state_watch_listens_again_after_postgresql_restarts(postgres_cluste
         stop.set()
         watch.join(5)
         engine.dispose()
+
+
+def test_an_mbox_account_is_refused_into_a_shared_state(tmp_path: Path, postgres_url: str) -> None:
+    """The rule of the config file holds for stored accounts: any daemon may sync them."""
+    shared = tmp_path / "config.toml"
+    shared.write_text(f'[general]\nstate = "{postgres_url}"\n')
+    batch = tmp_path / "accounts.toml"
+    batch.write_text(account("boxed").replace('format = "maildir"', 'format = "mbox"'))
+    one_error_line(run_cli(shared, "accounts", "import", str(batch)),
+                   f'{batch}: account "boxed".store.format: "mbox" is refused with a shared (PostgreSQL) state')
+    assert listed(shared) == {}
+    batch.write_text(account("boxed").replace('format = "maildir"', 'format = "mbox"\nshared_store = false'))
+    done = run_cli(shared, "accounts", "import", str(batch))
+    assert done.returncode == 0, done.stderr
+    assert listed(shared) == {"boxed": ("database", False)}
