@@ -169,10 +169,12 @@ class FolderSnapshot:
     """The server's view of one folder, as much of it as the source had to ask for.
 
     With no base (first sync) or a changed UIDVALIDITY, every message on the server is
-    listed in ``new`` and ``present``. Otherwise ``new`` lists UIDs >= base.uidnext, ``changed_flags``
+    listed in ``new`` and ``present`` is empty: a complete listing with nothing besides
+    ``new`` (one set of every UID of a large folder would cost as much memory as the
+    listing itself). Otherwise ``new`` lists UIDs >= base.uidnext, ``changed_flags``
     the flags of older UIDs that may have changed, and expunges are told by ``present``
-    (the complete set of older UIDs still on the server) or ``vanished``; when both are
-    empty the source proved that no older UID vanished.
+    (the complete set of older UIDs still on the server, ``new`` being listed too) or
+    ``vanished``; when both are empty the source proved that no older UID vanished.
     """
 
     uidvalidity: int

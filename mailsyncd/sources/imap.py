@@ -577,7 +577,7 @@ class ImapSession:
         else:  # a large folder: listed, then described UID_CHUNK messages at a time
             new = self._metadata(self._client.search("ALL"), items)
         return FolderSnapshot(opened.uidvalidity, opened.uidnext or _next(new), opened.highestmodseq, opened.exists,
-                              new=new, present=frozenset(message.uid for message in new))
+                              new=new, present=frozenset())
 
     def _changes(self, base: SnapshotBase, opened: _Opened, items: list[bytes]) -> FolderSnapshot:
         """What changed since ``base``, of which ``_open`` already has the flags and

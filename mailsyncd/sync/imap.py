@@ -278,13 +278,17 @@ class ImapLedger:
         self.folder.repo.record_pending(self.folder_id, self.uidvalidity, intents)
 
     def bodies(self, messages: Sequence[RemoteMessage]) -> Generator[bytes | None, None, None]:
-        for message, raw in zip(messages, _next_bodies(self.folder, self.fetched, messages), strict=True):
-            if isinstance(raw, MessageError):
-                # Larger on the wire than any limit allows: not stored, reported, and
-                # recorded as skipped once its intent is dropped (``forget``).
-                self.refused.append(message)
-                raw = None
-            yield None if raw is None else to_lf(raw)
+        batch = _next_batch(self.folder, self.fetched)
+        for message in messages:
+            # No local name holds the bytes across the yield (see ``_take``).
+            yield self._stored_form(message, _take(self.folder, batch, message.uid))
+
+    def _stored_form(self, message: RemoteMessage, raw: bytes | MessageError | None) -> bytes | None:
+        if isinstance(raw, MessageError):
+            # Larger on the wire than any limit allows: not stored, reported, and
+            # recorded as skipped once its intent is dropped (``forget``).
+            self.refused.append(message)
+        return _as_lf(raw)
 
     def adopt(self, message: RemoteMessage, copy: RecordedMessage) -> None:
         self.adopted.append((message, copy, self.folder.adopt_flags(copy, message)))
@@ -302,18 +306,29 @@ class ImapLedger:
         self.folder.repo.record_skipped(self.folder_id, self.uidvalidity, refused)
 
 
-def _next_bodies(folder: FolderSync, fetched: Iterator[dict[int, bytes | MessageError]],
-                 messages: Sequence[RemoteMessage | RecordedMessage]) -> Iterator[bytes | MessageError | None]:
-    """The next batch's bodies from the fetch running ahead, in the order of
-    ``messages``; a refused one is reported here and handed on as its error."""
+def _next_batch(folder: FolderSync, fetched: Iterator[dict[int, bytes | MessageError]]
+                ) -> dict[int, bytes | MessageError]:
+    """The next batch's bodies from the fetch running ahead."""
     bodies = next(fetched)
     folder.checkpoint("fetched")
-    for message in messages:
-        raw = bodies.pop(message.uid, None)
-        if isinstance(raw, MessageError):
-            log.error("%s", raw)
-            folder.counts.errors.append(str(raw))
-        yield raw
+    return bodies
+
+
+def _as_lf(raw: bytes | MessageError | None) -> bytes | None:
+    """What the store keeps of a body; None for one refused or gone from the server."""
+    return None if raw is None or isinstance(raw, MessageError) else to_lf(raw)
+
+
+def _take(folder: FolderSync, bodies: dict[int, bytes | MessageError], uid: int) -> bytes | MessageError | None:
+    """One body, taken out of its batch; a refused one is reported here and handed on
+    as its error. Callers pass the result straight on (``yield f(_take(...))``), so that
+    the server's CRLF bytes are dropped as soon as their LF copy exists and that copy as
+    soon as it is written: one message in memory twice at most, not two or three."""
+    raw = bodies.pop(uid, None)
+    if isinstance(raw, MessageError):
+        log.error("%s", raw)
+        folder.counts.errors.append(str(raw))
+    return raw
 
 
 @dataclass
@@ -369,8 +384,9 @@ class ReplaceLedger:
                                         [(message.uid, location) for message, location in intents])
 
     def bodies(self, messages: Sequence[RecordedMessage]) -> Generator[bytes | None, None, None]:
-        for raw in _next_bodies(self.folder, self.fetched, messages):
-            yield None if raw is None or isinstance(raw, MessageError) else to_lf(raw)
+        batch = _next_batch(self.folder, self.fetched)
+        for message in messages:
+            yield _as_lf(_take(self.folder, batch, message.uid))
 
     def adopt(self, message: RecordedMessage, copy: RecordedMessage) -> None:
         raise AssertionError("a replacement is never matched to a copy: its batches have no pool")

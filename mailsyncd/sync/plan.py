@@ -91,6 +91,7 @@ def plan_folder(snapshot: FolderSnapshot, recorded: RecordedFolder, policy: Poli
             flag_updates[uid] = FlagUpdate(uid, known.location, flags)
 
     vanished = _vanished(snapshot, recorded)
+    vanished_uids = {message.uid for message in vanished}
     gone = tuple(message for message in vanished if policy.mode == Mode.ARCHIVE)
     remove = tuple(message for message in vanished if policy.mode == Mode.MIRROR)
     return Plan(
@@ -98,8 +99,7 @@ def plan_folder(snapshot: FolderSnapshot, recorded: RecordedFolder, policy: Poli
         adopt=adopt, adopt_pool=pool, fetch=tuple(sorted(fetch, key=lambda message: message.uid)), skip=skip,
         placeholders=tuple(sorted(placeholders, key=lambda message: message.uid)),
         replace=tuple(known for known in replace if known not in vanished),
-        flag_updates=tuple(update for uid, update in sorted(flag_updates.items()) if uid not in
-                           {message.uid for message in vanished}),
+        flag_updates=tuple(update for uid, update in sorted(flag_updates.items()) if uid not in vanished_uids),
         gone=gone, remove=remove,
     )
 
@@ -110,9 +110,12 @@ def _vanished(snapshot: FolderSnapshot, recorded: RecordedFolder) -> list[Record
     gone_uids = set(snapshot.vanished)
     if snapshot.present is not None:
         # Every recorded message not listed is gone: only true of a complete record.
+        # Only the few recorded UIDs missing from ``present`` are collected and then
+        # struck off by ``new``; no set of every listed UID is built.
         assert recorded.complete, "a complete listing is compared with an incomplete record"
-        on_server = set(snapshot.present) | {message.uid for message in snapshot.new}
-        gone_uids |= {uid for uid in recorded.messages if uid not in on_server}
+        unlisted = {uid for uid in recorded.messages if uid not in snapshot.present}
+        unlisted.difference_update(message.uid for message in snapshot.new)
+        gone_uids |= unlisted
     return [recorded.messages[uid] for uid in sorted(gone_uids)
             if uid in recorded.messages and recorded.messages[uid].state in _ON_SERVER]
 

@@ -14,7 +14,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import Engine, inspect, text
 
 from mailsyncd.state import db
 from mailsyncd.state.models import metadata
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_models_and_migrations_agree(state_url: str) -> None:
     engine = db.create(state_url)
-    db.upgrade(engine)
+    command.upgrade(db.alembic_config(engine), "head")  # not db.upgrade: it makes a new database from the models
     with engine.connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), metadata)
     engine.dispose()
@@ -54,6 +54,43 @@ def test_fast_path_knows_the_newest_revision(state_url: str) -> None:
     db.upgrade(engine)
     assert db.at_head(engine)
     engine.dispose()
+
+
+def _schema_and_rows(engine: Engine) -> dict[str, object]:
+    """Everything a database holds, as comparable data: each table's columns (in any
+    order), keys, indexes and constraints, and its rows."""
+    found: dict[str, object] = {}
+    with engine.connect() as connection:
+        inspector = inspect(connection)
+        for table in sorted(inspector.get_table_names()):
+            columns = sorted((column["name"], str(column["type"]), column["nullable"], column["default"])
+                             for column in inspector.get_columns(table))
+            found[table] = (
+                columns, inspector.get_pk_constraint(table)["constrained_columns"],
+                sorted((tuple(key["constrained_columns"]), key["referred_table"], tuple(key["referred_columns"]),
+                        key["options"].get("ondelete")) for key in inspector.get_foreign_keys(table)),
+                sorted((index["name"], tuple(index["column_names"]), bool(index["unique"]))
+                       for index in inspector.get_indexes(table)),
+                sorted(tuple(unique["column_names"]) for unique in inspector.get_unique_constraints(table)),
+                sorted(check["sqltext"] for check in inspector.get_check_constraints(table)),
+                sorted(map(tuple, connection.execute(text(f"SELECT * FROM {table}")))),  # noqa: S608 - names
+            )
+    return found
+
+
+def test_a_new_database_is_made_as_the_migrations_make_it(
+        state_url: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """A first run makes its database from the models without Alembic (db._create_at_head):
+    it must hold what running every migration holds, rows included."""
+    fresh = db.create(state_url)
+    db.upgrade(fresh)
+    other_url = (str(tmp_path / "migrated.db") if state_url.endswith(".db")
+                 else request.getfixturevalue("postgres_cluster").new_database())
+    migrated = db.create(other_url)
+    command.upgrade(db.alembic_config(migrated), "head")
+    assert _schema_and_rows(fresh) == _schema_and_rows(migrated)
+    fresh.dispose()
+    migrated.dispose()
 
 
 @pytest.fixture(scope="module")
