@@ -7,11 +7,19 @@ and FolderError when one folder cannot be read; nothing else escapes it.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from mailsyncd.domain import FolderInfo, FolderSnapshot, PartialMessage, PopListing, ServerStatus, SnapshotBase
+from mailsyncd.domain import (
+    FolderInfo,
+    FolderSnapshot,
+    PartialMessage,
+    PopListing,
+    RemoteMessage,
+    ServerStatus,
+    SnapshotBase,
+)
 from mailsyncd.errors import MessageError
 
 
@@ -28,6 +36,14 @@ class ImapSource(Protocol):
         when ``base`` is None or its UIDVALIDITY no longer holds). Leaves the folder
         selected for ``fetch``. New messages carry their Message-ID when the UIDVALIDITY
         changed or ``message_ids`` asks for it (local copies are to be matched)."""
+        ...
+
+    def first_listing(self, name: str) -> tuple[FolderSnapshot, Iterator[tuple[RemoteMessage, ...]]]:
+        """``snapshot`` of a folder with no base (and no Message-IDs), listed a slice at a
+        time: ``new`` holds the first slice, the iterator each further one, described
+        only when it is asked for. The folder stays selected in between; the caller
+        asks for the next slice only once it is done with ``fetch_ahead``. A first sync
+        of a large folder so never holds every message's description at once."""
         ...
 
     def fetch_ahead(self, name: str, batches: Iterable[Sequence[int]], whole: bool = False

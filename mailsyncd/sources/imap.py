@@ -27,6 +27,7 @@ vanished which nothing reported.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import email.header
 import functools
 import imaplib
@@ -35,6 +36,7 @@ import select
 import socket
 import ssl
 import time
+from array import array
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -70,6 +72,9 @@ log = logging.getLogger(__name__)
 # UIDs per metadata FETCH: far below Dovecot's 64 KiB command line, and it bounds the
 # memory one parsed response takes however large the folder.
 UID_CHUNK = 1000
+# Messages a first sync of a large folder lists, plans and fetches at a time
+# (``first_listing``): what it holds of the listing stays the same however large the folder.
+LISTING_SLICE = 5 * UID_CHUNK
 META = [b"UID", b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE"]
 MESSAGE_ID_ITEM = b"BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
 MESSAGE_ID_FIELD = b"BODY[HEADER.FIELDS (MESSAGE-ID)]"
@@ -462,6 +467,12 @@ class ImapSession:
     def snapshot(self, name: str, base: SnapshotBase | None, *, message_ids: bool = False) -> FolderSnapshot:
         return self._snapshot(name, base, readonly=True, with_message_id=base is not None or message_ids)
 
+    def first_listing(self, name: str) -> tuple[FolderSnapshot, Iterator[tuple[RemoteMessage, ...]]]:
+        with self._folder_errors(name):
+            self._settle()
+            opened = self._open(name, None, True, META)
+            return self._sliced(name, opened, META)
+
     def _snapshot(self, name: str, base: SnapshotBase | None, *, readonly: bool,
                   with_message_id: bool) -> FolderSnapshot:
         items = META + ([MESSAGE_ID_ITEM] if with_message_id else [])
@@ -469,7 +480,9 @@ class ImapSession:
             self._settle()
             opened = self._open(name, base, readonly, items)
             if base is None or base.uidvalidity != opened.uidvalidity:
-                return self._everything(opened, items)
+                snapshot, more = self._sliced(name, opened, items)
+                rest = tuple(message for listed in more for message in listed)
+                return dataclasses.replace(snapshot, new=snapshot.new + rest) if rest else snapshot
             return self._changes(base, opened, items)
 
     def _open(self, name: str, base: SnapshotBase | None, readonly: bool, items: list[bytes]) -> _Opened:
@@ -566,18 +579,31 @@ class ImapSession:
                  if uid >= first and b"RFC822.SIZE" in item}
         return tuple(found[uid] for uid in sorted(found))
 
-    def _everything(self, opened: _Opened, items: list[bytes]) -> FolderSnapshot:
-        """First sync, or a new UIDVALIDITY: every message is new."""
+    def _sliced(self, name: str, opened: _Opened, items: list[bytes]
+                ) -> tuple[FolderSnapshot, Iterator[tuple[RemoteMessage, ...]]]:
+        """First sync, or a new UIDVALIDITY: every message is new. A large folder is
+        listed (UID SEARCH ALL, its UIDs kept as an array of machine integers), then
+        described LISTING_SLICE messages at a time: the snapshot holds the first slice,
+        the iterator describes each further one when it is asked for."""
         if opened.first == 1:
-            new = opened.new
+            new, uids = opened.new, array("L")
         elif opened.exists == 0:
-            new = ()
+            new, uids = (), array("L")
         elif opened.exists <= UID_CHUNK:
-            new = self._listed(1, items)
-        else:  # a large folder: listed, then described UID_CHUNK messages at a time
-            new = self._metadata(self._client.search("ALL"), items)
-        return FolderSnapshot(opened.uidvalidity, opened.uidnext or _next(new), opened.highestmodseq, opened.exists,
-                              new=new, present=frozenset())
+            new, uids = self._listed(1, items), array("L")
+        else:
+            uids = array("L", sorted(self._client.search("ALL")))
+            new = self._metadata(uids[:LISTING_SLICE], items)
+        uidnext = opened.uidnext or max(_next(new), uids[-1] + 1 if uids else 0)
+        return (FolderSnapshot(opened.uidvalidity, uidnext, opened.highestmodseq, opened.exists, new=new,
+                               present=frozenset()),
+                self._slices(name, uids[LISTING_SLICE:], items))
+
+    def _slices(self, name: str, uids: Sequence[int], items: list[bytes]) -> Iterator[tuple[RemoteMessage, ...]]:
+        for start in range(0, len(uids), LISTING_SLICE):
+            with self._folder_errors(name):
+                listed = self._metadata(uids[start:start + LISTING_SLICE], items)
+            yield listed
 
     def _changes(self, base: SnapshotBase, opened: _Opened, items: list[bytes]) -> FolderSnapshot:
         """What changed since ``base``, of which ``_open`` already has the flags and

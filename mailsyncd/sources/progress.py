@@ -85,8 +85,13 @@ class GuardedReader:
         return self._step(functools.partial(reader.peek, size))
 
     def read(self, size: int) -> bytes:
-        """``size`` bytes, or fewer at EOF."""
-        return b"".join(self.chunks(size))
+        """``size`` bytes, or fewer at EOF, gathered in one growing buffer whose bytes are
+        handed over without a copy: joining a list of the pieces would hold a large
+        message twice over at the end."""
+        buffer = io.BytesIO()
+        for chunk in self.chunks(size):
+            buffer.write(chunk)
+        return buffer.getvalue()
 
     def chunks(self, size: int) -> Iterator[bytes]:
         """The next ``size`` bytes in the pieces they arrive in, never all in memory at once."""

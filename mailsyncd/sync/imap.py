@@ -77,9 +77,12 @@ class FolderSync(Effects):
             self.unchanged.append(known.id)
             return
         try:
-            plan = self.plan(info, known)
+            plans = self._plans(info, known)
+            plan = next(plans)
             plan = dataclasses.replace(plan, replace=self._to_replace(known.id, plan))
             self._execute(known.id, info.name, known.path, known.uidvalidity, plan)
+            for further in plans:
+                self._execute(known.id, info.name, known.path, plan.uidvalidity, further)
         except MailsyncError as error:
             self.repo.folder_error(known.id, str(error))
             raise
@@ -113,11 +116,30 @@ class FolderSync(Effects):
                                              placeholders)
         return SnapshotBase(known.uidvalidity, uidnext, known.highestmodseq, present)
 
+    def _plans(self, info: FolderInfo, known: KnownFolder) -> Iterator[Plan]:
+        """``plan``, in slices where it can be: the first sync of a folder of which
+        nothing is recorded is listed, planned and carried out LISTING_SLICE messages
+        at a time (the planner, given no record, plans each slice as it would the
+        whole), so that memory does not grow with the folder. The folder's sync point
+        still advances only after the last slice."""
+        base = self._base(known)
+        unclaimed = known.uidnext is None and self.index_store(known)
+        if base is not None or unclaimed:
+            yield self._plan(info, known, base, unclaimed)
+            return
+        snapshot, more = self.source.first_listing(info.name)
+        recorded = RecordedFolder(None, known.uidnext, known.highestmodseq)  # no UIDVALIDITY yet: no row
+        yield plan_folder(snapshot, recorded, self.policy)
+        for listed in more:
+            yield plan_folder(dataclasses.replace(snapshot, new=listed), recorded, self.policy)
+
     def plan(self, info: FolderInfo, known: KnownFolder) -> Plan:
         """Snapshot (read-only) and plan one folder; reads the database, writes nothing."""
-        base = self._base(known)
         # Until its first sync finishes, a folder may hold copies no UID claims yet.
         unclaimed = known.uidnext is None and self.index_store(known)
+        return self._plan(info, known, self._base(known), unclaimed)
+
+    def _plan(self, info: FolderInfo, known: KnownFolder, base: SnapshotBase | None, unclaimed: bool) -> Plan:
         snapshot = self.source.snapshot(info.name, base, message_ids=unclaimed)
         changed = base is not None and snapshot.uidvalidity != base.uidvalidity
         if base is not None and changed:

@@ -16,10 +16,12 @@ import pytest
 
 from mailsyncd.app import App
 from mailsyncd.config import load_config
+from mailsyncd.sources import imap as imap_source
 from mailsyncd.stores.maildir import flags_from_name
 from tests.conftest import DovecotUser
 from tests.helpers import (
     corpus_messages,
+    crash_at_step,
     expected,
     maildir_contents,
     mbox_contents,
@@ -294,3 +296,39 @@ def test_a_changed_folder_costs_a_fixed_few_round_trips(tmp_path: Path, dovecot:
     (trips,) = [int(match.group(1)) for line in said for match in [re.search(r": (\d+) round trips to ", line)]
                 if match]
     assert trips <= 4, (trips, said)
+
+
+def test_a_large_first_sync_goes_a_slice_at_a_time_and_a_kill_anywhere_loses_nothing(
+        tmp_path: Path, dovecot: DovecotUser, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder larger than LISTING_SLICE is listed, planned and fetched a slice at a
+    time on its first sync (so memory does not grow with the folder); killed at any step
+    of it, the next sync stores every message exactly once, and a no-op after it
+    fetches nothing."""
+    monkeypatch.setattr(imap_source, "UID_CHUNK", 2)
+    monkeypatch.setattr(imap_source, "LISTING_SLICE", 4)
+    dovecot.server.append_many(dovecot.user, "INBOX", [path.read_bytes() for path in corpus_messages(11)])
+    wanted = server_bag(dovecot, "INBOX", "maildir")
+    described: list[int] = []
+    metadata = imap_source.ImapSession._metadata
+
+    def spy(session: imap_source.ImapSession, uids: list[int], items: list[bytes]) -> object:
+        described.append(len(uids))
+        return metadata(session, uids, items)
+
+    def prepared(directory: Path) -> Path:
+        directory.mkdir()
+        return write_config(directory, dovecot.server, dovecot.user, dovecot.password, extra='folders = ["INBOX"]')
+
+    monkeypatch.setattr(imap_source.ImapSession, "_metadata", spy)
+    reference = prepared(tmp_path / "reference")
+    assert sync_counts(reference).fetched == 11
+    assert described == [4, 4, 3]
+    assert store_bags(reference, "maildir")[""] == wanted
+    steps = crash_at_step(prepared(tmp_path / "steps"), 10**9) - 1
+    assert steps > 3 * 4  # intent, fetched, write..., commit, recorded: for each slice
+    for step in range(1, steps + 1):
+        config = prepared(tmp_path / f"k{step}")
+        assert crash_at_step(config, step) == step
+        assert sync(config) == 0
+        assert store_bags(config, "maildir")[""] == wanted, step
+        assert sync_counts(config).fetched == 0, step
