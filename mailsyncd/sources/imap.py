@@ -601,9 +601,11 @@ class ImapSession:
 
     def _slices(self, name: str, uids: Sequence[int], items: list[bytes]) -> Iterator[tuple[RemoteMessage, ...]]:
         for start in range(0, len(uids), LISTING_SLICE):
-            with self._folder_errors(name):
-                listed = self._metadata(uids[start:start + LISTING_SLICE], items)
-            yield listed
+            yield self._described(name, uids[start:start + LISTING_SLICE], items)
+
+    def _described(self, name: str, uids: Sequence[int], items: list[bytes]) -> tuple[RemoteMessage, ...]:
+        with self._folder_errors(name):
+            return self._metadata(uids, items)
 
     def _changes(self, base: SnapshotBase, opened: _Opened, items: list[bytes]) -> FolderSnapshot:
         """What changed since ``base``, of which ``_open`` already has the flags and

@@ -81,18 +81,20 @@ class FolderSync(Effects):
             plan = next(plans)
             plan = dataclasses.replace(plan, replace=self._to_replace(known.id, plan))
             self._execute(known.id, info.name, known.path, known.uidvalidity, plan)
+            empty, point = plan.empty, (plan.uidvalidity, plan.uidnext, plan.highestmodseq)
+            del plan  # no slice's messages are held while the next slice is listed
             for further in plans:
-                self._execute(known.id, info.name, known.path, plan.uidvalidity, further)
+                self._execute(known.id, info.name, known.path, point[0], further)
+                del further
         except MailsyncError as error:
             self.repo.folder_error(known.id, str(error))
             raise
         self.counts.folders += 1
-        if plan.empty and known.last_error is None and (known.uidvalidity, known.uidnext, known.highestmodseq) == (
-                plan.uidvalidity, plan.uidnext, plan.highestmodseq):
+        if empty and known.last_error is None and (known.uidvalidity, known.uidnext, known.highestmodseq) == point:
             # Nothing changed: no write (and no fsync) now; one transaction notes them all.
             self.unchanged.append(known.id)
             return
-        self.repo.finish_folder(known.id, plan.uidvalidity, plan.uidnext, plan.highestmodseq)
+        self.repo.finish_folder(known.id, *point)
 
     def _base(self, known: KnownFolder) -> SnapshotBase | None:
         """What the source is asked for changes since; None before a first sync."""
@@ -130,8 +132,12 @@ class FolderSync(Effects):
         snapshot, more = self.source.first_listing(info.name)
         recorded = RecordedFolder(None, known.uidnext, known.highestmodseq)  # no UIDVALIDITY yet: no row
         yield plan_folder(snapshot, recorded, self.policy)
+        snapshot = dataclasses.replace(snapshot, new=())
         for listed in more:
-            yield plan_folder(dataclasses.replace(snapshot, new=listed), recorded, self.policy)
+            planned = plan_folder(dataclasses.replace(snapshot, new=listed), recorded, self.policy)
+            del listed  # neither is held while the next slice is listed
+            yield planned
+            del planned
 
     def plan(self, info: FolderInfo, known: KnownFolder) -> Plan:
         """Snapshot (read-only) and plan one folder; reads the database, writes nothing."""
