@@ -13,6 +13,14 @@ from enum import StrEnum
 
 Flags = frozenset[str]
 NO_FLAGS: Flags = frozenset()
+_FLAG_SETS: dict[Flags, Flags] = {}
+
+
+def shared_flags(flags: Flags) -> Flags:
+    """The one frozenset kept for this combination of flags. A folder's messages share
+    a handful of combinations, and a set of its own for each of tens of thousands of
+    messages (about 200 bytes) would weigh as much as the rest of its description."""
+    return _FLAG_SETS.setdefault(flags, flags)
 
 
 class Mode(StrEnum):

@@ -59,6 +59,7 @@ from mailsyncd.domain import (
     RemoteMessage,
     ServerStatus,
     SnapshotBase,
+    shared_flags,
 )
 from mailsyncd.errors import AccountError, AuthError, FolderError, MessageError
 from mailsyncd.message import message_id, to_crlf
@@ -92,16 +93,11 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-# A folder's messages share a handful of flag combinations; keeping one frozenset per
-# combination (and one tzinfo, UTC, for every date) is most of what keeps memory flat
-# when a folder holds tens of thousands of messages.
-_FLAG_SETS: dict[frozenset[str], frozenset[str]] = {}
-
-
+# One frozenset per combination of flags (shared_flags) and one tzinfo, UTC, for every
+# date: most of what keeps a listing of tens of thousands of messages small.
 def _flags(values: Sequence[Any]) -> frozenset[str]:
     # \Recent is per session, not a property of the message.
-    flags = frozenset(_text(flag) for flag in values if _text(flag).lower() != "\\recent")
-    return _FLAG_SETS.setdefault(flags, flags)
+    return shared_flags(frozenset(_text(flag) for flag in values if _text(flag).lower() != "\\recent"))
 
 
 def _internaldate(value: Any) -> datetime | None:

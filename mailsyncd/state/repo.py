@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from mailsyncd.domain import (
+    NO_FLAGS,
     AccountStatus,
     Flags,
     FolderInfo,
@@ -31,6 +32,7 @@ from mailsyncd.domain import (
     RunResult,
     RunStatus,
     Stored,
+    shared_flags,
 )
 from mailsyncd.errors import StateError
 from mailsyncd.state.models import ACCOUNTS, FOLDERS, MESSAGES, PUSH_INTENTS
@@ -50,7 +52,7 @@ def _flags_text(flags: Flags) -> str:
 
 
 def _flags(text: str | None) -> Flags:
-    return frozenset(text.split()) if text else frozenset()
+    return shared_flags(frozenset(text.split())) if text else NO_FLAGS
 
 
 def _new_id(result: Any) -> int:
@@ -120,8 +122,15 @@ class Pending:
 def _message(row: Any) -> RecordedMessage:
     return RecordedMessage(
         uid=row.uid, uidvalidity=row.uidvalidity, state=MessageState(row.state), flags=_flags(row.flags),
-        location=row.location, size=row.size, sha256=row.sha256, message_id=row.message_id, row_id=row.id,
+        location=row.location, size=row.size, sha256=getattr(row, "sha256", None),
+        message_id=getattr(row, "message_id", None), row_id=row.id,
     )
+
+
+# A record for planning a listing of the same UIDVALIDITY: without the SHA-256 and
+# Message-ID, which only matching copies by content (or pairing them, two-way) reads.
+_LISTED = (MESSAGES.c.id, MESSAGES.c.uid, MESSAGES.c.uidvalidity, MESSAGES.c.state, MESSAGES.c.flags,
+           MESSAGES.c.location, MESSAGES.c.size)
 
 
 def _base_columns(uidnext: Any, max_size: int | None, placeholders: bool) -> tuple[Any, Any]:
@@ -251,12 +260,14 @@ class StateRepo:
                     for folder_id, count, lowest in connection.execute(query)}
 
     def recorded_folder(self, folder: KnownFolder, uids: Iterable[int] | None,
-                        with_retired: bool = False) -> RecordedFolder:
+                        with_retired: bool = False, hashes: bool = True) -> RecordedFolder:
         """The recorded messages of the current UIDVALIDITY: those in ``uids``, or all
-        of them when ``uids`` is None (a full scan needs every one)."""
+        of them when ``uids`` is None (a full scan needs every one); without their
+        SHA-256 and Message-ID unless ``hashes`` (of every message of a large folder,
+        they would be the larger part of the record)."""
         with self.engine.connect() as connection:
-            query = select(MESSAGES).where(MESSAGES.c.folder_id == folder.id,
-                                           MESSAGES.c.uidvalidity == (folder.uidvalidity or 0))
+            query = select(*(MESSAGES.c if hashes else _LISTED)).where(
+                MESSAGES.c.folder_id == folder.id, MESSAGES.c.uidvalidity == (folder.uidvalidity or 0))
             messages: dict[int, RecordedMessage] = {}
             if uids is None:
                 messages = {row.uid: _message(row) for row in connection.execute(query)}

@@ -154,7 +154,7 @@ class FolderSync(Effects):
         if changed or unclaimed:
             recorded = self.repo.recorded_folder(known, None, with_retired=True)
         elif snapshot.present is not None:
-            recorded = self.repo.recorded_folder(known, None)
+            recorded = self.repo.recorded_folder(known, None, hashes=False)
         else:
             mentioned = [message.uid for message in snapshot.new] + [*snapshot.changed_flags, *snapshot.vanished]
             recorded = self.repo.recorded_folder(known, mentioned)
