@@ -75,6 +75,21 @@ def sync(config: Path, *args: str) -> int:
     return cli.main(["--config", str(config), "-q", "sync", *args])
 
 
+def assert_read_only(sent: Iterable[bytes]) -> list[bytes]:
+    """Invariant 2 on the wire: of the command lines a pull sent, every folder was opened
+    with EXAMINE, every body fetched with BODY.PEEK, and nothing changed the server.
+    Returns the commands' first lines, upper case, for further checks."""
+    commands = [line.split(b"\r\n", 1)[0].upper() for line in sent]
+    opened = [command for command in commands if re.search(rb"^\S+ (SELECT|EXAMINE) ", command)]
+    assert all(b" EXAMINE " in command for command in opened), opened
+    for command in commands:
+        if re.search(rb"FETCH .*BODY", command):
+            assert not re.search(rb"BODY\[", command), f"a body fetched without PEEK: {command!r}"
+    assert not any(re.search(rb"\b(STORE|EXPUNGE|APPEND|COPY|MOVE|DELETE|CREATE|RENAME)\b", command)
+                   for command in commands), "a pull changed the server"
+    return commands
+
+
 def run_cli(config: Path | None, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "mailsyncd"] + (["--config", str(config)] if config else []) + list(args)
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)

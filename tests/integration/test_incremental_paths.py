@@ -1,0 +1,187 @@
+"""Incremental sync on each path the source can take, against a real Dovecot that hides
+capabilities: QRESYNC (flags and VANISHED in EXAMINE's answer), CONDSTORE only
+(CHANGEDSINCE), neither (a FLAGS listing of every older UID), each with and without
+LIST-STATUS (new mail fetched ahead of EXAMINE's answer, or after it).
+
+Another IMAP client changes the server between passes; after every pass the Maildir and
+the state database must hold exactly what the server holds (and, in archive mode, what
+it expunged), and the wire must show only EXAMINE and BODY.PEEK.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from mailsyncd.config import load_config
+from mailsyncd.stores.maildir import flags_from_name
+from tests.helpers import assert_read_only, normalize, sync, write_config
+from tests.server_helpers import DevServer
+
+# The capability sets, each with LIST-STATUS and without: what the server hides.
+PATHS = {
+    "qresync": frozenset(),
+    "condstore": frozenset({"QRESYNC"}),
+    "neither": frozenset({"QRESYNC", "CONDSTORE"}),
+}
+CASES = [pytest.param(PATHS[path] | listing, path, id=f"{path}{'-no-list-status' if listing else ''}")
+         for path in PATHS for listing in (frozenset(), frozenset({"LIST-STATUS"}))]
+FOLDERS = ("INBOX", "Lists")
+
+
+def message(number: int) -> bytes:
+    return (f"From: a@example.org\r\nSubject: m{number}\r\nMessage-ID: <m{number}@example.org>\r\n\r\n"
+            f"body {number}\r\n").encode()
+
+
+def subject(data: bytes) -> str:
+    found = re.search(rb"^Subject: (\S+)", data, re.MULTILINE)
+    assert found is not None
+    return found.group(1).decode()
+
+
+@dataclass
+class Server:
+    """The test's user on a server, changed by another client, and what it expunged."""
+
+    server: DevServer
+    user: str
+    expunged: dict[str, set[str]] = field(default_factory=lambda: {folder: set() for folder in FOLDERS})
+    numbers: int = 0
+
+    def add(self, folder: str, count: int, flags: tuple[str, ...] = ()) -> None:
+        for _ in range(count):
+            self.numbers += 1
+            self.server.append(self.user, folder, message(self.numbers), flags)
+
+    def uids(self, folder: str) -> list[int]:
+        return self.server.uids(self.user, folder)
+
+    def expunge(self, folder: str, uids: list[int]) -> None:
+        bodies = self.server.fetch_all(self.user, folder)
+        self.expunged[folder] |= {subject(bodies[uid]) for uid in uids}
+        self.server.expunge(self.user, folder, uids)
+
+    def contents(self, folder: str) -> dict[str, tuple[bytes, frozenset[str]]]:
+        """Subject -> (bytes as stored locally, flags) of every message on the server."""
+        flags = self.server.flags(self.user, folder)
+        return {subject(data): (normalize(data), frozenset(flags[uid]))
+                for uid, data in self.server.fetch_all(self.user, folder).items()}
+
+    def uidvalidity(self, folder: str) -> int:
+        with self.server.session(self.user, folder, readonly=True) as conn:
+            return int(conn.untagged_responses["UIDVALIDITY"][-1])
+
+
+def local(root: Path) -> dict[str, tuple[bytes, frozenset[str]]]:
+    """Subject -> (bytes, flags from the file name) of every file; each subject once."""
+    found: dict[str, tuple[bytes, frozenset[str]]] = {}
+    for path in [*root.glob("new/*"), *root.glob("cur/*")]:
+        data = path.read_bytes()
+        assert subject(data) not in found, f"{subject(data)} stored twice in {root}"
+        found[subject(data)] = (data, frozenset(flags_from_name(path.name)))
+    return found
+
+
+def recorded(state: Path, folder: str) -> tuple[int, dict[int, tuple[str, frozenset[str]]], list[str]]:
+    """The folder's recorded UIDVALIDITY; its rows of that UIDVALIDITY, UID -> (state,
+    flags); and the locations of every row that holds a local copy."""
+    db = sqlite3.connect(state)
+    try:
+        folder_id, uidvalidity = db.execute("select id, uidvalidity from folders where name = ?", (folder,)).fetchone()
+        rows = {uid: (row_state, frozenset(flags.split())) for uid, row_state, flags in db.execute(
+            "select uid, state, flags from messages where folder_id = ? and uidvalidity = ?", (folder_id, uidvalidity))}
+        locations = [location for (location,) in db.execute(
+            "select location from messages where folder_id = ? and state in ('stored', 'gone', 'retired')",
+            (folder_id,))]
+    finally:
+        db.close()
+    return uidvalidity, rows, locations
+
+
+def assert_mirrors(config: Path, mode: str, server: Server) -> None:
+    """The store and the state database hold every server message once, with its flags;
+    in mirror mode nothing else, in archive mode also every message it expunged."""
+    root = load_config(config).accounts[0].store.path
+    for folder in FOLDERS:
+        there = server.contents(folder)
+        here = local(root if folder == "INBOX" else root / f".{folder}")
+        assert {name: here[name] for name in there if name in here} == there, folder
+        kept = server.expunged[folder] if mode == "archive" else set()
+        assert set(here) == set(there) | kept, (folder, sorted(set(here) ^ set(there)))
+        uidvalidity, rows, locations = recorded(config.parent / "state.db", folder)
+        assert uidvalidity == server.uidvalidity(folder)
+        flags = server.server.flags(server.user, folder)
+        assert {uid: row_flags for uid, (row_state, row_flags) in rows.items() if row_state == "stored"} == \
+            {uid: frozenset(found) for uid, found in flags.items()}, folder
+        assert {row_state for uid, (row_state, _) in rows.items() if uid not in flags} <= \
+            ({"gone"} if mode == "archive" else {"removed"}), folder
+        assert len(locations) == len(set(locations)) == len(here), folder
+
+
+@pytest.mark.parametrize(("hidden", "path"), CASES)
+def test_every_incremental_path_ends_equal_to_the_server(
+        tmp_path: Path, server_without: Callable[[frozenset[str]], DevServer], sent_commands: list[bytes],
+        hidden: frozenset[str], path: str) -> None:
+    dev = server_without(hidden)
+    user = f"paths-{path}-{len(hidden)}"
+    dev.add_user(user, "pw")
+    server = Server(dev, user)
+    configs = {}
+    for mode in ("archive", "mirror"):
+        (tmp_path / mode).mkdir()
+        configs[mode] = write_config(tmp_path / mode, dev, user, "pw",
+                                     extra=f'mode = "{mode}"\nfolders = ["INBOX", "Lists"]')
+    ours: list[bytes] = []
+
+    def sync_both() -> None:
+        for mode, config in configs.items():
+            sent_commands.clear()
+            assert sync(config) == 0
+            ours.extend(sent_commands)
+            assert_mirrors(config, mode, server)
+
+    server.add("INBOX", 8)
+    server.add("INBOX", 2, ("\\Flagged",))
+    server.add("Lists", 3, ("\\Seen",))
+    sync_both()  # the first sync
+    inbox = server.uids("INBOX")
+
+    server.add("INBOX", 2)  # new mail, and flags changed on older messages
+    dev.add_flags(user, "INBOX", inbox[1:3], ["\\Seen"])
+    dev.remove_flags(user, "INBOX", inbox[8:9], ["\\Flagged"])
+    sync_both()
+    inbox = server.uids("INBOX")
+
+    server.expunge("INBOX", [inbox[3], inbox[-1]])  # in the middle and at the end
+    dev.add_flags(user, "INBOX", inbox[:1], ["\\Answered"])
+    sync_both()
+    inbox = server.uids("INBOX")
+
+    server.expunge("INBOX", inbox[4:5])  # one gone and one come: the count stays
+    server.add("INBOX", 1)
+    dev.add_flags(user, "INBOX", inbox[5:6], ["\\Flagged"])
+    server.expunge("Lists", server.uids("Lists"))  # a folder emptied
+    sync_both()
+
+    dev.change_uidvalidity(user, "INBOX")
+    server.add("INBOX", 1)
+    sync_both()
+    inbox = server.uids("INBOX")
+
+    server.expunge("INBOX", inbox[:1])  # incremental again, from the new UIDVALIDITY
+    dev.add_flags(user, "INBOX", inbox[1:2], ["\\Flagged"])
+    server.add("Lists", 1)
+    sync_both()
+
+    commands = assert_read_only(ours)
+    wire = b"\n".join(commands)
+    assert (b"(QRESYNC (" in wire) == (path == "qresync")
+    assert (b"CHANGEDSINCE" in wire) == (path == "condstore")
+    assert (re.search(rb"UID FETCH 1:\d+ \(UID FLAGS\)\n", wire + b"\n") is not None) == (path == "neither")
+    assert (b"RETURN (STATUS" in wire) == ("LIST-STATUS" not in hidden)
