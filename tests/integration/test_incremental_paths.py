@@ -185,3 +185,5 @@ def test_every_incremental_path_ends_equal_to_the_server(
     assert (b"CHANGEDSINCE" in wire) == (path == "condstore")
     assert (re.search(rb"UID FETCH 1:\d+ \(UID FLAGS\)\n", wire + b"\n") is not None) == (path == "neither")
     assert (b"RETURN (STATUS" in wire) == ("LIST-STATUS" not in hidden)
+    # Only CONDSTORE alone has to search for expunges: QRESYNC names them, the listing shows them.
+    assert (b" UID SEARCH " in wire) == (path == "condstore")
