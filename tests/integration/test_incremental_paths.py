@@ -187,3 +187,37 @@ def test_every_incremental_path_ends_equal_to_the_server(
     assert (b"RETURN (STATUS" in wire) == ("LIST-STATUS" not in hidden)
     # Only CONDSTORE alone has to search for expunges: QRESYNC names them, the listing shows them.
     assert (b" UID SEARCH " in wire) == (path == "condstore")
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_count_balanced_by_an_unrecorded_message_deletes_nothing_by_mistake(
+        tmp_path: Path, server_without: Callable[[frozenset[str]], DevServer], path: str) -> None:
+    """The count check's blind spot: a message below the recorded UIDNEXT that the state
+    database does not know (its row lost, say) and an expunged recorded message make the
+    count add up. QRESYNC names the expunge and the listing without CONDSTORE shows it;
+    CONDSTORE alone misses it until the count differs. Whatever the path, no local copy of
+    a message the server still has is ever removed, and the unknown one is left alone."""
+    dev = server_without(PATHS[path])
+    user = f"balanced-{path}"
+    dev.add_user(user, "pw")
+    server = Server(dev, user)
+    config = write_config(tmp_path, dev, user, "pw", extra='mode = "mirror"\nfolders = ["INBOX"]')
+    server.add("INBOX", 6)
+    assert sync(config) == 0
+    uids = server.uids("INBOX")
+    db = sqlite3.connect(tmp_path / "state.db")
+    with db:
+        db.execute("delete from messages where uid = ?", (uids[2],))  # m3: on the server, recorded no more
+    db.close()
+    server.expunge("INBOX", uids[4:5])  # m5: recorded, expunged; the count still adds up
+    assert sync(config) == 0
+    stored = set(local(load_config(config).accounts[0].store.path))
+    assert stored >= set(server.contents("INBOX")), "a message still on the server was removed"
+    assert ("m5" in stored) == (path == "condstore"), "CONDSTORE alone cannot tell m5 from m3 by the count"
+
+    server.expunge("INBOX", uids[5:6])  # m6: now the count differs, and a UID SEARCH tells both
+    assert sync(config) == 0
+    assert set(local(load_config(config).accounts[0].store.path)) == {"m1", "m2", "m3", "m4"}
+    _, rows, _ = recorded(tmp_path / "state.db", "INBOX")
+    assert {uid: row_state for uid, (row_state, _) in rows.items()} == {
+        uids[0]: "stored", uids[1]: "stored", uids[3]: "stored", uids[4]: "removed", uids[5]: "removed"}
