@@ -224,6 +224,9 @@ class _ReadGuard:
         self._imap.readline = self.readline
         self._imap.send = self.send
 
+    def renew(self, deadline: float | None) -> None:
+        self._reader.renew(deadline)
+
     @contextlib.contextmanager
     def whole(self, lifted: bool) -> Iterator[None]:
         """While in the block, and if ``lifted``: literals up to LITERAL_CEILING."""
@@ -344,6 +347,10 @@ def _oauth2_login(client: IMAPClient, account: AccountConfig, token: Secret) -> 
         raise AuthError(f"{account.name}: {account.host} answered AUTHENTICATE {mechanism} without logging in")
 
 
+_DESELECTING = frozenset({"UNSELECT", "CLOSE"})
+SETTLE_TIMEOUT = 15.0  # for the answers a kept connection still owes
+
+
 class ImapSession:
     def __init__(self, client: IMAPClient, account: str, host: str, guard: _ReadGuard) -> None:
         self._client = client
@@ -353,21 +360,25 @@ class ImapSession:
         self.qresync = bool(client.has_capability("QRESYNC"))
         self.condstore = bool(client.has_capability("CONDSTORE")) or self.qresync
         self._statuses: dict[str, ServerStatus] = {}
-        self._enabling: bytes | None = None  # the tag of an ENABLE whose answer is still to come
+        # Commands sent ahead whose answers are read before the next command's (``_settle``).
+        self._pending: list[tuple[str, bytes]] = []
         self._extension = "QRESYNC" if self.qresync else "CONDSTORE"  # QRESYNC implies CONDSTORE
         if self.condstore:
             with _errors(account, host):
                 # Sent now, answered before the next command's answer is read (``_settle``):
                 # it travels with LIST instead of costing a round trip of its own.
-                self._enabling = client._imap._command("ENABLE", self._extension)
+                self._pending.append(("ENABLE", client._imap._command("ENABLE", self._extension)))
 
     def _settle(self) -> None:
-        """Read the answer to the ENABLE sent ahead, if it is still to come."""
-        tag, self._enabling = self._enabling, None
-        if tag is not None:
-            typ, data = self._client._imap._command_complete("ENABLE", tag)
+        """Read the answers to the commands sent ahead, if they are still to come."""
+        pending, self._pending = self._pending, []
+        imap = self._client._imap
+        for command, tag in pending:
+            typ, data = imap._command_complete(command, tag)
             if typ != "OK":
-                raise imap_errors.IMAPClientError(f"ENABLE {self._extension} refused: {data!r}")
+                raise imap_errors.IMAPClientError(f"{command} refused: {data!r}")
+            if command in _DESELECTING:
+                imap.state = "AUTH"
 
     @property
     def round_trips(self) -> int:
@@ -381,11 +392,56 @@ class ImapSession:
         self.close()
 
     def close(self) -> None:
-        log.debug("%s: %d round trips to %s", self._account, self.round_trips, self._host)
         with contextlib.suppress(Exception):
             self._client.logout()
         with contextlib.suppress(Exception):
             self._client.shutdown()
+
+    def keep(self) -> bool:
+        """Ready the connection to wait for the next run; False when it cannot.
+
+        The folder last opened is closed: a server answers STATUS (and LIST-STATUS) for
+        the selected folder from what it told this session, so the next run would miss
+        what arrived meanwhile. UNSELECT, or CLOSE where the folder is read-only (CLOSE
+        expunges a writable one): sent now, its answer read when the connection is used
+        again, so it costs no wait. TCP keepalive then finds a peer that vanished
+        silently (and keeps a NAT's memory of us) while no command is sent.
+        """
+        imap = self._client._imap
+        if imap.state == "SELECTED":
+            if self._client.has_capability("UNSELECT"):
+                command = "UNSELECT"
+            elif imap.is_readonly:
+                command = "CLOSE"
+            else:
+                return False
+            with _errors(self._account, self._host):
+                self._pending.append((command, imap._command(command)))
+        _keepalive(self._client.socket())
+        return True
+
+    def reusable(self) -> bool:
+        """True when the connection can carry the next run as it is, judged without a
+        round trip: nothing arrived while it waited. A server that closed it (BYE, EOF),
+        a reset, a dead peer found by keepalive, or anything unasked for (which would be
+        taken for the answer to the next command) all make it unusable."""
+        with contextlib.suppress(Exception):
+            self._guard.renew(time.monotonic() + SETTLE_TIMEOUT)
+            self._settle()
+            return not _readable(self._client.socket(), 0.0)
+        return False
+
+    def renew(self, deadline: float | None) -> None:
+        """A new run on this kept connection, under its own ``timeout``."""
+        self._guard.renew(deadline)
+
+    def noop(self, deadline: float) -> None:
+        """NOOP, answered by ``deadline``: keeps a waiting connection alive and proves it is.
+        Raises AccountError when it is not."""
+        self._guard.renew(deadline)
+        with _errors(self._account, self._host):
+            self._settle()
+            self._client.noop()
 
     def list_folders(self) -> list[FolderInfo]:
         """The server's folders. Names are decoded here rather than by imapclient, which
