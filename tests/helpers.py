@@ -75,6 +75,29 @@ def sync(config: Path, *args: str) -> int:
     return cli.main(["--config", str(config), "-q", "sync", *args])
 
 
+@contextlib.contextmanager
+def round_trips() -> Iterator[list[int]]:
+    """The waits for the server of each IMAP run in the block, after its login, from the
+    line the app logs at debug level when a run's session ends."""
+    found: list[int] = []
+    app_log = logging.getLogger("mailsyncd.app")
+    handler = logging.Handler(logging.DEBUG)
+
+    def emit(record: logging.LogRecord) -> None:
+        if match := re.search(r": (\d+) round trips to ", record.getMessage()):
+            found.append(int(match.group(1)))
+
+    handler.emit = emit  # type: ignore[method-assign]
+    level = app_log.level
+    app_log.setLevel(logging.DEBUG)
+    app_log.addHandler(handler)
+    try:
+        yield found
+    finally:
+        app_log.removeHandler(handler)
+        app_log.setLevel(level)
+
+
 def assert_read_only(sent: Iterable[bytes]) -> list[bytes]:
     """Invariant 2 on the wire: of the command lines a pull sent, every folder was opened
     with EXAMINE, every body fetched with BODY.PEEK, and nothing changed the server.

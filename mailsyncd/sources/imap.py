@@ -448,14 +448,9 @@ class ImapSession:
         raises on the first name that is not valid modified UTF-7 and so loses them all;
         such a name is kept as the server spelt it (see ``_Client``)."""
         with _errors(self._account, self._host):
-            list_status = self._client.has_capability("LIST-STATUS")
-            self._client.folder_encode = False
+            self._client.folder_encode = False  # names are decoded below, one by one
             try:
-                if list_status:
-                    listing = self._list_status()
-                else:
-                    self._settle()
-                    listing = self._client.list_folders()
+                listing = self._list(bool(self._client.has_capability("LIST-STATUS")))
             finally:
                 self._client.folder_encode = True
         folders = []
@@ -471,19 +466,23 @@ class ImapSession:
                 attributes=frozenset(_text(attribute) for attribute in attributes)))
         return folders
 
-    def _list_status(self) -> list[tuple[Any, Any, Any]]:
-        """LIST with the state of every folder in the same answer (RFC 5819), kept for
-        ``statuses``: a folder that did not change then costs no EXAMINE round trip."""
+    def _list(self, with_status: bool) -> list[tuple[Any, Any, Any]]:
+        """LIST, sent before the answers to what went ahead of it (ENABLE) are read, so
+        it costs no round trip of its own. ``with_status`` (LIST-STATUS, RFC 5819) asks
+        for the state of every folder in the same answer, kept for ``statuses``: a folder
+        that did not change then costs no EXAMINE round trip."""
         items = "MESSAGES UIDNEXT UIDVALIDITY" + (" HIGHESTMODSEQ" if self.condstore else "")
         imap = self._client._imap
-        tag = imap._command("LIST", '""', '"*"', "RETURN", f"(STATUS ({items}))")
+        tag = imap._command("LIST", '""', '"*"', *(("RETURN", f"(STATUS ({items}))") if with_status else ()))
         self._settle()
         typ, data = imap._command_complete("LIST", tag)
         if typ != "OK":
             raise imap_errors.IMAPClientError(f"LIST command error: {typ} {data!r}")
         _, listed = imap._untagged_response(typ, data, "LIST")
-        _, answers = imap._untagged_response(typ, data, "STATUS")
         self._statuses = {}
+        if not with_status:
+            return list(self._client._proc_folder_list(listed))
+        _, answers = imap._untagged_response(typ, data, "STATUS")
         for answer in answers if answers != [None] else []:
             name, values = parse_response([answer])
             text = _decoded(name) if isinstance(name, bytes | str) else None

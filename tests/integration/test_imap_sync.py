@@ -4,8 +4,6 @@ database, not at a protocol transcript."""
 
 from __future__ import annotations
 
-import logging
-import re
 import shutil
 import sqlite3
 import subprocess
@@ -24,6 +22,7 @@ from tests.helpers import (
     maildir_contents,
     mbox_contents,
     normalize,
+    round_trips,
     sync,
     write_config,
 )
@@ -277,20 +276,8 @@ def test_a_changed_folder_costs_a_fixed_few_round_trips(tmp_path: Path, dovecot:
     server.add_flags(dovecot.user, "INBOX", uids[:3], ["\\Flagged"])
     server.expunge(dovecot.user, "INBOX", uids[-2:])
     server.append_many(dovecot.user, "INBOX", [path.read_bytes() for path in corpus_messages(15)[-3:]])
-    said: list[str] = []
-    source_log = logging.getLogger("mailsyncd.app")
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
-    level = source_log.level
-    source_log.setLevel(logging.DEBUG)
-    source_log.addHandler(handler)
-    try:
+    with round_trips() as trips:
         counts = sync_counts(config)
-    finally:
-        source_log.removeHandler(handler)
-        source_log.setLevel(level)
     assert (counts.fetched, counts.flags, counts.removed) == (3, 3, 2)
     assert store_bags(config, "maildir")[""] == server_bag(dovecot, "INBOX", "maildir")
-    (trips,) = [int(match.group(1)) for line in said for match in [re.search(r": (\d+) round trips to ", line)]
-                if match]
-    assert trips <= 3, (trips, said)
+    assert len(trips) == 1 and trips[0] <= 3, trips

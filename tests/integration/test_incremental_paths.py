@@ -20,7 +20,7 @@ import pytest
 
 from mailsyncd.config import load_config
 from mailsyncd.stores.maildir import flags_from_name
-from tests.helpers import assert_read_only, normalize, sync, write_config
+from tests.helpers import assert_read_only, normalize, round_trips, sync, write_config
 from tests.server_helpers import DevServer
 
 # The capability sets, each with LIST-STATUS and without: what the server hides.
@@ -155,6 +155,11 @@ def test_every_incremental_path_ends_equal_to_the_server(
     server.add("Lists", 3, ("\\Seen",))
     sync_both()  # the first sync
     inbox = server.uids("INBOX")
+
+    with round_trips() as trips:  # nothing changed: LIST, and EXAMINE where LIST-STATUS cannot tell
+        sync_both()
+    opened = 0 if path != "neither" and "LIST-STATUS" not in hidden else len(FOLDERS)
+    assert trips == [1 + opened] * 2, trips
 
     server.add("INBOX", 2)  # new mail, and flags changed on older messages
     dev.add_flags(user, "INBOX", inbox[1:3], ["\\Seen"])
