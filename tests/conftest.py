@@ -67,22 +67,31 @@ def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer
 
 
 @pytest.fixture(scope="session")
-def server_without(dovecot_server: DevServer, tmp_path_factory: pytest.TempPathFactory
+def announced(dovecot_server: DevServer) -> tuple[str, ...]:
+    """What the session server announces after login (CAPABILITY)."""
+    dovecot_server.add_user("capabilities", secrets.token_urlsafe(12))
+    with dovecot_server.session("capabilities") as conn:
+        return tuple(str(check(conn.capability(), "CAPABILITY")[0], "ascii").split())
+
+
+def capabilities_without(announced: tuple[str, ...], hidden: frozenset[str]) -> str:
+    """An ``imap_capability`` setting: ``announced`` less the capabilities in ``hidden``."""
+    return " ".join(word for word in announced if word.upper() not in hidden)
+
+
+@pytest.fixture(scope="session")
+def server_without(dovecot_server: DevServer, announced: tuple[str, ...], tmp_path_factory: pytest.TempPathFactory
                    ) -> Iterator[Callable[[frozenset[str]], DevServer]]:
     """``server_without(hidden)``: a Dovecot that announces, after login, what the session
     server announces less the capabilities in ``hidden`` (its ``imap_capability``, as for
     ``plain_server``); started at its first use, one per set. Nothing hidden is the session
     server itself."""
-    dovecot_server.add_user("capabilities", secrets.token_urlsafe(12))
-    with dovecot_server.session("capabilities") as conn:
-        announced = str(check(conn.capability(), "CAPABILITY")[0], "ascii").split()
     started: dict[frozenset[str], DevServer] = {frozenset(): dovecot_server}
 
     def server(hidden: frozenset[str]) -> DevServer:
         if hidden not in started:
-            capability = " ".join(word for word in announced if word.upper() not in hidden)
             workdir = tmp_path_factory.mktemp("dovecot-without-" + "-".join(sorted(hidden)).lower())
-            started[hidden] = DevServer(workdir, users=(), imap_capability=capability)
+            started[hidden] = DevServer(workdir, users=(), imap_capability=capabilities_without(announced, hidden))
             started[hidden].start()
         return started[hidden]
 

@@ -20,6 +20,7 @@ import pytest
 
 from mailsyncd.config import load_config
 from mailsyncd.stores.maildir import flags_from_name
+from tests.conftest import capabilities_without
 from tests.helpers import assert_read_only, normalize, round_trips, sync, write_config
 from tests.server_helpers import DevServer
 
@@ -231,3 +232,32 @@ def test_a_count_balanced_by_an_unrecorded_message_deletes_nothing_by_mistake(
     _, rows, _ = recorded(tmp_path / "state.db", "INBOX")
     assert {uid: row_state for uid, (row_state, _) in rows.items()} == {
         uids[0]: "stored", uids[1]: "stored", uids[3]: "stored", uids[4]: "removed", uids[5]: "removed"}
+
+
+def test_the_server_changing_its_capabilities_between_runs(
+        tmp_path: Path, announced: tuple[str, ...], sent_commands: list[bytes]) -> None:
+    """A base recorded on one path is read on another: a HIGHESTMODSEQ recorded under
+    QRESYNC meets a server without CONDSTORE, a base without one meets QRESYNC again, and
+    CONDSTORE alone takes over a QRESYNC base. Every run still ends equal to the server."""
+    with DevServer(tmp_path / "dovecot", users=(("moving", "pw"),)) as dev:
+        server = Server(dev, "moving")
+        config = write_config(tmp_path, dev, "moving", "pw", extra='mode = "mirror"\nfolders = ["INBOX", "Lists"]')
+        server.add("INBOX", 6)
+        server.add("Lists", 2)
+        for hidden in [PATHS["qresync"], PATHS["neither"] | {"LIST-STATUS"}, PATHS["qresync"], PATHS["condstore"],
+                       PATHS["neither"], PATHS["condstore"] | {"LIST-STATUS"}, PATHS["qresync"]]:
+            if dev.imap_capability != capabilities_without(announced, hidden):
+                dev.imap_capability = capabilities_without(announced, hidden)
+                dev.restart()
+            sent_commands.clear()
+            assert sync(config) == 0
+            wire = b"\n".join(assert_read_only(sent_commands))
+            assert (b" ENABLE " in wire) == ("CONDSTORE" not in hidden)
+            assert (b"RETURN (STATUS" in wire) == ("LIST-STATUS" not in hidden)
+            assert_mirrors(config, "mirror", server)
+            inbox = server.uids("INBOX")
+            server.expunge("INBOX", inbox[1:2])
+            dev.add_flags("moving", "INBOX", inbox[-1:], ["\\Seen"])
+            server.add("INBOX", 1)
+            server.expunge("Lists", server.uids("Lists")[:1])
+            server.add("Lists", 1)
