@@ -655,7 +655,7 @@ class ImapSession:
         elif not base.accounts_for(exists, len(new), len(opened.vanished)):
             present = frozenset(uid for uid in self._client.search(["UID", f"1:{base.uidnext - 1}"])
                                 if uid < base.uidnext)
-        return FolderSnapshot(uidvalidity, uidnext or _next(new), highestmodseq, exists, new=new,
+        return FolderSnapshot(uidvalidity, uidnext or _next(new, base.uidnext), highestmodseq, exists, new=new,
                               changed_flags=opened.older, present=present, vanished=opened.vanished)
 
     def _chunks(self, uids: Sequence[int], data: list[bytes]) -> Iterator[dict[int, dict[bytes, Any]]]:
@@ -1024,9 +1024,10 @@ def _decoded_word(text: str) -> str:
         return text
 
 
-def _next(messages: Sequence[RemoteMessage]) -> int:
-    """UIDNEXT for servers that do not report it: one past the highest UID seen."""
-    return max((message.uid for message in messages), default=0) + 1
+def _next(messages: Sequence[RemoteMessage], known: int = 1) -> int:
+    """UIDNEXT for servers that do not report it: one past the highest UID seen, and
+    never below ``known``, the UIDNEXT of the last sync (UIDs only grow)."""
+    return max(known, max((message.uid for message in messages), default=0) + 1)
 
 
 # --- IDLE (RFC 2177): the daemon's push notifications ---------------------------------
