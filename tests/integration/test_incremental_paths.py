@@ -23,6 +23,7 @@ from mailsyncd.stores.maildir import flags_from_name
 from tests.conftest import capabilities_without
 from tests.helpers import assert_read_only, normalize, round_trips, sync, write_config
 from tests.server_helpers import DevServer
+from tests.twoway_helpers import message
 
 # The capability sets, each with LIST-STATUS and without: what the server hides.
 PATHS = {
@@ -35,13 +36,8 @@ CASES = [pytest.param(PATHS[path] | listing, path, id=f"{path}{'-no-list-status'
 FOLDERS = ("INBOX", "Lists")
 
 
-def message(number: int) -> bytes:
-    return (f"From: a@example.org\r\nSubject: m{number}\r\nMessage-ID: <m{number}@example.org>\r\n\r\n"
-            f"body {number}\r\n").encode()
-
-
 def subject(data: bytes) -> str:
-    found = re.search(rb"^Subject: (\S+)", data, re.MULTILINE)
+    found = re.search(rb"^Subject: ([^\r\n]*)", data, re.MULTILINE)
     assert found is not None
     return found.group(1).decode()
 
@@ -60,7 +56,7 @@ class Server:
     def add(self, folder: str, count: int, flags: tuple[str, ...] = ()) -> None:
         for _ in range(count):
             self.numbers += 1
-            self.server.append(self.user, folder, message(self.numbers), flags)
+            self.server.append(self.user, folder, message(self.numbers, folder), flags)
 
     def uids(self, folder: str) -> list[int]:
         return self.server.uids(self.user, folder)
@@ -218,17 +214,17 @@ def test_a_count_balanced_by_an_unrecorded_message_deletes_nothing_by_mistake(
     uids = server.uids("INBOX")
     db = sqlite3.connect(tmp_path / "state.db")
     with db:
-        db.execute("delete from messages where uid = ?", (uids[2],))  # m3: on the server, recorded no more
+        db.execute("delete from messages where uid = ?", (uids[2],))  # message 3: on the server, recorded no more
     db.close()
-    server.expunge("INBOX", uids[4:5])  # m5: recorded, expunged; the count still adds up
+    server.expunge("INBOX", uids[4:5])  # message 5: recorded, expunged; the count still adds up
     assert sync(config) == 0
     stored = set(local(load_config(config).accounts[0].store.path))
     assert stored >= set(server.contents("INBOX")), "a message still on the server was removed"
-    assert ("m5" in stored) == (path == "condstore"), "CONDSTORE alone cannot tell m5 from m3 by the count"
+    assert ("message 5 in INBOX" in stored) == (path == "condstore"), "CONDSTORE alone misses it"
 
-    server.expunge("INBOX", uids[5:6])  # m6: now the count differs, and a UID SEARCH tells both
+    server.expunge("INBOX", uids[5:6])  # message 6: now the count differs, and a UID SEARCH tells both
     assert sync(config) == 0
-    assert set(local(load_config(config).accounts[0].store.path)) == {"m1", "m2", "m3", "m4"}
+    assert set(local(load_config(config).accounts[0].store.path)) == {f"message {n} in INBOX" for n in (1, 2, 3, 4)}
     _, rows, _ = recorded(tmp_path / "state.db", "INBOX")
     assert {uid: row_state for uid, (row_state, _) in rows.items()} == {
         uids[0]: "stored", uids[1]: "stored", uids[3]: "stored", uids[4]: "removed", uids[5]: "removed"}
