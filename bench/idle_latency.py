@@ -86,25 +86,8 @@ def files(store: Path) -> int:
 
 def daemon_config(root: Path, server: DevServer, user: str) -> Path:
     config = root / "config.toml"
-    config.write_text(f"""[general]
-state = "{root / 'state.db'}"
-
-[[account]]
-name = "bench"
-protocol = "imap"
-host = "{server.host}"
-port = {server.imaps_port}
-tls_ca_file = "{server.ca_file}"
-username = "{user}"
-password = "{server.password(user)}"
-interval = "20m"
-idle = ["INBOX"]
-folders = ["INBOX"]
-
-[account.store]
-format = "maildir"
-path = "{root / 'store'}"
-""")
+    config.write_text(f'[general]\nstate = "{root / "state.db"}"\n' + server.account_toml(
+        user, root / "store", name="bench", extra='interval = "20m"\nidle = ["INBOX"]\nfolders = ["INBOX"]'))
     config.chmod(0o600)
     return config
 
