@@ -134,7 +134,7 @@ MODES = st.sampled_from([Mode.ARCHIVE, Mode.MIRROR])
 
 
 @given(history=histories(lose=False), path=st.sampled_from(PATHS), superset=st.booleans(), mode=MODES)
-@settings(max_examples=400)
+@settings(max_examples=200)
 def test_each_path_plans_like_a_full_listing(history: History, path: str, superset: bool, mode: Mode) -> None:
     policy = Policy(mode)
     snapshot = incremental(history, path, superset)
@@ -145,7 +145,7 @@ def test_each_path_plans_like_a_full_listing(history: History, path: str, supers
 
 
 @given(history=histories(lose=True), path=st.sampled_from(PATHS), superset=st.booleans(), mode=MODES)
-@settings(max_examples=400)
+@settings(max_examples=200)
 def test_a_count_balanced_by_accident_never_deletes_what_the_server_has(
         history: History, path: str, superset: bool, mode: Mode) -> None:
     policy = Policy(mode)
@@ -162,7 +162,7 @@ def test_a_count_balanced_by_accident_never_deletes_what_the_server_has(
 
 
 @given(history=histories(lose=False), superset=st.booleans())
-@settings(max_examples=300)
+@settings(max_examples=150)
 def test_the_count_adds_up_exactly_when_nothing_unreported_vanished(history: History, superset: bool) -> None:
     """``accounts_for`` on a true base: without a report it adds up exactly when no
     recorded older message was expunged; with QRESYNC's report it adds up exactly when
