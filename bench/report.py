@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import measure
+from mailsyncd_noop import CYCLES
 from measure import Cell, RunInfo, SizeResults
 from tools import ALL_TOOLS, Tool, first_line
 
@@ -183,10 +184,12 @@ def _daemon_cycle(inprocess: Sequence[dict[str, float]], mbsync: Cell) -> list[s
     return [
         "The daemon's no-op cycle: on the same `App`, one `sync_account(keep=True)` pass logs in and keeps "
         f"its session ({seconds(first)} s), then each further pass runs on the kept connection, with no "
-        f"process start, TLS handshake or login. Medians of {len(runs)} runs x the median of their cycles; "
-        "mailsyncd's round trips are its own count after login (\"N round trips to\" on `mailsyncd.app`; "
-        f"the non-kept pass above made {login_trips:g}), mbsync's are the proxy's count of its whole run, "
-        "TLS handshake and login included.", "",
+        f"process start, TLS handshake or login: the median of {CYCLES} such cycles "
+        f"(median over {len(runs)} run{'s' if len(runs) > 1 else ''}). mailsyncd's round trips are its own count "
+        "after login (\"N round trips to\" on `mailsyncd.app`; the non-kept pass above made "
+        f"{login_trips:g}); mbsync's are " + ("the proxy's count of its whole run, TLS handshake and login included."
+                                              if mbsync_trips else "counted with `--rtt` or `--count-trips` only."),
+        "",
         "| what | wall s | CPU s | round trips |", "|---|---|---|---|",
         f"| **daemon no-op cycle** (`sync_account(keep=True)` on the kept connection) | {seconds(wall)} | "
         f"{seconds(cpu)} | {trips:g} |",
