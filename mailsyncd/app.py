@@ -371,6 +371,8 @@ class App:
         """A logged-in session for one run: with ``keep``, the one the last run left if it
         can carry this one (see ``KeptSessions.take``), and given back afterwards unless
         the run ended in an exception (the connection may then be mid-answer)."""
+        if not keep:
+            self.kept.drop(account.name)  # left by a run before a reload turned keeping off
         kept = self.kept.take(account) if keep else None
         if kept is None:
             session = log_in(account, lambda secret: imap.connect(account, secret, deadline))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
 from pathlib import Path
 
 from tests.conftest import DovecotUser
@@ -20,11 +19,7 @@ RARE = 'interval = "20m"'  # runs only when asked (SIGUSR1), so the test says wh
 
 
 def _deliver(dovecot: DovecotUser, subject: str) -> None:
-    """A new message in INBOX without an IMAP login (which the test counts): doveadm save."""
-    server = dovecot.server
-    done = subprocess.run(["doveadm", "-c", str(server.config_file), "save", "-u", dovecot.user, "-m", "INBOX"],
-                          input=message(subject), capture_output=True, timeout=30, check=False)
-    assert done.returncode == 0, done.stderr
+    dovecot.server.deliver(dovecot.user, "INBOX", message(subject))
 
 
 def _dovecot_log(dovecot: DovecotUser) -> str:
