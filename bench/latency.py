@@ -102,6 +102,8 @@ class LatencyProxy:
             self._loop.call_soon_threadsafe(server.close)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     async def _listen(self, target: int) -> asyncio.base_events.Server:
         async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
