@@ -310,6 +310,10 @@ def connect(account: AccountConfig, password: Secret, deadline: float | None = N
         else:
             client = _Client(account.host, account.port, ssl=False, timeout=TIMEOUT)
         _quiet(client)
+        # Commands written one behind the other (``_settle``, the EXAMINE burst) go out as
+        # written, not held back by Nagle until the first is answered: that would cost
+        # the round trip they save.
+        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         guard = _ReadGuard(client, account, deadline)
         if account.security == "starttls":
             if not client.has_capability("STARTTLS"):

@@ -281,3 +281,26 @@ def test_a_changed_folder_costs_a_fixed_few_round_trips(tmp_path: Path, dovecot:
     assert (counts.fetched, counts.flags, counts.removed) == (3, 3, 2)
     assert store_bags(config, "maildir")[""] == server_bag(dovecot, "INBOX", "maildir")
     assert len(trips) == 1 and trips[0] <= 3, trips
+
+
+def test_commands_sent_together_leave_together(tmp_path: Path, dovecot: DovecotUser) -> None:
+    """What the client counts as one wait is one on the wire too: a command written right
+    behind another (ENABLE and LIST) is not held back by Nagle's algorithm until the
+    first is answered. Counted by the benchmark's delaying proxy, which sees the wire:
+    a no-op run is the TLS handshake (2), LOGIN, ENABLE with LIST, and LOGOUT."""
+    from bench.latency import LatencyProxy
+
+    server = dovecot.server
+    server.append(dovecot.user, "INBOX", b"Subject: one\r\n\r\nbody\r\n")
+    proxy = LatencyProxy(server.host, [server.imaps_port], rtt_ms=20)
+    try:
+        config = write_config(tmp_path, server, dovecot.user, dovecot.password)
+        config.write_text(config.read_text().replace(f"port = {server.imaps_port}",
+                                                     f"port = {proxy.port(server.imaps_port)}"))
+        assert sync(config) == 0
+        before = proxy.trips()
+        assert sync(config) == 0
+        run = proxy.trips() - before
+    finally:
+        proxy.close()
+    assert (run.connections, run.turns) == (1, 5)

@@ -104,3 +104,34 @@ def test_a_removed_account_logs_out_at_the_reload(
     daemon.wait_log("removed: acct")
     assert wait_for(lambda: not _sessions_open(dovecot), timeout=5), server.doveadm("who")
     assert daemon.stop() == 0
+
+
+def test_two_way_runs_share_the_login_and_leaving_a_writable_folder_expunges_nothing(
+        tmp_path: Path, dovecot: DovecotUser, daemons: list[Daemon]) -> None:
+    """mode = "sync": the daemon's passes (one started by a change in the Maildir) select
+    folders writable; the connection kept between them must leave each folder without
+    CLOSE, which would expunge every message marked \\Deleted, someone else's too."""
+    server = dovecot.server
+    store = tmp_path / "store"
+    config = write_accounts(tmp_path, account_toml(server, dovecot.user, dovecot.password, "acct", store,
+                                                   RARE + '\nmode = "sync"\nfolders = ["INBOX"]'))
+    mine, theirs = (server.append(dovecot.user, "INBOX", message(subject)) for subject in ("mine", "theirs"))
+    server.add_flags(dovecot.user, "INBOX", [theirs], ["\\Deleted"])  # another client's, not expunged yet
+    since = len(_dovecot_log(dovecot))  # from here on, the server is read with doveadm: no IMAP login
+
+    def flags() -> dict[int, str]:
+        listed = server.doveadm("-f", "flow", "fetch", "-u", dovecot.user, "uid flags", "mailbox", "INBOX")
+        return {int(match[1]): match[2] for match in re.finditer(r"uid=(\d+) flags=(.*)", listed)}
+
+    daemon = start(daemons, config)
+    assert wait_for(lambda: stored(store) == 2, timeout=10), daemon.log()
+    (path,) = [path for sub in ("new", "cur") for path in (store / sub).iterdir()
+               if b"Subject: mine" in path.read_bytes()]
+    path.rename(store / "cur" / (path.name.split(":2,")[0] + ":2,FS"))  # the user flags it, as an MUA does
+    assert wait_for(lambda: "\\Flagged" in flags()[mine], timeout=10), daemon.log()
+    _deliver(dovecot, "new")
+    _runs_to(daemon, store, 3)
+    assert daemon.stop() == 0
+    assert theirs in flags()  # marked by another client, still there
+    assert server_sessions(_dovecot_log(dovecot)[since:], {dovecot.user}) == {dovecot.user: 1}, daemon.log()
+    assert "Traceback" not in daemon.log()
