@@ -30,7 +30,7 @@ import dataset
 import measure
 import report
 import tools
-from latency import LatencyProxy
+from latency import LatencyProxy, self_check
 from measure import RunInfo, SizeResults
 from rawmail import Imap
 from tools import Endpoint, Tool, Workspace
@@ -53,8 +53,10 @@ def log(text: str) -> None:
 class ServerStates:
     """The filled server, its snapshot, and what every tool's store is checked against."""
 
-    def __init__(self, workdir: Path, count: int, folders: int, seed: int, rtt: float = 0.0) -> None:
+    def __init__(self, workdir: Path, count: int, folders: int, seed: int, rtt: float = 0.0,
+                 count_trips: bool = False) -> None:
         self.rtt = rtt
+        self.count_trips = count_trips or rtt > 0
         self.proxy: LatencyProxy | None = None
         self.password = secrets.token_urlsafe(12)
         self.server = DevServer(workdir / "server", users=((IMAP_USER, self.password), (POP_USER, self.password)))
@@ -82,7 +84,8 @@ class ServerStates:
         for user in self.layouts:
             subprocess.run(["cp", "-a", str(self.home(user)), str(self.snapshots / user)], check=True)
         self.server.start()
-        if self.rtt > 0:  # the tools' way in; the benchmark's own view of the server stays direct
+        if self.count_trips:  # the tools' way in; the benchmark's own view of the server stays direct
+            self_check(self.rtt)  # the counter behind the report's round trips counts right
             self.proxy = LatencyProxy(self.server.host, [self.server.imaps_port, self.server.pop3s_port], self.rtt)
 
     def home(self, user: str) -> Path:
@@ -109,10 +112,16 @@ class ServerStates:
 
     def measure(self, argv: list[str], ws: Workspace, log_path: Path, timeout: float,
                 success: frozenset[int] = frozenset({0}), env: dict[str, str] | None = None) -> measure.Sample:
-        """One measured run, with the server's CPU over the same interval."""
+        """One measured run, with the server's CPU over the same interval and, through the
+        proxy, the round trips and connections of the run."""
+        trips_before = self.proxy.trips() if self.proxy is not None else None
         before = self.cpu()
         sample = measure.measure(argv, env or ws.env(), ws.root, log_path, timeout, success)
-        return dataclasses.replace(sample, server_cpu=self.cpu() - before)
+        sample = dataclasses.replace(sample, server_cpu=self.cpu() - before)
+        if self.proxy is None or trips_before is None:
+            return sample
+        trips = self.proxy.trips() - trips_before
+        return dataclasses.replace(sample, round_trips=trips.turns, connections=trips.connections)
 
     def endpoint(self, protocol: str, ws: Workspace) -> Endpoint:
         """Where a tool connects: 'localhost' (the certificate's DNS name; some tools cannot
@@ -156,7 +165,7 @@ class SizeRun:
         self.workdir.chmod(0o711)  # a tool run as nobody must reach its own directory in runs/
         self.logs = self.workdir / "logs"
         self.logs.mkdir()
-        self.states = ServerStates(self.workdir, count, folders, args.seed, args.rtt)
+        self.states = ServerStates(self.workdir, count, folders, args.seed, args.rtt, args.count_trips)
         self.results = SizeResults(count, folders)
         self.audit = audit
 
@@ -366,6 +375,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-workdir", action="store_true")
     parser.add_argument("--rtt", type=float, default=0.0, metavar="MS",
                         help="add this round-trip time between every tool and the server (a delaying proxy)")
+    parser.add_argument("--count-trips", action="store_true",
+                        help="count round trips at 0 ms too, through a zero-delay proxy (always on with --rtt)")
     parser.add_argument("--render", nargs="+", type=Path, metavar="JSON",
                         help="only rebuild reports from saved results/*.json (smallest size first)")
     args = parser.parse_args(argv)
@@ -381,7 +392,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def write_report(results: SizeResults, done: list[SizeResults], run: RunInfo, directory: Path) -> None:
     """Print the report and write it (and the raw figures, for --render) to the results directory."""
     text = report.render(results, done, run)
-    rtt = f"-rtt{run.rtt:g}ms" if run.rtt else ""
+    rtt = f"-rtt{run.rtt:g}ms" if run.rtt or run.count_trips else ""  # -rtt0ms: through the zero-delay proxy
     stem = directory / f"{results.started[:10]}-{results.count}x{results.folders}{rtt}"
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps({"run": dataclasses.asdict(run), "results": results.to_json()},
@@ -411,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     command = os.environ.get("BENCH_COMMAND") or " ".join(["python bench/bench.py", *sys.argv[1:]])
     chosen = [tools.ALL_TOOLS[t] for t in args.tools if t in tools.ALL_TOOLS]
     run = RunInfo(command, args.repeat, sorted(args.once), list(args.tools),
-                  report.environment(args.workdir, chosen), args.rtt)
+                  report.environment(args.workdir, chosen), args.rtt, args.count_trips or args.rtt > 0)
     done: list[SizeResults] = []
     for index, (count, folders) in enumerate(args.sizes):
         results = SizeRun(args, count, folders, audit=index == 0 and not args.no_fsync_audit).run()

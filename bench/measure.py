@@ -29,6 +29,8 @@ class Sample:
     exit_code: int
     error: str = ""  # empty when the exit code is one the tool documents as success
     server_cpu: float = float("nan")  # Dovecot's CPU seconds during the run (all its processes)
+    round_trips: int | None = None  # turns counted by bench/latency.py over the run's connections
+    connections: int | None = None  # connections made through bench/latency.py (logins)
 
     @property
     def cpu(self) -> float:
@@ -120,6 +122,13 @@ class Cell:
     def rss_mib(self) -> float:
         return median([s.rss_kib / 1024 for s in self.good()])
 
+    def trips(self) -> tuple[float, float] | None:
+        """Median round trips and connections, or None when they were not counted."""
+        counted = [s for s in self.good() if s.round_trips is not None and s.connections is not None]
+        if not counted:
+            return None
+        return median([s.round_trips or 0 for s in counted]), median([s.connections or 0 for s in counted])
+
     def failed(self) -> list[str]:
         return sorted({s.error for s in self.samples if s.error})
 
@@ -166,6 +175,7 @@ class RunInfo:
     tools: list[str]
     environment: dict[str, str]
     rtt: float = 0.0  # ms added between tool and server (bench/latency.py)
+    count_trips: bool = False  # tools went through bench/latency.py, which counted round trips
 
 
 def load_average() -> str:

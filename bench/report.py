@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import measure
+from mailsyncd_noop import CYCLES
 from measure import Cell, RunInfo, SizeResults
 from tools import ALL_TOOLS, Tool, first_line
 
@@ -73,17 +74,24 @@ def _checks_text(cell: Cell) -> str:
     return "<br>".join(f"{count}x: {text}" for text, count in outcomes.most_common()) or "-"
 
 
+def _trips_text(cell: Cell) -> str:
+    trips = cell.trips()
+    return "-" if trips is None else f"{trips[0]:g} ({trips[1]:g})"
+
+
 def round_table(results: SizeResults, rows: Sequence[str], round_name: str, reference: str) -> str:
-    lines = ["| tool | runs | wall s | CPU s (user+sys) | peak RSS MiB | msg/s | server CPU s | check | "
-             f"{reference}/tool wall | {reference}/tool CPU |", "|---|---|---|---|---|---|---|---|---|---|"]
+    cells = {name: results.cells[(name, round_name)] for name in rows if (name, round_name) in results.cells}
+    counted = any(cell.trips() is not None for cell in cells.values())
+    trips_head, trips_rule = (" round trips (connections) |", "---|") if counted else ("", "")
+    lines = ["| tool | runs | wall s | CPU s (user+sys) | peak RSS MiB | msg/s | server CPU s |"
+             f"{trips_head} check | {reference}/tool wall | {reference}/tool CPU |",
+             f"|---|---|---|---|---|---|---|{trips_rule}---|---|---|"]
     base = results.cells.get((reference, round_name), Cell())
-    for name in rows:
-        cell = results.cells.get((name, round_name))
-        if cell is None:
-            continue
+    for name, cell in cells.items():
         label = LOWER_BOUND_LABEL.get(name, name)
+        trips = f" {_trips_text(cell)} |" if counted else ""
         if not cell.samples:
-            lines.append(f"| {label} | 0 | - | - | - | - | - | {_checks_text(cell)} | - | - |")
+            lines.append(f"| {label} | 0 | - | - | - | - | - |{trips} {_checks_text(cell)} | - | - |")
             continue
         wall = cell.wall()
         passed = cell.passed()
@@ -99,7 +107,7 @@ def round_table(results: SizeResults, rows: Sequence[str], round_name: str, refe
         if passed.count(False):
             runs += " (all failed)" if not any(passed) else f" ({passed.count(False)} failed)"
         lines.append(f"| {label} | {runs} | {seconds(wall)} | {seconds(cell.cpu())} | {rss} | {rate} | "
-                     f"{server} | {_checks_text(cell)} | {ratio_wall} | {ratio_cpu} |")
+                     f"{server} |{trips} {_checks_text(cell)} | {ratio_wall} | {ratio_cpu} |")
     return "\n".join(lines)
 
 
@@ -140,25 +148,55 @@ def _summary(results: SizeResults) -> list[str]:
 
 
 def _mailsyncd_details(results: SizeResults) -> list[str]:
-    out = []
-    if results.inprocess:
-        keys = ("import", "open", "sync", "open_and_sync")
-        medians = {key: statistics.median(run[key] for run in results.inprocess) for key in keys}
-        cli = results.cells.get(("mailsyncd", "noop"), Cell())
-        mbsync = results.cells.get(("mbsync", "noop"), Cell())
-        out += [
-            "## mailsyncd no-op, inside the process", "",
-            f"No-op pass measured inside the process (median of {len(results.inprocess)}), next to whole runs:", "",
-            "| what | seconds |", "|---|---|",
-            f"| import mailsyncd (interpreter already running) | {seconds(medians['import'])} |",
-            f"| `App.open` (state database, schema check) | {seconds(medians['open'])} |",
-            f"| `sync_account` (connect, login, LIST, per-folder STATUS/CONDSTORE check) | "
-            f"{seconds(medians['sync'])} |",
-            f"| `App.open` + `sync_account` | {seconds(medians['open_and_sync'])} |",
-            f"| whole `mailsyncd sync` process (interpreter start-up included) | {seconds(cli.wall())} |",
-            f"| whole `mbsync -a` process | {seconds(mbsync.wall())} |", "",
-        ]
-    return out
+    if not results.inprocess:
+        return []
+    keys = ("import", "open", "sync", "open_and_sync")
+    medians = {key: statistics.median(run[key] for run in results.inprocess) for key in keys}
+    cli = results.cells.get(("mailsyncd", "noop"), Cell())
+    mbsync = results.cells.get(("mbsync", "noop"), Cell())
+    return [
+        "## mailsyncd no-op, inside the process", "",
+        f"No-op pass measured inside the process (median of {len(results.inprocess)}), next to whole runs:", "",
+        "| what | seconds |", "|---|---|",
+        f"| import mailsyncd (interpreter already running) | {seconds(medians['import'])} |",
+        f"| `App.open` (state database, schema check) | {seconds(medians['open'])} |",
+        f"| `sync_account` (connect, login, LIST, per-folder STATUS/CONDSTORE check) | "
+        f"{seconds(medians['sync'])} |",
+        f"| `App.open` + `sync_account` | {seconds(medians['open_and_sync'])} |",
+        f"| whole `mailsyncd sync` process (interpreter start-up included) | {seconds(cli.wall())} |",
+        f"| whole `mbsync -a` process | {seconds(mbsync.wall())} |", "",
+        *_daemon_cycle(results.inprocess, mbsync),
+    ]
+
+
+def _daemon_cycle(inprocess: Sequence[dict[str, float]], mbsync: Cell) -> list[str]:
+    """The daemon's no-op cycle on its kept connection beside mbsync's whole no-op run."""
+    runs = [run for run in inprocess if "cycle_wall" in run]  # reports saved before it was measured lack it
+    if not runs:
+        return []
+    wall, cpu, trips, first, login_trips = (
+        statistics.median(run[key] for run in runs)
+        for key in ("cycle_wall", "cycle_cpu", "cycle_round_trips", "keep_first", "sync_round_trips"))
+    mbsync_trips = mbsync.trips()
+    mbsync_trips_text = "-" if mbsync_trips is None else f"{mbsync_trips[0]:g} ({mbsync_trips[1]:g} connection)"
+    ratio = wall / mbsync.wall() if mbsync.samples and mbsync.wall() > 0 else float("nan")
+    cpu_ratio = cpu / mbsync.cpu() if mbsync.samples and mbsync.cpu() >= MIN_CPU else float("nan")
+    return [
+        "The daemon's no-op cycle: on the same `App`, one `sync_account(keep=True)` pass logs in and keeps "
+        f"its session ({seconds(first)} s), then each further pass runs on the kept connection, with no "
+        f"process start, TLS handshake or login: the median of {CYCLES} such cycles "
+        f"(median over {len(runs)} run{'s' if len(runs) > 1 else ''}). mailsyncd's round trips are its own count "
+        "after login (\"N round trips to\" on `mailsyncd.app`; the non-kept pass above made "
+        f"{login_trips:g}); mbsync's are " + ("the proxy's count of its whole run, TLS handshake and login included."
+                                              if mbsync_trips else "counted with `--rtt` or `--count-trips` only."),
+        "",
+        "| what | wall s | CPU s | round trips |", "|---|---|---|---|",
+        f"| **daemon no-op cycle** (`sync_account(keep=True)` on the kept connection) | {seconds(wall)} | "
+        f"{seconds(cpu)} | {trips:g} |",
+        f"| whole `mbsync -a` no-op process | {seconds(mbsync.wall())} | {seconds(mbsync.cpu())} | "
+        f"{mbsync_trips_text} |",
+        f"| daemon cycle / mbsync (ratio of medians) | {_ratio_text(ratio)} | {_ratio_text(cpu_ratio)} | |", "",
+    ]
 
 
 def _state_table(results: SizeResults) -> list[str]:
@@ -203,10 +241,29 @@ def _scaling(done: Sequence[SizeResults]) -> list[str]:
     for name in names:
         values = " | ".join(seconds(r.cells.get((name, "noop"), Cell()).wall()) for r in done)
         out.append(f"| {name} (whole run, s) | {values} |")
-    if all(r.inprocess for r in done):
-        values = " | ".join(seconds(statistics.median(x["sync"] for x in r.inprocess)) for r in done)
-        out.append(f"| mailsyncd `sync_account` in process (s) | {values} |")
+    for key, label in (("sync", "mailsyncd `sync_account` in process (s)"),
+                       ("cycle_wall", "mailsyncd daemon no-op cycle, kept connection (s)")):
+        if all(r.inprocess and all(key in x for x in r.inprocess) for r in done):
+            values = " | ".join(seconds(statistics.median(x[key] for x in r.inprocess)) for r in done)
+            out.append(f"| {label} | {values} |")
     return [*out, ""]
+
+
+TRIPS_NOTE = (
+    "*round trips (connections)*: counted in bench/latency.py, outside the tools and the same way for all: "
+    "on each connection, a turn is the server sending after the client sent something since the server last "
+    "did (an answer the client may have waited for), summed over the run's connections; *connections* is how "
+    "many the run opened (each one a login). A TLS 1.3 connection costs two turns before its first command "
+    "(handshake, then the greeting); TCP's handshake is not counted. Medians over the runs that passed.")
+
+
+def _network_line(run: RunInfo) -> str:
+    if run.rtt:
+        return f"- added round-trip time: {run.rtt:g} ms (bench/latency.py between every tool and the server)"
+    if run.count_trips:
+        return ("- network: loopback through bench/latency.py with no added delay, to count round trips "
+                "(`--count-trips`); walls include the proxy's forwarding: compare them with a run without it")
+    return "- network: loopback, no added latency"
 
 
 def render(results: SizeResults, done: Sequence[SizeResults], run: RunInfo) -> str:
@@ -215,8 +272,7 @@ def render(results: SizeResults, done: Sequence[SizeResults], run: RunInfo) -> s
         f"# mailsyncd benchmark: {results.count} messages in {results.folders} folders", "",
         f"- started {results.started}, finished {results.finished}",
         f"- command: `{run.command}`",
-        f"- added round-trip time: {run.rtt:g} ms (bench/latency.py between every tool and the server)"
-        if run.rtt else "- network: loopback, no added latency",
+        _network_line(run),
         f"- every figure is the **median** of {run.repeat} repetitions{once}; ratios are medians of "
         "mailsyncd/tool computed pair by pair within each repetition (> 1: mailsyncd is slower)",
         f"- load average at start / end: {' / '.join(results.load)} (2-core machine shared with other "
@@ -237,6 +293,7 @@ def render(results: SizeResults, done: Sequence[SizeResults], run: RunInfo) -> s
         "msg/s = messages the round had to transfer / wall time. *check*: every server "
         "message present exactly once, byte-equal after CRLF->LF, in one local folder per server folder, "
         "flags equal for tools that sync flags (mailsyncd, mbsync, offlineimap).", "",
+        *([TRIPS_NOTE, ""] if run.count_trips else []),
         *_summary(results),
         *_protocol_sections(results, "IMAP", IMAP_ROWS, "mailsyncd"),
         *_protocol_sections(results, "POP3", POP3_ROWS, "mailsyncd-pop3"),

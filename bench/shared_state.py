@@ -34,23 +34,10 @@ from tests.postgres import private_cluster  # noqa: E402
 
 
 def config(directory: Path, url: str, server: DovecotServer, users: list[str], password: str, node: str) -> Path:
-    accounts = "".join(f"""
-[[account]]
-name = "{user}"
-protocol = "imap"
-host = "{server.host}"
-port = {server.imaps_port}
-tls_ca_file = "{server.ca_file}"
-username = "{user}"
-password = "{password}"
-
-[account.store]
-format = "maildir"
-path = "{directory / 'stores' / '{account}'}"
-""" for user in users)
+    accounts = "".join(server.account_toml(user, directory / "stores" / "{account}", password=password,
+                                           extra='interval = "1h"') for user in users)
     path = directory / f"config-{node}.toml"
-    path.write_text(f'[general]\nstate = "{url}"\nnode = "{node}"\n' + accounts.replace(
-        'password = "', 'interval = "1h"\npassword = "'))
+    path.write_text(f'[general]\nstate = "{url}"\nnode = "{node}"\n' + accounts)
     path.chmod(0o600)
     return path
 

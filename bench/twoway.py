@@ -37,26 +37,9 @@ def message(number: int, folder: str, rng: random.Random) -> bytes:
 
 def mailsyncd_config(root: Path, server: DevServer, user: str) -> list[str]:
     config = root / "config.toml"
-    config.write_text(f"""[general]
-state = "{root / 'state.db'}"
-
-[[account]]
-name = "bench"
-protocol = "imap"
-host = "{server.host}"
-port = {server.imaps_port}
-tls_ca_file = "{server.ca_file}"
-username = "{user}"
-password = "{user}-pw"
-mode = "sync"
-exclude = ["Drafts", "Junk", "Sent", "Trash"]
-max_deletions = "500"
-
-[account.store]
-format = "maildir"
-path = "{root / 'store'}"
-layout = "fs"
-""")
+    config.write_text(f'[general]\nstate = "{root / "state.db"}"\n' + server.account_toml(
+        user, root / "store", name="bench", extra='mode = "sync"\nexclude = ["Drafts", "Junk", "Sent", "Trash"]\n'
+        'max_deletions = "500"', store_extra='layout = "fs"'))
     config.chmod(0o600)
     return [sys.executable, "-m", "mailsyncd", "--config", str(config), "-q", "sync"]
 

@@ -36,11 +36,13 @@ from mailsyncd.domain import (
 )
 from mailsyncd.errors import AccountError, Interrupted, LeaseLost, MailsyncError, StoreUnavailable
 from mailsyncd.fsio import STORE_ERRNOS, make_private_dirs, write_refusal
-from mailsyncd.oauth2 import log_in
+from mailsyncd.oauth2 import log_in, login_good_until
 from mailsyncd.progress import Progress
 from mailsyncd.secrets import redact
 from mailsyncd.sources import imap
 from mailsyncd.sources.base import ImapSource
+from mailsyncd.sources.imap import ImapSession
+from mailsyncd.sources.kept import Kept, KeptSessions
 from mailsyncd.state import db, definitions
 from mailsyncd.state.leases import Holder, Leases, LocalHostCap, Rules, own_identity
 from mailsyncd.state.repo import KnownFolder, StateRepo
@@ -114,6 +116,7 @@ class App:
             self.leases = Leases(engine, own_identity(config.general.node), config.general.lease_time)
         self.host_cap = LocalHostCap()  # host_logins where no lease rows are shared
         self.holding: set[str] = set()  # the accounts this process syncs now, for the metrics
+        self.kept = KeptSessions()  # the daemon's IMAP sessions between runs (``keep`` runs only)
         self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # tests move it (delete_after_days)
 
     @classmethod
@@ -127,6 +130,7 @@ class App:
         return cls(config, engine)
 
     def close(self) -> None:
+        self.kept.close()
         self.engine.dispose()
 
     def __enter__(self) -> App:
@@ -203,19 +207,21 @@ class App:
 
     def sync_account(self, account: AccountConfig, folders: Sequence[str] = (),
                      progress: Progress | None = None, checkpoint: Checkpoint = no_checkpoint, *,
-                     dry_run: bool = False, allow_deletions: Sequence[str] = (), scheduled: bool = False) -> Counts:
+                     dry_run: bool = False, allow_deletions: Sequence[str] = (), scheduled: bool = False,
+                     keep: bool = False) -> Counts:
         """One pass over one account. Raises AccountError (recorded in the database) when
         the account as a whole failed; folder failures are in the returned counts.
         ``dry_run`` (two-way) only plans: the lines are in ``Counts.report``; it changes
         neither side nor the database. ``allow_deletions`` lifts the deletion guard of
         these folders for this pass. On a shared database a ``scheduled`` run skips an
         account synced less than half its interval ago (AccountNotDue), so N daemons do
-        not each sync it every interval."""
+        not each sync it every interval. ``keep`` (the daemon's runs of IMAP accounts)
+        leaves the session logged in for the next run, and takes the one the last run left."""
         with db.state_errors(self.config.general.state, account.name):
             account_id = self.repo.account_id(account.name, account.protocol)
             with self._lease(account, account_id, checkpoint, scheduled) as guarded:
                 return self._sync_account(account, account_id, folders, progress or Progress(), guarded, dry_run,
-                                          allow_deletions)
+                                          allow_deletions, keep)
 
     @contextlib.contextmanager
     def _lease(self, account: AccountConfig, account_id: int, checkpoint: Checkpoint,
@@ -256,7 +262,7 @@ class App:
         return {} if self.leases is None else self.leases.holders()
 
     def _sync_account(self, account: AccountConfig, account_id: int, folders: Sequence[str], progress: Progress,
-                      checkpoint: Checkpoint, dry_run: bool, allow_deletions: Sequence[str]) -> Counts:
+                      checkpoint: Checkpoint, dry_run: bool, allow_deletions: Sequence[str], keep: bool) -> Counts:
         started = time.monotonic()
         two_way = Mode(account.mode) == Mode.SYNC and account.protocol == "imap"
         create = not (two_way and self.repo.has_messages(account_id))
@@ -278,9 +284,9 @@ class App:
                 recover(self.repo, store, account_id)
                 if two_way:
                     self._sync_twoway(account, account_id, store, folders, progress, checkpoint, counts, False,
-                                      allow_deletions)
+                                      allow_deletions, keep)
                 else:
-                    self._sync(account, account_id, store, folders, progress, checkpoint, counts)
+                    self._sync(account, account_id, store, folders, progress, checkpoint, counts, keep)
         except Interrupted as error:
             self.repo.finish_run(run_id, RunResult.INTERRUPTED, counts.fetched, counts.fetched_bytes, str(error))
             raise
@@ -299,7 +305,7 @@ class App:
         return counts
 
     def _sync(self, account: AccountConfig, account_id: int, store: Store, folders: Sequence[str],
-              progress: Progress, checkpoint: Checkpoint, counts: Counts) -> None:
+              progress: Progress, checkpoint: Checkpoint, counts: Counts, keep: bool) -> None:
         deadline = None if account.timeout is None else time.monotonic() + account.timeout
         if account.protocol == "pop3":
             from mailsyncd.sources import pop3
@@ -311,7 +317,7 @@ class App:
                          self.clock(), checkpoint, counts=counts)
             return
         policy = Policy(Mode(account.mode), account.max_message_size, LargeMessages(account.large_messages))
-        with log_in(account, lambda secret: imap.connect(account, secret, deadline)) as session:
+        with self._imap_session(account, deadline, keep) as session:
             listed, selected = _listing(account, session, folders)
             sync_folders(account.name, account_id, self.repo, store, session, selected, policy,
                          progress, checkpoint, counts=counts, fetch_parts=FetchParts(account.fetch_parts))
@@ -337,12 +343,12 @@ class App:
 
     def _sync_twoway(self, account: AccountConfig, account_id: int, store: Store, folders: Sequence[str],
                      progress: Progress, checkpoint: Checkpoint, counts: Counts, dry_run: bool,
-                     allow_deletions: Sequence[str]) -> None:
+                     allow_deletions: Sequence[str], keep: bool = False) -> None:
         from mailsyncd.sync.recover import reconcile_pushes
         from mailsyncd.sync.twoway_run import TwoWaySync, create_local_folders
         policy = TwoWayPolicy(Expunge(account.expunge), account.max_deletions, frozenset(allow_deletions))
         deadline = None if account.timeout is None else time.monotonic() + account.timeout
-        with log_in(account, lambda secret: imap.connect(account, secret, deadline)) as session:
+        with self._imap_session(account, deadline, keep) as session:
             if policy.expunge == Expunge.OWN and not session.uidplus:
                 # Only UID EXPUNGE removes exactly our own: without it, deletions only mark.
                 log.warning('%s: %s has no UIDPLUS: expunge = "own" works as "never" (deletions are only '
@@ -359,6 +365,33 @@ class App:
                        dry_run).run(account_id, selected)
         if not dry_run:
             self.repo.mark_folders_absent(account_id, [folder.name for folder in listed])
+
+    @contextlib.contextmanager
+    def _imap_session(self, account: AccountConfig, deadline: float | None, keep: bool) -> Iterator[ImapSession]:
+        """A logged-in session for one run: with ``keep``, the one the last run left if it
+        can carry this one (see ``KeptSessions.take``), and given back afterwards unless
+        the run ended in an exception (the connection may then be mid-answer)."""
+        if not keep:
+            self.kept.drop(account.name)  # left by a run before a reload turned keeping off
+        kept = self.kept.take(account) if keep else None
+        if kept is None:
+            session = log_in(account, lambda secret: imap.connect(account, secret, deadline))
+            kept = Kept(session, login_good_until(account))
+        else:
+            kept.session.renew(deadline)
+            log.debug("%s: on the connection kept from the last run", account.name)
+        before = kept.session.round_trips
+        try:
+            yield kept.session
+        except BaseException:
+            kept.session.close()
+            raise
+        finally:
+            log.debug("%s: %d round trips to %s", account.name, kept.session.round_trips - before, account.host)
+        if keep:
+            self.kept.put(account, kept)
+        else:
+            kept.session.close()
 
     def fetch_whole(self, account: AccountConfig, folder: str, uid: str | None, message_id: str | None,
                     progress: Progress | None = None, checkpoint: Checkpoint = no_checkpoint) -> str:

@@ -243,6 +243,10 @@ KEYS: tuple[Key, ...] = (
         'for this long, e.g. "2m"', 120),
     Key("account", "timeout", "duration",
         'end a run of this account that takes longer than this, e.g. "1h"; no limit if unset'),
+    Key("account", "keep_connection", "boolean",
+        "the daemon stays logged in between runs (a NOOP every 4 minutes keeps the connection), so a "
+        "run pays no TLS handshake and login; not with host_logins, nor on a shared state unless the "
+        "account is sticky, and not for accounts synced less often than every 30 minutes", True, only=_IMAP),
     Key("account", "idle", "strings",
         "folders the daemon watches with IDLE, to fetch new mail at once", (), only=_IMAP),
     Key("account", "leave_on_server", "boolean",
@@ -424,6 +428,7 @@ class AccountConfig:
     fetch_parts: Literal["headers", "text"] = "headers"
     progress_timeout: int = 120
     timeout: int | None = None
+    keep_connection: bool = True
     idle: tuple[str, ...] = ()
     leave_on_server: bool = True
     delete_after_days: int | None = None

@@ -53,11 +53,8 @@ def run_demo(directory: Path | None, count: int) -> int:
         for folder, messages in by_folder.items():
             server.append_many("demo", folder, messages)
         config_path = root / "config.toml"
-        config_path.write_text(
-            f'[general]\nstate = "{root / "state.db"}"\n\n[[account]]\nname = "demo"\nprotocol = "imap"\n'
-            f'host = "{server.host}"\nport = {server.imaps_port}\ntls_ca_file = "{server.ca_file}"\n'
-            f'username = "demo"\npassword = "demo-password"\n\n[account.store]\nformat = "maildir"\n'
-            f'path = "{root / "Mail"}"\n')
+        config_path.write_text(f'[general]\nstate = "{root / "state.db"}"\n'
+                               + server.account_toml("demo", root / "Mail"))
         config_path.chmod(0o600)
         print(f"demo: {count} messages in {len(by_folder)} folders on imaps://{server.host}:{server.imaps_port}")
         config = load_config(config_path)

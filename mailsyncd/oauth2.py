@@ -25,6 +25,7 @@ import hashlib
 import http.server
 import json
 import logging
+import math
 import os
 import secrets as random
 import ssl
@@ -220,6 +221,16 @@ def log_in(account: AccountConfig, connect: Callable[[Secret], T]) -> T:
     except AuthError as error:
         log.info("%s: the server refused the access token (%s); refreshing it once", account.name, error)
     return connect(access_token(account, refresh=True))
+
+
+def login_good_until(account: AccountConfig) -> float:
+    """Until when (``time.time()``) a session that logged in just now may carry runs: a
+    password login for good; an OAuth2 login until its access token is due for renewal,
+    since a provider may end sessions whose token expired."""
+    if account.auth != "oauth2":
+        return math.inf
+    tokens = load_tokens(account)
+    return tokens.renew_at if tokens is not None and tokens.renew_at else math.inf
 
 
 def access_token(account: AccountConfig, *, refresh: bool = False) -> Secret:

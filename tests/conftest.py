@@ -7,15 +7,17 @@ small file. Tests that restart or reconfigure a server build their own ``DevServ
 
 from __future__ import annotations
 
+import imaplib
 import itertools
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from mailsyncd.testing import find_dovecot
+from mailsyncd.testing.fill import check
 from tests.postgres import PostgresCluster, private_cluster
 from tests.server_helpers import DevServer
 
@@ -64,6 +66,43 @@ def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer
         yield server
 
 
+@pytest.fixture(scope="session")
+def announced(dovecot_server: DevServer) -> tuple[str, ...]:
+    """What the session server announces after login (CAPABILITY)."""
+    dovecot_server.add_user("capabilities", secrets.token_urlsafe(12))
+    with dovecot_server.session("capabilities") as conn:
+        return tuple(str(check(conn.capability(), "CAPABILITY")[0], "ascii").split())
+
+
+def capabilities_without(announced: tuple[str, ...], hidden: frozenset[str]) -> str:
+    """An ``imap_capability`` setting: ``announced`` less the capabilities in ``hidden``."""
+    return " ".join(word for word in announced if word.upper() not in hidden)
+
+
+@pytest.fixture(scope="session")
+def server_without(dovecot_server: DevServer, announced: tuple[str, ...], tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[Callable[[frozenset[str]], DevServer]]:
+    """``server_without(hidden)``: a Dovecot that announces, after login, what the session
+    server announces less the capabilities in ``hidden`` (its ``imap_capability``, as for
+    ``plain_server``); started at its first use, one per set. Nothing hidden is the session
+    server itself."""
+    started: dict[frozenset[str], DevServer] = {frozenset(): dovecot_server}
+
+    def server(hidden: frozenset[str]) -> DevServer:
+        if hidden not in started:
+            workdir = tmp_path_factory.mktemp("dovecot-without-" + "-".join(sorted(hidden)).lower())
+            started[hidden] = DevServer(workdir, users=(), imap_capability=capabilities_without(announced, hidden))
+            started[hidden].start()
+        return started[hidden]
+
+    try:
+        yield server
+    finally:
+        for hidden, running in started.items():
+            if hidden:
+                running.stop()
+
+
 @pytest.fixture
 def dovecot(dovecot_server: DevServer) -> DovecotUser:
     user = f"user{next(_user_numbers)}"
@@ -71,6 +110,20 @@ def dovecot(dovecot_server: DevServer) -> DovecotUser:
     dovecot_server.add_user(user, password)
     return DovecotUser(dovecot_server, user, password)
 
+
+@pytest.fixture
+def sent_commands(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every command line the IMAP client puts on the wire, in this process (the test
+    server's own helpers speak imaplib too: clear it before the part that counts)."""
+    sent: list[bytes] = []
+    original = imaplib.IMAP4.send
+
+    def recording(self: imaplib.IMAP4, data: bytes) -> None:
+        sent.append(bytes(data))
+        original(self, data)
+
+    monkeypatch.setattr(imaplib.IMAP4, "send", recording)
+    return sent
 
 
 @pytest.fixture(scope="session")

@@ -75,6 +75,44 @@ def sync(config: Path, *args: str) -> int:
     return cli.main(["--config", str(config), "-q", "sync", *args])
 
 
+@contextlib.contextmanager
+def round_trips() -> Iterator[list[int]]:
+    """The waits for the server of each IMAP run in the block, after its login, from the
+    line the app logs at debug level when a run's session ends."""
+    found: list[int] = []
+    app_log = logging.getLogger("mailsyncd.app")
+    handler = logging.Handler(logging.DEBUG)
+
+    def emit(record: logging.LogRecord) -> None:
+        if match := re.search(r": (\d+) round trips to ", record.getMessage()):
+            found.append(int(match.group(1)))
+
+    handler.emit = emit  # type: ignore[method-assign]
+    level = app_log.level
+    app_log.setLevel(logging.DEBUG)
+    app_log.addHandler(handler)
+    try:
+        yield found
+    finally:
+        app_log.removeHandler(handler)
+        app_log.setLevel(level)
+
+
+def assert_read_only(sent: Iterable[bytes]) -> list[bytes]:
+    """Invariant 2 on the wire: of the command lines a pull sent, every folder was opened
+    with EXAMINE, every body fetched with BODY.PEEK, and nothing changed the server.
+    Returns the commands' first lines, upper case, for further checks."""
+    commands = [line.split(b"\r\n", 1)[0].upper() for line in sent]
+    opened = [command for command in commands if re.search(rb"^\S+ (SELECT|EXAMINE) ", command)]
+    assert all(b" EXAMINE " in command for command in opened), opened
+    for command in commands:
+        if re.search(rb"FETCH .*BODY", command):
+            assert not re.search(rb"BODY\[", command), f"a body fetched without PEEK: {command!r}"
+    assert not any(re.search(rb"\b(STORE|EXPUNGE|APPEND|COPY|MOVE|DELETE|CREATE|RENAME)\b", command)
+                   for command in commands), "a pull changed the server"
+    return commands
+
+
 def run_cli(config: Path | None, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "mailsyncd"] + (["--config", str(config)] if config else []) + list(args)
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)

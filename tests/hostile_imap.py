@@ -29,6 +29,7 @@ class Message:
 class Folder:
     messages: dict[int, Message] = field(default_factory=dict)
     refusal: bytes | None = None  # EXAMINE is answered NO with this text
+    uidnext: bool = True  # False: EXAMINE's answer leaves UIDNEXT out
 
 
 _COMMAND = re.compile(rb"(\S+) (?:UID )?(\S+) ?(.*)", re.IGNORECASE)
@@ -102,8 +103,9 @@ class HostileImap:
                         sock.sendall(tag + b" NO " + (selected.refusal if selected else b"no such folder")
                                      + b"\r\n")
                         continue
-                    sock.sendall(b"* %d EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT %d] ok\r\n"
-                                 % (len(selected.messages), max(selected.messages, default=0) + 1))
+                    sock.sendall(b"* %d EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n" % len(selected.messages)
+                                 + (b"* OK [UIDNEXT %d] ok\r\n" % (max(selected.messages, default=0) + 1)
+                                    if selected.uidnext else b""))
                 elif command == b"CAPABILITY":
                     sock.sendall(b"* CAPABILITY IMAP4rev1\r\n")
                 elif command == b"LIST":

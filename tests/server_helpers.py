@@ -91,11 +91,16 @@ class DevServer(DovecotServer):
         out = self.doveadm("-f", "flow", "mailbox", "status", "-u", user, "uidvalidity", folder)
         return int(out.split("uidvalidity=")[1].split()[0])
 
-    def doveadm(self, *args: str) -> str:
+    def deliver(self, user: str, folder: str, data: bytes) -> None:
+        """Store one message as a delivery agent would (doveadm save): no IMAP login, which
+        tests that count a client's logins in the server's log would otherwise see."""
+        self.doveadm("save", "-u", user, "-m", folder, data=data)
+
+    def doveadm(self, *args: str, data: bytes | None = None) -> str:
         """Run doveadm against this instance's config; returns stdout."""
         done = subprocess.run(
-            ["doveadm", "-c", str(self.config_file), *args], capture_output=True, timeout=60, check=False
-        )
+            ["doveadm", "-c", str(self.config_file), *args], input=data, capture_output=True, timeout=60,
+            check=False)
         if done.returncode != 0:
             raise DovecotError(f"doveadm {' '.join(args)} failed: {done.stderr.decode(errors='replace')}")
         return done.stdout.decode()

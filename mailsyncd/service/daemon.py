@@ -39,6 +39,7 @@ from mailsyncd.service.systemd import notify, watchdog_interval
 from mailsyncd.service.wake import StateWatch
 from mailsyncd.service.watch import FolderWatch, LocalWatch
 from mailsyncd.sources import imap
+from mailsyncd.sources.kept import LINGER
 from mailsyncd.state import db
 from mailsyncd.state.leases import own_identity
 from mailsyncd.sync.effects import Counts
@@ -109,6 +110,9 @@ class Daemon:
         # The skipped-run warning is the coalescing we asked for; job errors are ours to log.
         logging.getLogger("apscheduler").setLevel(logging.ERROR)
         self.scheduler.start()
+        assert self.app is not None
+        self.scheduler.add_job(self.app.kept.keep_alive, "interval", seconds=60, id="keepalive",
+                               name="keep connections alive", coalesce=True, max_instances=1)
         for account in self.config.accounts:
             self._add(account, schedules[account.name])
         watched = [f"{job.account.name}/{watch.folder}" for job in self.jobs.values() for watch in job.watches]
@@ -215,6 +219,8 @@ class Daemon:
     def _remove(self, name: str) -> None:
         job = self.jobs.pop(name)
         job.remove()
+        if self.app is not None:
+            self.app.kept.drop(name)
         self.metrics.forget(name)
         with contextlib.suppress(JobLookupError):
             self.scheduler.remove_job(_job_id(name))
@@ -223,6 +229,8 @@ class Daemon:
         job = self.jobs[account.name]
         job.halt_watches()
         job.watches = []
+        if self.app is not None:
+            self.app.kept.drop(account.name)
         job.account, job.schedule = account, schedule
         job.failures, job.retry_at = 0, 0.0  # a fixed password should not wait out the backoff
         self._schedule(job)
@@ -336,7 +344,8 @@ class Daemon:
         try:
             # Folder names from IDLE are exact names, not globs: "[Gmail]" must not match "G".
             counts = self.app.sync_account(account, [glob.escape(folder) for folder in folders],
-                                           checkpoint=self._checkpoint, scheduled=not folders and not job.asked)
+                                           checkpoint=self._checkpoint, scheduled=not folders and not job.asked,
+                                           keep=self._keeps(job))
         except Interrupted:
             log.info("%s: stopped at a safe point; every message written is stored and recorded", account.name)
             return
@@ -366,6 +375,14 @@ class Daemon:
             with self._busy:
                 self._syncing.discard(account.name)
         self._succeeded(job, counts)
+
+    def _keeps(self, job: AccountJob) -> bool:
+        """Whether the account's IMAP session waits, logged in, for its next run. Not where
+        it would be a login nobody counts (``host_logins``), nor where the next run may be
+        another daemon's (a shared state, unless sticky), nor for rare runs."""
+        account, general = job.account, self.config.general
+        return (account.protocol == "imap" and account.keep_connection and general.host_logins is None
+                and (account.sticky or not general.shared) and job.schedule.period <= LINGER)
 
     def _succeeded(self, job: AccountJob, counts: Counts) -> None:
         if job.failures:

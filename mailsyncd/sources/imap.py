@@ -225,6 +225,9 @@ class _ReadGuard:
         self._imap.readline = self.readline
         self._imap.send = self.send
 
+    def renew(self, deadline: float | None) -> None:
+        self._reader.renew(deadline)
+
     @contextlib.contextmanager
     def whole(self, lifted: bool) -> Iterator[None]:
         """While in the block, and if ``lifted``: literals up to LITERAL_CEILING."""
@@ -308,6 +311,10 @@ def connect(account: AccountConfig, password: Secret, deadline: float | None = N
         else:
             client = _Client(account.host, account.port, ssl=False, timeout=TIMEOUT)
         _quiet(client)
+        # Commands written one behind the other (``_settle``, the EXAMINE burst) go out as
+        # written, not held back by Nagle until the first is answered: that would cost
+        # the round trip they save.
+        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         guard = _ReadGuard(client, account, deadline)
         if account.security == "starttls":
             if not client.has_capability("STARTTLS"):
@@ -345,6 +352,10 @@ def _oauth2_login(client: IMAPClient, account: AccountConfig, token: Secret) -> 
         raise AuthError(f"{account.name}: {account.host} answered AUTHENTICATE {mechanism} without logging in")
 
 
+_DESELECTING = frozenset({"UNSELECT", "CLOSE"})
+SETTLE_TIMEOUT = 15.0  # for the answers a kept connection still owes
+
+
 class ImapSession:
     def __init__(self, client: IMAPClient, account: str, host: str, guard: _ReadGuard) -> None:
         self._client = client
@@ -354,21 +365,25 @@ class ImapSession:
         self.qresync = bool(client.has_capability("QRESYNC"))
         self.condstore = bool(client.has_capability("CONDSTORE")) or self.qresync
         self._statuses: dict[str, ServerStatus] = {}
-        self._enabling: bytes | None = None  # the tag of an ENABLE whose answer is still to come
+        # Commands sent ahead whose answers are read before the next command's (``_settle``).
+        self._pending: list[tuple[str, bytes]] = []
         self._extension = "QRESYNC" if self.qresync else "CONDSTORE"  # QRESYNC implies CONDSTORE
         if self.condstore:
             with _errors(account, host):
                 # Sent now, answered before the next command's answer is read (``_settle``):
                 # it travels with LIST instead of costing a round trip of its own.
-                self._enabling = client._imap._command("ENABLE", self._extension)
+                self._pending.append(("ENABLE", client._imap._command("ENABLE", self._extension)))
 
     def _settle(self) -> None:
-        """Read the answer to the ENABLE sent ahead, if it is still to come."""
-        tag, self._enabling = self._enabling, None
-        if tag is not None:
-            typ, data = self._client._imap._command_complete("ENABLE", tag)
+        """Read the answers to the commands sent ahead, if they are still to come."""
+        pending, self._pending = self._pending, []
+        imap = self._client._imap
+        for command, tag in pending:
+            typ, data = imap._command_complete(command, tag)
             if typ != "OK":
-                raise imap_errors.IMAPClientError(f"ENABLE {self._extension} refused: {data!r}")
+                raise imap_errors.IMAPClientError(f"{command} refused: {data!r}")
+            if command in _DESELECTING:
+                imap.state = "AUTH"
 
     @property
     def round_trips(self) -> int:
@@ -382,25 +397,65 @@ class ImapSession:
         self.close()
 
     def close(self) -> None:
-        log.debug("%s: %d round trips to %s", self._account, self.round_trips, self._host)
         with contextlib.suppress(Exception):
             self._client.logout()
         with contextlib.suppress(Exception):
             self._client.shutdown()
+
+    def keep(self) -> bool:
+        """Ready the connection to wait for the next run; False when it cannot.
+
+        The folder last opened is closed: a server answers STATUS (and LIST-STATUS) for
+        the selected folder from what it told this session, so the next run would miss
+        what arrived meanwhile. UNSELECT, or CLOSE where the folder is read-only (CLOSE
+        expunges a writable one): sent now, its answer read when the connection is used
+        again, so it costs no wait. TCP keepalive then finds a peer that vanished
+        silently (and keeps a NAT's memory of us) while no command is sent.
+        """
+        imap = self._client._imap
+        if imap.state == "SELECTED":
+            if self._client.has_capability("UNSELECT"):
+                command = "UNSELECT"
+            elif imap.is_readonly:
+                command = "CLOSE"
+            else:
+                return False
+            with _errors(self._account, self._host):
+                self._pending.append((command, imap._command(command)))
+        _keepalive(self._client.socket())
+        return True
+
+    def reusable(self) -> bool:
+        """True when the connection can carry the next run as it is, judged without a
+        round trip: nothing arrived while it waited. A server that closed it (BYE, EOF),
+        a reset, a dead peer found by keepalive, or anything unasked for (which would be
+        taken for the answer to the next command) all make it unusable."""
+        with contextlib.suppress(Exception):
+            self._guard.renew(time.monotonic() + SETTLE_TIMEOUT)
+            self._settle()
+            return not _readable(self._client.socket(), 0.0)
+        return False
+
+    def renew(self, deadline: float | None) -> None:
+        """A new run on this kept connection, under its own ``timeout``."""
+        self._guard.renew(deadline)
+
+    def noop(self, deadline: float) -> None:
+        """NOOP, answered by ``deadline``: keeps a waiting connection alive and proves it is.
+        Raises AccountError when it is not."""
+        self._guard.renew(deadline)
+        with _errors(self._account, self._host):
+            self._settle()
+            self._client.noop()
 
     def list_folders(self) -> list[FolderInfo]:
         """The server's folders. Names are decoded here rather than by imapclient, which
         raises on the first name that is not valid modified UTF-7 and so loses them all;
         such a name is kept as the server spelt it (see ``_Client``)."""
         with _errors(self._account, self._host):
-            list_status = self._client.has_capability("LIST-STATUS")
-            self._client.folder_encode = False
+            self._client.folder_encode = False  # names are decoded below, one by one
             try:
-                if list_status:
-                    listing = self._list_status()
-                else:
-                    self._settle()
-                    listing = self._client.list_folders()
+                listing = self._list(bool(self._client.has_capability("LIST-STATUS")))
             finally:
                 self._client.folder_encode = True
         folders = []
@@ -416,19 +471,23 @@ class ImapSession:
                 attributes=frozenset(_text(attribute) for attribute in attributes)))
         return folders
 
-    def _list_status(self) -> list[tuple[Any, Any, Any]]:
-        """LIST with the state of every folder in the same answer (RFC 5819), kept for
-        ``statuses``: a folder that did not change then costs no EXAMINE round trip."""
+    def _list(self, with_status: bool) -> list[tuple[Any, Any, Any]]:
+        """LIST, sent before the answers to what went ahead of it (ENABLE) are read, so
+        it costs no round trip of its own. ``with_status`` (LIST-STATUS, RFC 5819) asks
+        for the state of every folder in the same answer, kept for ``statuses``: a folder
+        that did not change then costs no EXAMINE round trip."""
         items = "MESSAGES UIDNEXT UIDVALIDITY" + (" HIGHESTMODSEQ" if self.condstore else "")
         imap = self._client._imap
-        tag = imap._command("LIST", '""', '"*"', "RETURN", f"(STATUS ({items}))")
+        tag = imap._command("LIST", '""', '"*"', *(("RETURN", f"(STATUS ({items}))") if with_status else ()))
         self._settle()
         typ, data = imap._command_complete("LIST", tag)
         if typ != "OK":
             raise imap_errors.IMAPClientError(f"LIST command error: {typ} {data!r}")
         _, listed = imap._untagged_response(typ, data, "LIST")
-        _, answers = imap._untagged_response(typ, data, "STATUS")
         self._statuses = {}
+        if not with_status:
+            return list(self._client._proc_folder_list(listed))
+        _, answers = imap._untagged_response(typ, data, "STATUS")
         for answer in answers if answers != [None] else []:
             name, values = parse_response([answer])
             text = _decoded(name) if isinstance(name, bytes | str) else None
@@ -590,7 +649,7 @@ class ImapSession:
         else:
             uids = array("L", sorted(self._client.search("ALL")))
             new = self._metadata(uids[:LISTING_SLICE], items)
-        uidnext = opened.uidnext or max(_next(new), uids[-1] + 1 if uids else 0)
+        uidnext = opened.uidnext or _next(new, uids[-1] + 1 if uids else 1)
         return (FolderSnapshot(opened.uidvalidity, uidnext, opened.highestmodseq, opened.exists, new=new,
                                present=frozenset()),
                 self._slices(name, uids[LISTING_SLICE:], items))
@@ -624,7 +683,7 @@ class ImapSession:
         elif not base.accounts_for(exists, len(new), len(opened.vanished)):
             present = frozenset(uid for uid in self._client.search(["UID", f"1:{base.uidnext - 1}"])
                                 if uid < base.uidnext)
-        return FolderSnapshot(uidvalidity, uidnext or _next(new), highestmodseq, exists, new=new,
+        return FolderSnapshot(uidvalidity, uidnext or _next(new, base.uidnext), highestmodseq, exists, new=new,
                               changed_flags=opened.older, present=present, vanished=opened.vanished)
 
     def _chunks(self, uids: Sequence[int], data: list[bytes]) -> Iterator[dict[int, dict[bytes, Any]]]:
@@ -993,9 +1052,10 @@ def _decoded_word(text: str) -> str:
         return text
 
 
-def _next(messages: Sequence[RemoteMessage]) -> int:
-    """UIDNEXT for servers that do not report it: one past the highest UID seen."""
-    return max((message.uid for message in messages), default=0) + 1
+def _next(messages: Sequence[RemoteMessage], known: int = 1) -> int:
+    """UIDNEXT for servers that do not report it: one past the highest UID seen, and
+    never below ``known``, the UIDNEXT of the last sync (UIDs only grow)."""
+    return max(known, max((message.uid for message in messages), default=0) + 1)
 
 
 # --- IDLE (RFC 2177): the daemon's push notifications ---------------------------------

@@ -45,6 +45,11 @@ class GuardedReader:
         self._last_progress = time.monotonic()
         self._bytes_since = 0  # bytes read since the last progress, short of PROGRESS_CHUNK
 
+    def renew(self, deadline: float | None) -> None:
+        """A new run on a kept connection: its own deadline, and progress counted from now."""
+        self._deadline = deadline
+        self._progress()
+
     def sent(self) -> None:
         """A command went out: the server's turn, and its time, start now."""
         self._progress()

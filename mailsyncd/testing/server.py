@@ -124,6 +124,20 @@ class DovecotServer:
     def password(self, user: str) -> str:
         return self._users[user]
 
+    def account_toml(self, user: str, store: Path | str, *, name: str | None = None, password: str | None = None,
+                     extra: str = "", store_extra: str = "") -> str:
+        """An ``[[account]]`` table of mailsyncd's config syncing ``user``'s mailbox over
+        IMAPS into a Maildir at ``store``: the demo's, the benchmarks' and the tests'.
+        ``password`` is the inline password (the user's by default); ``extra`` lines go
+        into the account table (another password source among them: pass ``password=""``),
+        ``store_extra`` into its store table."""
+        secret = self._users.get(user, "") if password is None else password
+        return (f'\n[[account]]\nname = "{name or user}"\nprotocol = "imap"\nhost = "{self.host}"\n'
+                f'port = {self.imaps_port}\ntls_ca_file = "{self.ca_file}"\nusername = "{user}"\n'
+                + (f'password = "{secret}"\n' if secret else "") + (f"{extra}\n" if extra else "")
+                + f'\n[account.store]\nformat = "maildir"\npath = "{store}"\n'
+                + (f"{store_extra}\n" if store_extra else ""))
+
     def maildir(self, user: str) -> Path:
         """The user's Maildir root (INBOX) on disk; sub-folders are nested directories (LAYOUT=fs).
 

@@ -31,21 +31,8 @@ def account_file(directory: Path, server: DevServer, users: list[tuple[str, str]
         secret.parent.mkdir(exist_ok=True, mode=0o700)
         secret.write_text(password + "\n")
         secret.chmod(0o600)
-        tables.append(f"""
-[[account]]
-name = "{user}"
-protocol = "imap"
-host = "{server.host}"
-port = {server.imaps_port}
-tls_ca_file = "{server.ca_file}"
-username = "{user}"
-password_file = "{secret}"
-interval = "{interval}"
-
-[account.store]
-format = "maildir"
-path = "{directory / 'stores'}/{{account}}"
-""")
+        tables.append(server.account_toml(user, f"{directory / 'stores'}/{{account}}", password="",
+                                          extra=f'password_file = "{secret}"\ninterval = "{interval}"'))
     path = directory / f"accounts-{len(list(directory.glob('accounts-*')))}.toml"
     path.write_text("".join(tables))
     return path

@@ -4,10 +4,11 @@ run behaves the same (nothing is stopped for good)."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 from pathlib import Path
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, sync
 from tests.hostile_imap import Folder, HostileImap, Message
 
 
@@ -127,3 +128,21 @@ def test_a_long_answer_from_the_server_is_cut_in_the_error_line(tmp_path: Path) 
     lines = error_lines(result)
     assert len(lines) == 1 and "[SERVERBUG] blah" in lines[0] and len(lines[0]) < 400, result.stderr
     assert stored(tmp_path) == ["INBOX"]
+
+
+def test_a_server_that_does_not_say_uidnext_keeps_the_folder_incremental(tmp_path: Path) -> None:
+    """Without UIDNEXT in EXAMINE's answer, a run that finds nothing new must not record
+    a UIDNEXT below the last one: the next run would list the folder from UID 1 again."""
+    inbox = Folder({1: message(1), 2: message(2)}, uidnext=False)
+    with HostileImap({b"INBOX": inbox}) as server:
+        path = config(tmp_path, server.port)
+        recorded = []
+        for more in (0, 0, 3, 0):
+            if more:
+                inbox.messages[more] = message(more)
+            assert sync(path) == 0
+            db = sqlite3.connect(tmp_path / "state.db")
+            recorded += [uidnext for (uidnext,) in db.execute("select uidnext from folders where name = 'INBOX'")]
+            db.close()
+        assert recorded == [3, 3, 4, 4]
+        assert stored(tmp_path) == ["INBOX"] * 3

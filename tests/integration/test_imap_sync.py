@@ -4,8 +4,6 @@ database, not at a protocol transcript."""
 
 from __future__ import annotations
 
-import logging
-import re
 import shutil
 import sqlite3
 import subprocess
@@ -26,6 +24,7 @@ from tests.helpers import (
     maildir_contents,
     mbox_contents,
     normalize,
+    round_trips,
     sync,
     write_config,
 )
@@ -269,9 +268,9 @@ def test_raising_max_message_size_fetches_what_was_skipped(tmp_path: Path, dovec
 
 def test_a_changed_folder_costs_a_fixed_few_round_trips(tmp_path: Path, dovecot: DovecotUser) -> None:
     """New mail, flag changes and an expunge in one folder: the EXAMINE carries what
-    QRESYNC can tell, the listing of new UIDs goes right behind it, so the session waits
-    after the login for LIST, the EXAMINE burst, the bodies and LOGOUT, whatever changed. Each
-    change finds its way into the store all the same."""
+    QRESYNC can tell, the listing of new UIDs goes right behind it, so the run waits after
+    the login for LIST, the EXAMINE burst and the bodies, whatever changed. Each change
+    finds its way into the store all the same."""
     server = dovecot.server
     uids = server.append_many(dovecot.user, "INBOX", [path.read_bytes() for path in corpus_messages(12)])
     config = write_config(tmp_path, server, dovecot.user, dovecot.password, extra='mode = "mirror"')
@@ -279,23 +278,34 @@ def test_a_changed_folder_costs_a_fixed_few_round_trips(tmp_path: Path, dovecot:
     server.add_flags(dovecot.user, "INBOX", uids[:3], ["\\Flagged"])
     server.expunge(dovecot.user, "INBOX", uids[-2:])
     server.append_many(dovecot.user, "INBOX", [path.read_bytes() for path in corpus_messages(15)[-3:]])
-    said: list[str] = []
-    source_log = logging.getLogger("mailsyncd.sources.imap")
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
-    level = source_log.level
-    source_log.setLevel(logging.DEBUG)
-    source_log.addHandler(handler)
-    try:
+    with round_trips() as trips:
         counts = sync_counts(config)
-    finally:
-        source_log.removeHandler(handler)
-        source_log.setLevel(level)
     assert (counts.fetched, counts.flags, counts.removed) == (3, 3, 2)
     assert store_bags(config, "maildir")[""] == server_bag(dovecot, "INBOX", "maildir")
-    (trips,) = [int(match.group(1)) for line in said for match in [re.search(r": (\d+) round trips to ", line)]
-                if match]
-    assert trips <= 4, (trips, said)
+    assert len(trips) == 1 and trips[0] <= 3, trips
+
+
+def test_commands_sent_together_leave_together(tmp_path: Path, dovecot: DovecotUser) -> None:
+    """What the client counts as one wait is one on the wire too: a command written right
+    behind another (ENABLE and LIST) is not held back by Nagle's algorithm until the
+    first is answered. Counted by the benchmark's delaying proxy, which sees the wire:
+    a no-op run is the TLS handshake (2), LOGIN, ENABLE with LIST, and LOGOUT."""
+    from bench.latency import LatencyProxy
+
+    server = dovecot.server
+    server.append(dovecot.user, "INBOX", b"Subject: one\r\n\r\nbody\r\n")
+    proxy = LatencyProxy(server.host, [server.imaps_port], rtt_ms=20)
+    try:
+        config = write_config(tmp_path, server, dovecot.user, dovecot.password)
+        config.write_text(config.read_text().replace(f"port = {server.imaps_port}",
+                                                     f"port = {proxy.port(server.imaps_port)}"))
+        assert sync(config) == 0
+        before = proxy.trips()
+        assert sync(config) == 0
+        run = proxy.trips() - before
+    finally:
+        proxy.close()
+    assert (run.connections, run.turns) == (1, 5)
 
 
 def test_a_large_first_sync_goes_a_slice_at_a_time_and_a_kill_anywhere_loses_nothing(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -303,6 +304,41 @@ def test_the_daemon_outlives_many_short_lived_tokens(tmp_path: Path, oauth_dovec
     assert len(set(stored(tmp_path))) == 3  # nothing fetched twice
     assert provider.count("introspect-inactive") == refused, "a stale token was sent"
     assert provider.count("/token") >= 3
+
+
+def test_the_daemon_keeps_its_login_only_while_the_token_is_fresh(
+        tmp_path: Path, oauth_dovecot: DevServer, provider: OAuthServer, user: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokens good for 3 s (renewed after 2.4): runs right after each other share the
+    login; a run after the token is due logs in again, with a fresh token, and succeeds."""
+    monkeypatch.setattr(provider, "lifetime", 3.0)
+    config = write_config(tmp_path, account_toml(tmp_path, oauth_dovecot, provider, user)
+                          .replace('auth = "oauth2"', 'auth = "oauth2"\ninterval = "20m"'))
+    seed_token(tmp_path, provider, user)
+    logins = re.compile(rf"imap-login: Info: Login: user=<{user}>")
+    since = oauth_dovecot.log_file.stat().st_size
+
+    def count_logins() -> int:
+        with oauth_dovecot.log_file.open(errors="replace") as log:
+            log.seek(since)
+            return len(logins.findall(log.read()))
+
+    daemon = Daemon(config)
+    try:
+        assert wait_for(lambda: len(stored(tmp_path)) == 1, timeout=10), daemon.log()
+        oauth_dovecot.deliver(user, "INBOX", MESSAGE.replace(b"oauth-1", b"soon"))
+        daemon.send(signal.SIGUSR1)
+        assert wait_for(lambda: len(stored(tmp_path)) == 2, timeout=5), daemon.log()
+        assert count_logins() == 1
+        time.sleep(3)  # the token of that login is due
+        oauth_dovecot.deliver(user, "INBOX", MESSAGE.replace(b"oauth-1", b"later"))
+        daemon.send(signal.SIGUSR1)
+        assert wait_for(lambda: len(stored(tmp_path)) == 3, timeout=5), daemon.log()
+        assert count_logins() == 2
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    assert " ERROR " not in daemon.log() and "Traceback" not in daemon.log(), daemon.log()
 
 
 class MemoryKeyring(keyring.backend.KeyringBackend):

@@ -39,21 +39,7 @@ JITTER = 1.0  # a tenth of it
 
 
 def account_toml(server: DevServer, user: str, password: str, name: str, store: Path, extra: str = "") -> str:
-    return f"""
-[[account]]
-name = "{name}"
-protocol = "imap"
-host = "{server.host}"
-port = {server.imaps_port}
-tls_ca_file = "{server.ca_file}"
-username = "{user}"
-password = "{password}"
-{extra}
-
-[account.store]
-format = "maildir"
-path = "{store}"
-"""
+    return server.account_toml(user, store, name=name, password=password, extra=extra)
 
 
 def write_accounts(directory: Path, *accounts: str, general: str = "") -> Path:
