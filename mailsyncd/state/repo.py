@@ -55,6 +55,13 @@ def _flags(text: str | None) -> Flags:
     return shared_flags(frozenset(text.split())) if text else NO_FLAGS
 
 
+def _known_folder(row: Any) -> KnownFolder:
+    return KnownFolder(row.id, row.name, row.delimiter, row.path, row.uidvalidity, row.uidnext, row.highestmodseq,
+                       row.last_error, row.on_server,
+                       None if row.cur_mtime_ns is None or row.new_mtime_ns is None
+                       else (row.cur_mtime_ns, row.new_mtime_ns))
+
+
 def _new_id(result: Any) -> int:
     return int(result.inserted_primary_key[0])
 
@@ -178,11 +185,13 @@ class StateRepo:
         with self.engine.connect() as connection:
             rows = connection.execute(select(FOLDERS).where(FOLDERS.c.account_id == account_id)
                                       .order_by(FOLDERS.c.name))
-            return [KnownFolder(row.id, row.name, row.delimiter, row.path, row.uidvalidity, row.uidnext,
-                                row.highestmodseq, row.last_error, row.on_server,
-                                None if row.cur_mtime_ns is None or row.new_mtime_ns is None
-                                else (row.cur_mtime_ns, row.new_mtime_ns))
-                    for row in rows]
+            return [_known_folder(row) for row in rows]
+
+    def folder(self, folder_id: int) -> KnownFolder:
+        """One folder's record, as ``folders`` gives it (a folder just recorded, without
+        reading every folder of the account again)."""
+        with self.engine.connect() as connection:
+            return _known_folder(connection.execute(select(FOLDERS).where(FOLDERS.c.id == folder_id)).one())
 
     def upsert_folder(self, account_id: int, info: FolderInfo, path: str) -> int:
         """Known folders keep their recorded path: a folder never moves in the store."""

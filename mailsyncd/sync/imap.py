@@ -67,7 +67,7 @@ class FolderSync(Effects):
         if known is None or not known.on_server:
             path = known.path if known else self.store.folder_path(info.name, info.delimiter)
             folder_id = self.repo.upsert_folder(account_id, info, path)
-            known = next(folder for folder in self.repo.folders(account_id) if folder.id == folder_id)
+            known = self.repo.folder(folder_id)
         base = self._base(known) if status is not None else None
         if (status is not None and base is not None and known.last_error is None and status.unchanged_since(base)
                 and self.policy.large_messages != LargeMessages.HEADERS):

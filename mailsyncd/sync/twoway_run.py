@@ -188,7 +188,7 @@ class TwoWaySync(Effects):
                 known = known or KnownFolder(0, info.name, info.delimiter, path, None, None, None, None, True)
             else:
                 folder_id = self.repo.upsert_folder(account_id, info, path)
-                known = next(folder for folder in self.repo.folders(account_id) if folder.id == folder_id)
+                known = self.repo.folder(folder_id)
         base = None
         if known.uidvalidity is not None and known.uidnext is not None:
             present, _ = self.repo.sync_base(known.id, known.uidvalidity, known.uidnext, None)
