@@ -76,11 +76,24 @@ def sync(config: Path, *args: str) -> int:
 
 
 @contextlib.contextmanager
+def debug_records(logger: str, handler: logging.Handler) -> Iterator[None]:
+    """``handler`` on ``logger``, at debug level, while in the block."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.DEBUG)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+@contextlib.contextmanager
 def round_trips() -> Iterator[list[int]]:
     """The waits for the server of each IMAP run in the block, after its login, from the
     line the app logs at debug level when a run's session ends."""
     found: list[int] = []
-    app_log = logging.getLogger("mailsyncd.app")
     handler = logging.Handler(logging.DEBUG)
 
     def emit(record: logging.LogRecord) -> None:
@@ -88,14 +101,8 @@ def round_trips() -> Iterator[list[int]]:
             found.append(int(match.group(1)))
 
     handler.emit = emit  # type: ignore[method-assign]
-    level = app_log.level
-    app_log.setLevel(logging.DEBUG)
-    app_log.addHandler(handler)
-    try:
+    with debug_records("mailsyncd.app", handler):
         yield found
-    finally:
-        app_log.removeHandler(handler)
-        app_log.setLevel(level)
 
 
 def assert_read_only(sent: Iterable[bytes]) -> list[bytes]:

@@ -35,6 +35,7 @@ from mailsyncd.sync.effects import Checkpoint, Counts, no_checkpoint
 from tests.conftest import DovecotUser, require_dovecot
 from tests.helpers import (
     corpus_messages,
+    debug_records,
     maildir_contents,
     mbox_contents,
     normalize,
@@ -660,15 +661,8 @@ class _Trace(logging.Handler):
 @pytest.fixture
 def wire() -> Iterator[_Trace]:
     handler = _Trace()
-    trace = logging.getLogger("mailsyncd.trace")
-    level = trace.level
-    trace.setLevel(logging.DEBUG)
-    trace.addHandler(handler)
-    try:
+    with debug_records("mailsyncd.trace", handler):
         yield handler
-    finally:
-        trace.removeHandler(handler)
-        trace.setLevel(level)
 
 
 def test_a_pipelining_server_is_waited_for_only_where_an_answer_is_needed(
